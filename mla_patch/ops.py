@@ -73,6 +73,8 @@ def check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end) -> None:
         raise ValueError(f"mla_decode: q_pe {tuple(q_pe.shape)} does not match q_latent {tuple(q_latent.shape)}")
     if c_kv.dim() != 3 or c_kv.shape[0] != B or c_kv.shape[2] != R:
         raise ValueError(f"mla_decode: c_kv must be [B={B}, T, R={R}], got {tuple(c_kv.shape)}")
+    if k_pe.dim() == 3 and k_pe.shape[-1] != P:
+        raise ValueError(f"mla_decode: q_pe has rope dim {P} but k_pe has {k_pe.shape[-1]}")
     if k_pe.dim() != 3 or tuple(k_pe.shape) != (B, c_kv.shape[1], P):
         raise ValueError(f"mla_decode: k_pe must be [B={B}, T={c_kv.shape[1]}, P={P}], got {tuple(k_pe.shape)}")
     for name in ("kv_start", "kv_end"):

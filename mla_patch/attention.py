@@ -1,0 +1,251 @@
+"""The patched MLA attention forward: vanilla prefill, absorbed decode, and the dispatch.
+
+Dispatch is decided from shapes only (so it holds under torch.compile and CUDA graphs): a call
+with a cache and at most DECODE_MAX_NEW_TOKENS new tokens per sequence is decode and runs
+absorbed over the latent cache; anything else (prefill, training, no cache) is the stock
+forward of transformers, untouched.
+
+Absorbed decode, per layer (B batch, S new tokens, H heads, R = kv_lora_rank, P = rope dim):
+    q_nope, q_pe  = split(q_proj(x))                 [B, H, S, nope], [B, H, S, P]
+    c, k_pe       = kv_a_layernorm / rope of kv_a_proj_with_mqa(x), appended to the cache
+    q_latent      = q_nope @ W_UK (per head)          [B, S, H, R]
+    out_latent    = softmax((q_latent c^T + q_pe k_pe^T) * scaling) c      (ops.mla_decode)
+    out           = o_proj(out_latent @ W_UV^T)       no per-head K/V is ever formed
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+
+from . import ops
+from .absorb import absorb_unsupported_reason, merged_weights, split_kv_b
+
+# Few new tokens on a cached prefix run absorbed. Absorbed cost grows with S (each new token
+# reads the whole latent cache for all heads); vanilla re-expands the whole cache through
+# kv_b_proj once per call, whatever S. For DeepSeek dims the absorbed attention FLOPs stay
+# under a tenth of vanilla's up to S = 8 (S * 1088 vs 131072 + S * 320 per cached token and
+# head), and assisted / speculative decoding appends at most a handful of tokens. See the
+# README ("Decode threshold") for the measurement behind the value.
+DECODE_MAX_NEW_TOKENS = 8
+
+PATCHED_MODULES: "weakref.WeakSet" = weakref.WeakSet()  # live modules of our classes, for unpatch()
+_stats = {"absorbed_calls": 0, "absorbed_tokens": 0, "prefill_calls": 0, "vanilla_fallbacks": 0}
+_warned: set[str] = set()
+
+
+def decode_stats() -> dict[str, int]:
+    """Counters of what the patched layers ran (eager mode only; compiled graphs don't count)."""
+    return dict(_stats)
+
+
+def reset_decode_stats() -> None:
+    for key in _stats:
+        _stats[key] = 0
+
+
+def _count(key: str, amount: int = 1) -> None:
+    if not torch.compiler.is_compiling():
+        _stats[key] += amount
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned and not torch.compiler.is_compiling():
+        _warned.add(message)
+        ops.logger.warning("mla_patch: %s", message)
+
+
+# -- valid ranges from the attention mask ----------------------------------------------------------
+
+
+def _allowed_rows(attention_mask: torch.Tensor, num_new: int) -> torch.Tensor:
+    """Bool [B, S, KV]: which cache rows each new token may attend, from a 2-D or 4-D mask."""
+    if attention_mask.dim() == 2:  # flash-attention style padding mask [B, KV]; causality implied
+        kv = attention_mask.shape[-1]
+        padding = attention_mask.bool()[:, None, :]
+        rows = torch.arange(kv, device=attention_mask.device)
+        last = kv - num_new + torch.arange(num_new, device=attention_mask.device)
+        return padding & (rows[None, None, :] <= last[None, :, None])
+    mask = attention_mask[:, 0]  # [B, S, KV]; one mask for all heads
+    if mask.dtype == torch.bool:
+        return mask
+    return mask > torch.finfo(mask.dtype).min / 2  # additive float mask: 0 where allowed
+
+
+def _ranges_from_allowed(allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """kv_start [B], kv_end [B] of the last new token's row, and whether every row is such a range."""
+    kv = allowed.shape[-1]
+    rows = torch.arange(kv, device=allowed.device)
+    starts = torch.where(allowed, rows, kv).amin(dim=-1)  # [B, S]
+    ends = torch.where(allowed, rows + 1, 0).amax(dim=-1)  # [B, S]
+    counts = allowed.sum(dim=-1)
+    num_new = allowed.shape[1]
+    last_end = ends[:, -1:]
+    expected_ends = last_end - (num_new - 1) + torch.arange(num_new, device=allowed.device)
+    nonempty = counts > 0
+    first_start = starts[:, -1:]
+    expected_counts = (expected_ends - first_start).clamp_min(0)
+    # Every row is [kv_start, kv_end - (S-1-s)), contiguous, as the kernel assumes.
+    ok = (counts == expected_counts) & (~nonempty | ((starts == first_start) & (ends == expected_ends)))
+    kv_start = torch.minimum(first_start, last_end).squeeze(-1)
+    return kv_start.to(torch.int32), last_end.squeeze(-1).to(torch.int32), ok.all()
+
+
+_range_memo: tuple | None = None  # (weakref to mask, key, result): all layers of a step share it
+
+
+def unmasked_ranges(batch: int, kv_end, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """No mask: every sequence sees rows [0, kv_end) (kv_end an int or a 0-d tensor)."""
+    kv_start = torch.zeros(batch, dtype=torch.int32, device=device)
+    if isinstance(kv_end, torch.Tensor):
+        return kv_start, kv_end.to(device=device, dtype=torch.int32).expand(batch)
+    return kv_start, torch.full((batch,), kv_end, dtype=torch.int32, device=device)
+
+
+def masked_ranges(attention_mask: torch.Tensor, num_new: int):
+    """(kv_start, kv_end) int32 [B] from a mask, or None when the mask is not a per-row range."""
+    global _range_memo
+    compiling = torch.compiler.is_compiling()
+    key = (num_new, attention_mask.data_ptr(), tuple(attention_mask.shape), attention_mask._version)
+    if not compiling and _range_memo is not None and _range_memo[0]() is attention_mask and _range_memo[1] == key:
+        return _range_memo[2]
+    kv_start, kv_end, ok = _ranges_from_allowed(_allowed_rows(attention_mask, num_new))
+    result = (kv_start, kv_end)
+    capturing = attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()
+    if not compiling and not capturing:
+        # One host sync per step (memoized across layers): a mask with holes would be
+        # silently misread by a range-based kernel, so check it when we can afford to.
+        if not bool(ok):
+            result = None
+        _range_memo = (weakref.ref(attention_mask), key, result)
+    return result
+
+
+# -- the forward ---------------------------------------------------------------------------------------
+
+
+class MlaAttentionMixin:
+    """Mixed into a copy of each family's attention class (see patch.py); adds no parameters."""
+
+    _mla_family = None  # MlaFamily, set on the generated subclass
+    _mla_original_class = None
+    mla_backend = "auto"  # "auto" | "kernel" | "torch"; per instance via patch(..., backend=)
+    mla_absorb = "per_head"  # "per_head" | "merged"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        PATCHED_MODULES.add(self)
+
+    def forward(self, *args, **kwargs):
+        bound = self._mla_bind(args, kwargs)
+        hidden_states = bound["hidden_states"]
+        cache = bound.get("cache", bound.get("past_key_values"))
+        num_new = hidden_states.shape[1]
+        if cache is None or num_new > DECODE_MAX_NEW_TOKENS:
+            _count("prefill_calls")
+            return super().forward(*args, **kwargs)
+        reason = self._mla_decode_unsupported(bound["attention_mask"])
+        if reason is not None:
+            _warn_once(f"decode runs the stock attention for {type(self).__name__}: {reason}")
+            _count("vanilla_fallbacks")
+            return super().forward(*args, **kwargs)
+        out = self._mla_absorbed_decode(hidden_states, bound["attention_mask"], cache, bound, kwargs)
+        if out is None:  # the mask was not a per-row range: the stock path handles any mask
+            _warn_once("an attention mask that is not one contiguous range per row; using the stock attention")
+            _count("vanilla_fallbacks")
+            return super().forward(*args, **kwargs)
+        return out
+
+    def _mla_bind(self, args, kwargs) -> dict:
+        """Name the arguments whatever order this family's forward takes them in."""
+        if len(args) <= 1 and "hidden_states" not in kwargs:
+            bound = dict(kwargs)
+            if args:
+                bound["hidden_states"] = args[0]
+        elif not args:
+            bound = dict(kwargs)
+        else:
+            names = type(self)._mla_arg_names
+            bound = dict(zip(names, args))
+            bound.update(kwargs)
+        bound.setdefault("attention_mask", None)
+        return bound
+
+    def _mla_decode_unsupported(self, attention_mask) -> str | None:
+        if attention_mask is not None and not (isinstance(attention_mask, torch.Tensor) and attention_mask.dim() in (2, 4)):
+            return f"attention mask of type {type(attention_mask).__name__} (e.g. flex attention's BlockMask)"
+        return absorb_unsupported_reason(self)
+
+    def _mla_absorbed_decode(self, hidden_states, attention_mask, cache, bound, kwargs):
+        batch, num_new, _ = hidden_states.shape
+        heads, nope, rope_dim, rank = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        ranges = None
+        if attention_mask is not None:
+            ranges = masked_ranges(attention_mask, num_new)
+            if ranges is None:
+                return None
+
+        merged = self.mla_absorb == "merged"
+        if self.q_lora_rank is None:
+            q_in = hidden_states
+            q = self.q_proj(hidden_states)
+        else:
+            q_in = self.q_a_layernorm(self.q_a_proj(hidden_states))
+            q = self.q_b_proj(q_in)
+        q = q.view(batch, num_new, heads, self.qk_head_dim).transpose(1, 2)  # [B, H, S, nope + P]
+        q_nope, q_pe = torch.split(q, [nope, rope_dim], dim=-1)
+
+        compressed = self.kv_a_proj_with_mqa(hidden_states)
+        c_new, k_pe_new = torch.split(compressed, [rank, rope_dim], dim=-1)
+        c_new = self.kv_a_layernorm(c_new).view(batch, 1, num_new, rank)
+        k_pe_new = k_pe_new.view(batch, 1, num_new, rope_dim)
+        q_pe, k_pe_new = self._mla_family.rope(self, q_pe, k_pe_new, bound["position_embeddings"])
+
+        c_kv, k_pe = cache.update(c_new, k_pe_new, self.layer_idx)
+        if ranges is None:
+            layer = cache.layers[self.layer_idx] if hasattr(cache, "layers") else None
+            kv_end = getattr(layer, "cumulative_length", None)  # static layers: the buffer is max_cache_len long
+            if not isinstance(kv_end, torch.Tensor):
+                kv_end = c_kv.shape[-2]
+            ranges = unmasked_ranges(batch, kv_end, hidden_states.device)
+
+        if merged:
+            w_qk, w_uvo = merged_weights(self)
+            q_latent = torch.einsum("bsq,hqr->bshr", q_in, w_qk)
+        else:
+            w_uk, w_uv = split_kv_b(self)
+            # [H, B*S, nope] @ [H, nope, R]: one batched matmul over heads.
+            q_heads = q_nope.permute(1, 0, 2, 3).reshape(heads, batch * num_new, nope)
+            q_latent = torch.bmm(q_heads, w_uk).view(heads, batch, num_new, rank).permute(1, 2, 0, 3)
+        q_pe = q_pe.transpose(1, 2)  # [B, S, H, P]
+
+        want_probs = bool(kwargs.get("output_attentions", False))
+        c_rows, k_pe_rows = c_kv[:, 0], k_pe[:, 0]  # [B, T, R], [B, T, P] views, no copy
+        if want_probs:
+            from .reference import mla_decode_ref
+
+            out_latent, _, attn_weights = mla_decode_ref(
+                q_latent, q_pe, c_rows, k_pe_rows, *ranges, self.scaling, return_probs=True
+            )
+            attn_weights = attn_weights.to(hidden_states.dtype)
+        else:
+            backend = self.mla_backend
+            if backend != "torch" and torch.is_grad_enabled() and hidden_states.requires_grad:
+                backend = "torch"  # the kernel has no backward; the reference is differentiable
+            out_latent, _ = ops.mla_decode(q_latent, q_pe, c_rows, k_pe_rows, *ranges, self.scaling, backend=backend)
+            attn_weights = None
+        _count("absorbed_calls")
+        _count("absorbed_tokens", batch * num_new if self.layer_idx == 0 else 0)
+
+        if merged:
+            out = torch.einsum("bshr,hrd->bsd", out_latent, w_uvo)
+            if self.o_proj.bias is not None:
+                out = out + self.o_proj.bias
+            return out, attn_weights
+        # [H, B*S, R] @ [H, R, v] -> [B, S, H * v]
+        out_heads = out_latent.permute(2, 0, 1, 3).reshape(heads, batch * num_new, rank)
+        out = torch.bmm(out_heads, w_uv.transpose(1, 2))
+        out = out.view(heads, batch, num_new, self.v_head_dim).permute(1, 2, 0, 3).reshape(batch, num_new, -1)
+        return self.o_proj(out), attn_weights
+

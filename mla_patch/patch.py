@@ -1,0 +1,206 @@
+"""patch() / unpatch(): swap every MLA attention class of transformers for ours, and back.
+
+For each family in `families.FAMILIES` we build once a subclass `Mla<Attention>` of the stock
+class whose only change is `forward` (attention.MlaAttentionMixin). No parameter is added or
+renamed, so checkpoints load and save unchanged, and isinstance checks of transformers (output
+capture, hooks) still hold.
+  - patch() rebinds the class name in its modeling module, so models built afterwards
+    (from_pretrained, meta-device init) get our class.
+  - patch(model) changes `__class__` of the attention modules already in `model`: in place,
+    no weight copy.
+  - Both make generate() start with a LatentCache when it would have made a DynamicCache.
+unpatch() puts every class and every module we touched back as it was.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+import transformers
+from transformers import DynamicCache
+from transformers.generation.utils import GenerationMixin
+
+from . import ops
+from .attention import PATCHED_MODULES, MlaAttentionMixin
+from .cache import LatentCache
+from .families import FAMILIES
+
+logger = logging.getLogger("mla_patch")
+
+BACKENDS = ("auto", "kernel", "torch")
+ABSORB_MODES = ("per_head", "merged")
+SUPPORTED_TRANSFORMERS = ((5, 17), (6, 0))  # [min, max)
+_CACHE_KWARGS = ("cache", "past_key_values")  # 5.20+ / 5.17 name of generate's cache kwarg
+
+_patched_classes: dict[str, type] = {}  # model_type -> Mla<Attention> subclass
+_class_patches: dict[str, tuple] = {}  # model_type -> (modeling module, original class)
+_generate_hooks: dict[type, object] = {}  # pretrained class -> previous __dict__ entry (or None)
+
+
+def _check_transformers() -> None:
+    parts = tuple(int(p) for p in transformers.__version__.split(".")[:2] if p.isdigit())
+    low, high = SUPPORTED_TRANSFORMERS
+    if not (low <= parts < high):
+        raise RuntimeError(
+            f"mla_patch supports transformers >={low[0]}.{low[1]},<{high[0]}.{high[1]}; "
+            f"found {transformers.__version__}"
+        )
+
+
+def _check_options(backend: str, absorb: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"mla_patch.patch: backend must be one of {BACKENDS}, got {backend!r}")
+    if absorb not in ABSORB_MODES:
+        raise ValueError(f"mla_patch.patch: absorb must be one of {ABSORB_MODES}, got {absorb!r}")
+
+
+def _patched_class(family, original: type) -> type:
+    """The Mla<Attention> subclass for this family, built once and importable (for pickling)."""
+    cls = _patched_classes.get(family.model_type)
+    if cls is None:
+        forward = inspect.unwrap(original.forward)
+        arg_names = [p for p in inspect.signature(forward).parameters if p not in ("self", "kwargs", "args")]
+        name = f"Mla{original.__name__}"
+        cls = type(
+            name,
+            (MlaAttentionMixin, original),
+            {
+                "__module__": __name__,
+                "__qualname__": name,
+                "_mla_family": family,
+                "_mla_original_class": original,
+                "_mla_arg_names": arg_names,
+            },
+        )
+        globals()[name] = cls
+        _patched_classes[family.model_type] = cls
+    return cls
+
+
+def _available_families(families):
+    wanted = FAMILIES.keys() if families is None else families
+    for model_type in wanted:
+        if model_type not in FAMILIES:
+            raise ValueError(f"mla_patch: unknown MLA family {model_type!r}; known: {sorted(FAMILIES)}")
+        modeling = FAMILIES[model_type].load()
+        if modeling is not None:
+            yield FAMILIES[model_type], modeling
+
+
+def _original_attention_class(family, modeling) -> type:
+    current = getattr(modeling, family.attention_class)
+    return current._mla_original_class if issubclass(current, MlaAttentionMixin) else current
+
+
+# -- generate(): start with a LatentCache ---------------------------------------------------------
+
+
+def _prepare_cache_with_latent(self, generation_config, model_kwargs, *args, **kwargs):
+    before = {name: model_kwargs.get(name) for name in _CACHE_KWARGS}
+    result = GenerationMixin._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+    for name in _CACHE_KWARGS:
+        made = model_kwargs.get(name)
+        # Only a DynamicCache that generate() itself just made; a user's cache is left alone.
+        if before[name] is None and type(made) is DynamicCache and not getattr(made, "offloading", False):
+            if any(isinstance(m, MlaAttentionMixin) for m in self.modules()):
+                model_kwargs[name] = LatentCache(config=self.config)
+    return result
+
+
+def _install_generate_hook(cls: type) -> None:
+    if cls not in _generate_hooks:
+        _generate_hooks[cls] = cls.__dict__.get("_prepare_cache_for_generation")
+        cls._prepare_cache_for_generation = _prepare_cache_with_latent
+
+
+def _remove_generate_hooks() -> None:
+    for cls, previous in _generate_hooks.items():
+        if previous is None:
+            delattr(cls, "_prepare_cache_for_generation")
+        else:
+            cls._prepare_cache_for_generation = previous
+    _generate_hooks.clear()
+
+
+# -- public entry points ----------------------------------------------------------------------------
+
+
+def patch(model=None, *, backend: str = "auto", absorb: str = "per_head", families=None) -> dict:
+    """Patch MLA attention for absorbed decode; returns what `status()` reports.
+
+    Args:
+        model: None to patch the transformers classes (call before from_pretrained), or a
+            loaded model to patch in place.
+        backend: decode attention: "auto" (CUDA kernel where it can serve, else PyTorch, the
+            reason logged once), "kernel" (error if it cannot serve) or "torch".
+        absorb: "per_head" (W_UK, W_UV as views of kv_b_proj) or "merged" (materialized
+            W_UQ.W_UK and W_UV.W_O, more memory).
+        families: model_type names to patch (default: all in `families.FAMILIES`).
+    """
+    _check_transformers()
+    _check_options(backend, absorb)
+    if model is None:
+        for family, modeling in _available_families(families):
+            original = _original_attention_class(family, modeling)
+            cls = _patched_class(family, original)
+            cls.mla_backend, cls.mla_absorb = backend, absorb
+            setattr(modeling, family.attention_class, cls)
+            _class_patches[family.model_type] = (modeling, original)
+            _install_generate_hook(getattr(modeling, family.pretrained_class))
+        return status()
+
+    count = 0
+    for family, modeling in _available_families(families):
+        original = _original_attention_class(family, modeling)
+        for module in model.modules():
+            if isinstance(module, original):
+                module.__class__ = _patched_class(family, original)
+                module.mla_backend, module.mla_absorb = backend, absorb
+                PATCHED_MODULES.add(module)
+                count += 1
+    if count:
+        _install_generate_hook(type(model))
+    else:
+        logger.warning("mla_patch: %s has no MLA attention layer; left untouched", type(model).__name__)
+    return status(model)
+
+
+def unpatch(model=None) -> None:
+    """Restore the stock classes, generate(), and every module patch(model) changed.
+
+    With a model, also turn any of its layers that were built as our class back into the stock class.
+    """
+    for modeling, original in _class_patches.values():
+        setattr(modeling, original.__name__, original)
+    _class_patches.clear()
+    _remove_generate_hooks()
+    modules = list(PATCHED_MODULES) + (list(model.modules()) if model is not None else [])
+    for module in modules:
+        if isinstance(module, MlaAttentionMixin):
+            module.__class__ = module._mla_original_class
+            for attr in ("mla_backend", "mla_absorb", "_mla_merged"):
+                module.__dict__.pop(attr, None)
+    PATCHED_MODULES.clear()
+
+
+def status(model=None) -> dict:
+    """What is patched and which decode backend will run, with the reason when it is not the kernel."""
+    kernel_error = ops.extension_error()
+    cuda = torch.cuda.is_available()
+    if kernel_error is None and cuda:
+        decode = "kernel (bf16/fp16 on CUDA with supported dims; the PyTorch reference otherwise)"
+    else:
+        decode = "torch reference: " + (kernel_error or "no CUDA device")
+    report = {
+        "transformers": transformers.__version__,
+        "patched_classes": sorted(f"{m.__name__}.{o.__name__}" for m, o in _class_patches.values()),
+        "decode_backend": decode,
+        "kernel_available": kernel_error is None,
+    }
+    if model is not None:
+        layers = [m for m in model.modules() if isinstance(m, MlaAttentionMixin)]
+        report["patched_layers"] = len(layers)
+        report["layer_options"] = sorted({(m.mla_backend, m.mla_absorb) for m in layers})
+    return report
