@@ -42,9 +42,9 @@ def _cuda_extension():
     if not os.path.exists("csrc/binding.cpp"):
         return None, {}
     archs = os.environ.get("MLA_PATCH_CUDA_ARCHS", DEFAULT_ARCHS)
+    # No -std flag: torch's extension builder picks the standard its headers need (C++20 since 2.10).
     nvcc_flags = [
         "-O3",
-        "-std=c++17",
         "-lineinfo",
         "--use_fast_math",
         "--expt-relaxed-constexpr",
@@ -55,7 +55,7 @@ def _cuda_extension():
         name="mla_patch._C",
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return ext, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

@@ -1,0 +1,183 @@
+// torch binding of the absorbed MLA decode kernel: the only file under csrc/ that includes torch.
+// Order: check device, dtype, shapes, strides and alignment; device guard; current stream;
+// allocate outputs (and the split-KV workspace, from the caching allocator); fill the params;
+// dispatch on (dtype, R, P); check the launch. Registered as torch.ops.mla_patch.mla_decode with a
+// CUDA kernel and a Meta kernel (shapes only), so it traces under torch.compile(fullgraph=True)
+// and captures into CUDA graphs (no host syncs, no allocations outside the caching allocator).
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <tuple>
+
+#include "mla_params.h"
+
+namespace {
+
+// Multiprocessor count and opt-in shared memory per block of a device, read once per device.
+// (c10's headers, not ATen/cuda/CUDAContext.h, keep this file checkable without cuBLAS headers.)
+struct DeviceInfo {
+  int num_sms = 0;
+  int smem_optin = 0;
+};
+
+DeviceInfo device_info(int dev) {
+  static DeviceInfo cache[64];
+  if (dev >= 0 && dev < 64 && cache[dev].num_sms > 0) return cache[dev];
+  DeviceInfo info;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  if (dev >= 0 && dev < 64) cache[dev] = info;
+  return info;
+}
+
+void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
+  TORCH_CHECK(t.dim() == dim, "mla_decode: ", name, " must have ", dim, " dims, got shape ", t.sizes());
+  TORCH_CHECK(t.is_cuda(), "mla_decode: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) <= 1, "mla_decode: ", name,
+              " must be contiguous in its last dim, got strides ", t.strides());
+  // 16-byte cp.async: every row start must be 16-byte aligned.
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "mla_decode: ", name,
+              " must start at a 16-byte aligned address (storage offset ", t.storage_offset(), ")");
+  for (int64_t d = 0; d < dim - 1; ++d) {
+    TORCH_CHECK(t.stride(d) % 8 == 0 || t.size(d) == 1, "mla_decode: ", name, " stride of dim ", d,
+                " must be a multiple of 8 elements (16 bytes), got strides ", t.strides());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, const at::Tensor& q_pe,
+                                                   const at::Tensor& c_kv, const at::Tensor& k_pe,
+                                                   const at::Tensor& kv_start, const at::Tensor& kv_end,
+                                                   double sm_scale) {
+  check_tensor(q_latent, "q_latent", 4);
+  check_tensor(q_pe, "q_pe", 4);
+  check_tensor(c_kv, "c_kv", 3);
+  check_tensor(k_pe, "k_pe", 3);
+  const auto dtype = q_latent.scalar_type();
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
+              "mla_decode: q_latent must be bfloat16 or float16, got ", dtype);
+  TORCH_CHECK(q_pe.scalar_type() == dtype && c_kv.scalar_type() == dtype && k_pe.scalar_type() == dtype,
+              "mla_decode: q_latent, q_pe, c_kv and k_pe must share one dtype, got ", dtype, ", ",
+              q_pe.scalar_type(), ", ", c_kv.scalar_type(), ", ", k_pe.scalar_type());
+  const int64_t B = q_latent.size(0), S = q_latent.size(1), H = q_latent.size(2), R = q_latent.size(3);
+  const int64_t P = q_pe.size(3), T = c_kv.size(1);
+  TORCH_CHECK(q_pe.size(0) == B && q_pe.size(1) == S && q_pe.size(2) == H, "mla_decode: q_pe ", q_pe.sizes(),
+              " does not match q_latent ", q_latent.sizes());
+  TORCH_CHECK(c_kv.size(0) == B && c_kv.size(2) == R, "mla_decode: c_kv must be [B=", B, ", T, R=", R, "], got ",
+              c_kv.sizes());
+  TORCH_CHECK(k_pe.size(0) == B && k_pe.size(1) == T && k_pe.size(2) == P, "mla_decode: k_pe must be [B=", B,
+              ", T=", T, ", P=", P, "], got ", k_pe.sizes());
+  TORCH_CHECK((R == 512 && P == 64) || (R == 256 && P == 32),
+              "mla_decode: (kv_lora_rank, rope) must be (512, 64) or (256, 32), got (", R, ", ", P, ")");
+  for (const auto* t : {&kv_start, &kv_end}) {
+    const char* name = t == &kv_start ? "kv_start" : "kv_end";
+    TORCH_CHECK(t->is_cuda(), "mla_decode: ", name, " must be a CUDA tensor, got ", t->device());
+    TORCH_CHECK(t->scalar_type() == at::kInt, "mla_decode: ", name, " must be int32, got ", t->scalar_type());
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B, "mla_decode: ", name, " must have shape [", B, "], got ",
+                t->sizes());
+    TORCH_CHECK(t->is_contiguous(), "mla_decode: ", name, " must be contiguous");
+  }
+  const auto device = q_latent.device();
+  for (const auto* t : {&q_pe, &c_kv, &k_pe, &kv_start, &kv_end}) {
+    TORCH_CHECK(t->device() == device, "mla_decode: all tensors must be on ", device, ", got one on ",
+                t->device());
+  }
+  TORCH_CHECK(S * H <= (1 << 20) && T < (1LL << 31) - 64 && B <= 65535,
+              "mla_decode: sizes out of the kernel's range: B=", B, " S*H=", S * H, " T=", T);
+  TORCH_CHECK(std::isfinite(sm_scale), "mla_decode: sm_scale must be finite, got ", sm_scale);
+
+  const c10::cuda::CUDAGuard guard(device);
+  auto out_latent = at::empty({B, S, H, R}, q_latent.options());
+  auto lse = at::empty({B, S, H}, q_latent.options().dtype(at::kFloat));
+  if (B == 0 || S * H == 0) return {out_latent, lse};
+  if (T == 0) {
+    out_latent.zero_();
+    lse.fill_(-std::numeric_limits<float>::infinity());
+    return {out_latent, lse};
+  }
+
+  const DeviceInfo info = device_info(device.index());
+  const int num_sms = info.num_sms;
+  const size_t smem_needed = mla_decode_smem_bytes(static_cast<int>(R), static_cast<int>(P));
+  TORCH_CHECK(static_cast<size_t>(info.smem_optin) >= smem_needed, "mla_decode: the kernel needs ", smem_needed,
+              " bytes of shared memory per block, this GPU allows ", info.smem_optin);
+  const int num_splits = mla_decode_num_splits(static_cast<int>(B), static_cast<int>(S), static_cast<int>(H),
+                                               static_cast<int>(T), num_sms);
+  at::Tensor o_partial, lse_partial;
+  if (num_splits > 1) {
+    auto f32 = q_latent.options().dtype(at::kFloat);
+    o_partial = at::empty({B, num_splits, S * H, R}, f32);
+    lse_partial = at::empty({B, num_splits, S * H}, f32);
+  }
+
+  MlaDecodeParams p{};
+  p.q_latent = q_latent.data_ptr();
+  p.q_pe = q_pe.data_ptr();
+  p.c_kv = c_kv.data_ptr();
+  p.k_pe = k_pe.data_ptr();
+  p.kv_start = kv_start.data_ptr<int32_t>();
+  p.kv_end = kv_end.data_ptr<int32_t>();
+  p.out_latent = out_latent.data_ptr();
+  p.lse = lse.data_ptr<float>();
+  p.o_partial = num_splits > 1 ? o_partial.data_ptr<float>() : nullptr;
+  p.lse_partial = num_splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
+  p.q_latent_sb = q_latent.stride(0);
+  p.q_latent_ss = q_latent.stride(1);
+  p.q_latent_sh = q_latent.stride(2);
+  p.q_pe_sb = q_pe.stride(0);
+  p.q_pe_ss = q_pe.stride(1);
+  p.q_pe_sh = q_pe.stride(2);
+  p.c_kv_sb = c_kv.stride(0);
+  p.c_kv_st = c_kv.stride(1);
+  p.k_pe_sb = k_pe.stride(0);
+  p.k_pe_st = k_pe.stride(1);
+  p.B = static_cast<int>(B);
+  p.S = static_cast<int>(S);
+  p.H = static_cast<int>(H);
+  p.T = static_cast<int>(T);
+  p.num_splits = num_splits;
+  p.sm_scale = static_cast<float>(sm_scale);
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
+  cudaError_t err;
+  const bool bf16 = dtype == at::kBFloat16;
+  if (R == 512) {
+    err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 512, 64>(p, stream)
+               : launch_mla_decode<MlaDtype::kFP16, 512, 64>(p, stream);
+  } else {
+    err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 256, 32>(p, stream)
+               : launch_mla_decode<MlaDtype::kFP16, 256, 32>(p, stream);
+  }
+  TORCH_CHECK(err == cudaSuccess, "mla_decode: kernel launch failed: ", cudaGetErrorString(err));
+  return {out_latent, lse};
+}
+
+// Shapes only, for FakeTensor / torch.compile tracing.
+std::tuple<at::Tensor, at::Tensor> mla_decode_meta(const at::Tensor& q_latent, const at::Tensor& q_pe,
+                                                   const at::Tensor& c_kv, const at::Tensor& k_pe,
+                                                   const at::Tensor& kv_start, const at::Tensor& kv_end,
+                                                   double sm_scale) {
+  TORCH_CHECK(q_latent.dim() == 4, "mla_decode: q_latent must be [B, S, H, R], got ", q_latent.sizes());
+  auto out_latent = at::empty_symint(q_latent.sym_sizes(), q_latent.options());
+  auto lse = at::empty_symint(q_latent.sym_sizes().slice(0, 3), q_latent.options().dtype(at::kFloat));
+  return {out_latent, lse};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mla_patch, m) {
+  m.def(
+      "mla_decode(Tensor q_latent, Tensor q_pe, Tensor c_kv, Tensor k_pe, Tensor kv_start, Tensor kv_end, "
+      "float sm_scale) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(mla_patch, CUDA, m) { m.impl("mla_decode", &mla_decode_cuda); }
+
+TORCH_LIBRARY_IMPL(mla_patch, Meta, m) { m.impl("mla_decode", &mla_decode_meta); }
+
+// Importing mla_patch._C registers the op above; the module itself exposes nothing.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

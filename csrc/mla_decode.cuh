@@ -1,0 +1,475 @@
+// Absorbed MLA decode attention: kernel and host launcher templates (CUDA headers only, no torch).
+//
+// Math (see mla_patch/reference.py): for sequence b and query row g = s * H + h,
+//   score[t] = (q_latent[g] . c_kv[t] + q_pe[g] . k_pe[t]) * sm_scale   for visible rows t,
+//   out[g]   = softmax(score) @ c_kv,   lse[g] = log(sum exp(score)).
+// All S*H query rows of a sequence share one cache (one latent KV head), so a CTA treats
+// kMlaMTile of them as the M dimension of a small GEMM against each cache tile and reads
+// every cache row once per M tile (H = 128 has 4 M tiles, launched adjacently so the
+// repeats hit L2), instead of once per head.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "mla_params.h"
+
+namespace mla {
+
+template <MlaDtype DT>
+struct DtypeTraits;
+
+template <>
+struct DtypeTraits<MlaDtype::kBF16> {
+  using T = __nv_bfloat16;
+  using T2 = __nv_bfloat162;
+  static __device__ __forceinline__ T2 pack(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+
+template <>
+struct DtypeTraits<MlaDtype::kFP16> {
+  using T = __half;
+  using T2 = __half2;
+  static __device__ __forceinline__ T2 pack(float a, float b) { return __floats2half2_rn(a, b); }
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16-byte async copy; with valid == false it reads nothing and writes zeros (cp.async zfill),
+// which is how rows outside the visible range (possibly NaN) never reach the products.
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, bool valid) {
+  const int n = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c += a (16x16, row) * b (16x8, col), fp32 accumulate.
+template <MlaDtype DT>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (DT == MlaDtype::kBF16) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+__host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
+
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// Grid: x = M tile of S*H query rows (fastest, so the M tiles sharing a cache range run together
+// and the repeats come from L2), y = KV split, z = sequence. Block: 256 threads = 8 warps.
+//
+// Each CTA owns kMlaMTile = 32 query rows and the rows [cb, ce) of its sequence: the visible
+// range [kv_start, kv_end) cut evenly into num_splits chunks of whole 32-row tiles (the lengths
+// are read here, on the GPU; an empty chunk writes lse = -inf and exits).
+//
+// Per 32-row cache tile:
+//   QK:  warp w = (d = w % 4, nh = w / 4) computes partial scores of all 32 query rows against
+//        tile rows [16 nh, 16 nh + 16) over latent columns [d R/4, (d+1) R/4) plus rope k-step d
+//        (if d < P/16). Its slice of Q lives in registers (loaded once); K comes from shared
+//        memory with ldmatrix, each byte read by exactly one warp. The 4 partials go to shared.
+//   softmax: thread (row = tid / 8, 4 columns) sums the partials, masks, keeps the running
+//        max/sum of its row (online softmax in the log2 domain), writes P (input dtype) and the
+//        rescale factor of its row.
+//   PV:  warp w owns output columns [w R/8, (w+1) R/8) for all 32 rows: rescales its
+//        accumulators, then P (ldmatrix) times V = the same tile's latent part (ldmatrix.trans).
+// Shared memory: kMlaStages cache tiles [32][R+P+8] (cp.async, zero-filled outside [cb, ce)),
+// one region holding first the Q tile [32][R+P+8] then the partial scores [4][32][40] fp32,
+// P [32][40], per-row alpha/m/l. Barriers per tile: after the tile lands (also frees the stage
+// the prefetch overwrites), after the partial scores, after P.
+template <MlaDtype DT, int R, int P>
+__global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParams p) {
+  using Tr = DtypeTraits<DT>;
+  using T = typename Tr::T;
+  using T2 = typename Tr::T2;
+  constexpr int M = kMlaMTile, N = kMlaNTile, STAGES = kMlaStages;
+  constexpr int D = R + P;
+  constexpr int ROW = D + 8;      // shared row stride of cache and Q tiles (elements)
+  constexpr int SP = N + 8;       // row stride of partial scores (fp32) and P (elements)
+  constexpr int KL = R / 64;      // latent k-steps per QK column slice (4 slices)
+  constexpr int KR = P / 16;      // rope k-steps, one per slice d < KR
+  constexpr int DW = R / 8;       // output columns per warp
+  constexpr int NF = DW / 8;      // n8 fragments per warp in PV
+  constexpr int MF = M / 16;      // m16 fragments
+  constexpr int CHUNKS = D / 8;   // 16-byte chunks per row
+  constexpr int NTHREADS = 256;
+  static_assert(M == 32 && N == 32, "the warp layout below assumes 32x32 tiles");
+  static_assert(KR >= 1 && KR <= 4 && R % 64 == 0 && NF % 2 == 0, "unsupported (R, P)");
+
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* s_kv = reinterpret_cast<T*>(smem);
+  unsigned char* region = smem + static_cast<size_t>(STAGES) * N * ROW * sizeof(T);
+  T* s_q = reinterpret_cast<T*>(region);
+  float* s_part = reinterpret_cast<float*>(region);
+  constexpr size_t kQBytes = static_cast<size_t>(M) * ROW * sizeof(T);
+  constexpr size_t kPartBytes = static_cast<size_t>(4) * M * SP * sizeof(float);
+  T* s_p = reinterpret_cast<T*>(region + (kQBytes > kPartBytes ? kQBytes : kPartBytes));
+  float* s_alpha = reinterpret_cast<float*>(s_p + M * SP);
+  float* s_m = s_alpha + M;
+  float* s_l = s_m + M;
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int gq = lane >> 2, tq = lane & 3;  // mma fragment row / column-pair of this lane
+  const int b = blockIdx.z, split = blockIdx.y;
+  const int MT = p.S * p.H;
+  const int row0 = blockIdx.x * M;
+  const int nsplit = p.num_splits;
+
+  // This CTA's cache rows. Clamping to [0, T) keeps bad lengths from ever addressing out of range.
+  const int start = max(p.kv_start[b], 0);
+  const int end = min(p.kv_end[b], p.T);
+  const int len = max(end - start, 0);
+  const int per = ceil_div(ceil_div(len, nsplit), N) * N;
+  const long long cb_l = static_cast<long long>(start) + static_cast<long long>(split) * per;
+  const int cb = static_cast<int>(cb_l < end ? cb_l : end);
+  const int ce = static_cast<int>(min(cb_l + per, static_cast<long long>(end)));
+  const int n_tiles = ce > cb ? ceil_div(ce - cb, N) : 0;
+
+  // Softmax role: row sr of the tile, columns [sc, sc + 4).
+  const int sr = tid >> 3, sc = (tid & 7) * 4;
+  const int sg = row0 + sr;
+  const bool s_valid = sg < MT;
+
+  if (n_tiles == 0) {
+    // Nothing visible in this chunk: out = 0, lse = -inf (or only lse = -inf for a split partial).
+    if (nsplit == 1) {
+      T* out = static_cast<T*>(p.out_latent);
+      for (int c = tid; c < M * (R / 8); c += NTHREADS) {
+        const int r = c / (R / 8), cc = c % (R / 8);
+        if (row0 + r < MT) {
+          *reinterpret_cast<uint4*>(out + (static_cast<size_t>(b) * MT + row0 + r) * R + cc * 8) =
+              make_uint4(0, 0, 0, 0);
+        }
+      }
+      if ((tid & 7) == 0 && s_valid) p.lse[static_cast<size_t>(b) * MT + sg] = -INFINITY;
+    } else if ((tid & 7) == 0 && s_valid) {
+      p.lse_partial[(static_cast<size_t>(b) * nsplit + split) * MT + sg] = -INFINITY;
+    }
+    return;
+  }
+
+  const T* q_lat = static_cast<const T*>(p.q_latent);
+  const T* q_pe = static_cast<const T*>(p.q_pe);
+  const T* c_kv = static_cast<const T*>(p.c_kv) + static_cast<long long>(b) * p.c_kv_sb;
+  const T* k_pe = static_cast<const T*>(p.k_pe) + static_cast<long long>(b) * p.k_pe_sb;
+
+  // Q tile -> shared (rows past S*H are zero-filled).
+  for (int c = tid; c < M * CHUNKS; c += NTHREADS) {
+    const int r = c / CHUNKS, cc = c % CHUNKS;
+    const int g = row0 + r;
+    const bool valid = g < MT;
+    const int s = valid ? g / p.H : 0, h = valid ? g % p.H : 0;
+    const T* src = cc < R / 8 ? q_lat + b * p.q_latent_sb + s * p.q_latent_ss + h * p.q_latent_sh + cc * 8
+                              : q_pe + b * p.q_pe_sb + s * p.q_pe_ss + h * p.q_pe_sh + (cc - R / 8) * 8;
+    cp_async_16(smem_addr(s_q + r * ROW + cc * 8), valid ? src : q_lat, valid);
+  }
+  cp_async_commit();
+
+  auto load_tile = [&](int tile, int stage) {
+    const int base = cb + tile * N;
+    T* dst = s_kv + stage * N * ROW;
+    for (int c = tid; c < N * CHUNKS; c += NTHREADS) {
+      const int r = c / CHUNKS, cc = c % CHUNKS;
+      const int t = base + r;
+      const bool valid = t < ce;
+      const T* src = cc < R / 8 ? c_kv + static_cast<long long>(t) * p.c_kv_st + cc * 8
+                                : k_pe + static_cast<long long>(t) * p.k_pe_st + (cc - R / 8) * 8;
+      cp_async_16(smem_addr(dst + r * ROW + cc * 8), valid ? src : c_kv, valid);
+    }
+  };
+
+#pragma unroll
+  for (int st = 0; st < STAGES - 1; ++st) {
+    if (st < n_tiles) load_tile(st, st);
+    cp_async_commit();
+  }
+
+  // Q fragments of this warp's QK column slice, into registers for the whole loop.
+  const int qd = warp & 3, nh = warp >> 2;
+  cp_async_wait<STAGES - 1>();
+  __syncthreads();
+  uint32_t qa[MF][KL + 1][4];
+#pragma unroll
+  for (int i = 0; i < MF; ++i) {
+    const int r = i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kk = 0; kk < KL; ++kk) {
+      ldsm_x4(qa[i][kk], smem_addr(s_q + r * ROW + qd * (R / 4) + kk * 16 + (lane >> 4) * 8));
+    }
+    if (qd < KR) ldsm_x4(qa[i][KL], smem_addr(s_q + r * ROW + R + qd * 16 + (lane >> 4) * 8));
+  }
+  __syncthreads();  // the Q region becomes the partial-score buffer
+
+  float o[MF][NF][4];
+#pragma unroll
+  for (int i = 0; i < MF; ++i)
+#pragma unroll
+    for (int j = 0; j < NF; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[i][j][e] = 0.f;
+
+  float m_run = -INFINITY, l_run = 0.f;  // softmax state of row sr (log2 domain), per thread copy
+  // Rows this query row may see in this chunk: [cb, vis_end).
+  const int vis_end = s_valid ? min(end - (p.S - 1 - sg / p.H), ce) : cb;
+  const float scale_log2 = p.sm_scale * kLog2e;
+
+  for (int it = 0; it < n_tiles; ++it) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads();
+    {
+      const int nt = it + STAGES - 1;
+      if (nt < n_tiles) load_tile(nt, nt % STAGES);
+      cp_async_commit();
+    }
+    const T* kv = s_kv + (it % STAGES) * N * ROW;
+
+    // ---- partial scores of this warp's column slice
+    float sacc[MF][2][4];
+#pragma unroll
+    for (int i = 0; i < MF; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sacc[i][j][e] = 0.f;
+    const T* krow = kv + (nh * 16 + (lane & 7) + (lane >> 4) * 8) * ROW + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int kk = 0; kk < KL; ++kk) {
+      uint32_t bk[4];
+      ldsm_x4(bk, smem_addr(krow + qd * (R / 4) + kk * 16));
+#pragma unroll
+      for (int i = 0; i < MF; ++i) {
+        mma_16816<DT>(sacc[i][0], qa[i][kk], bk[0], bk[1]);
+        mma_16816<DT>(sacc[i][1], qa[i][kk], bk[2], bk[3]);
+      }
+    }
+    if (qd < KR) {
+      uint32_t bk[4];
+      ldsm_x4(bk, smem_addr(krow + R + qd * 16));
+#pragma unroll
+      for (int i = 0; i < MF; ++i) {
+        mma_16816<DT>(sacc[i][0], qa[i][KL], bk[0], bk[1]);
+        mma_16816<DT>(sacc[i][1], qa[i][KL], bk[2], bk[3]);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < MF; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        float* dst = s_part + (qd * M + i * 16 + gq) * SP + nh * 16 + j * 8 + 2 * tq;
+        *reinterpret_cast<float2*>(dst) = make_float2(sacc[i][j][0], sacc[i][j][1]);
+        *reinterpret_cast<float2*>(dst + 8 * SP) = make_float2(sacc[i][j][2], sacc[i][j][3]);
+      }
+    __syncthreads();
+
+    // ---- online softmax of row sr, columns sc..sc+3
+    {
+      float x[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int d = 0; d < 4; ++d) {
+        const float4 v = *reinterpret_cast<const float4*>(s_part + (d * M + sr) * SP + sc);
+        x[0] += v.x;
+        x[1] += v.y;
+        x[2] += v.z;
+        x[3] += v.w;
+      }
+      const int t0 = cb + it * N + sc;
+      float mx = -INFINITY;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        x[e] = (t0 + e < vis_end) ? x[e] * scale_log2 : -INFINITY;
+        mx = fmaxf(mx, x[e]);
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      const float m_new = fmaxf(m_run, mx);
+      const float m_use = m_new == -INFINITY ? 0.f : m_new;
+      float pe[4], sum = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        pe[e] = exp2f(x[e] - m_use);
+        sum += pe[e];
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+      const float alpha = exp2f(m_run - m_use);
+      l_run = l_run * alpha + sum;
+      m_run = m_new;
+      T2 p01 = Tr::pack(pe[0], pe[1]), p23 = Tr::pack(pe[2], pe[3]);
+      uint2 packed;
+      packed.x = *reinterpret_cast<uint32_t*>(&p01);
+      packed.y = *reinterpret_cast<uint32_t*>(&p23);
+      *reinterpret_cast<uint2*>(s_p + sr * SP + sc) = packed;
+      if ((tid & 7) == 0) s_alpha[sr] = alpha;
+    }
+    __syncthreads();
+
+    // ---- O = O * alpha + P V over this warp's output columns
+#pragma unroll
+    for (int i = 0; i < MF; ++i) {
+      const float a0 = s_alpha[i * 16 + gq], a1 = s_alpha[i * 16 + gq + 8];
+#pragma unroll
+      for (int j = 0; j < NF; ++j) {
+        o[i][j][0] *= a0;
+        o[i][j][1] *= a0;
+        o[i][j][2] *= a1;
+        o[i][j][3] *= a1;
+      }
+    }
+#pragma unroll
+    for (int ks = 0; ks < N / 16; ++ks) {
+      uint32_t pa[MF][4];
+#pragma unroll
+      for (int i = 0; i < MF; ++i) {
+        ldsm_x4(pa[i], smem_addr(s_p + (i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SP + ks * 16 +
+                                 (lane >> 4) * 8));
+      }
+      const T* vrow = kv + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW + warp * DW + (lane >> 4) * 8;
+#pragma unroll
+      for (int jp = 0; jp < NF / 2; ++jp) {
+        uint32_t bv[4];
+        ldsm_x4_trans(bv, smem_addr(vrow + jp * 16));
+#pragma unroll
+        for (int i = 0; i < MF; ++i) {
+          mma_16816<DT>(o[i][2 * jp], pa[i], bv[0], bv[1]);
+          mma_16816<DT>(o[i][2 * jp + 1], pa[i], bv[2], bv[3]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  // ---- epilogue: normalize, write out/lse (or the split's partials)
+  if ((tid & 7) == 0) {
+    s_m[sr] = m_run;
+    s_l[sr] = l_run;
+    if (s_valid) {
+      const float lse = l_run > 0.f ? (m_run + __log2f(l_run)) * kLn2 : -INFINITY;
+      if (nsplit == 1) {
+        p.lse[static_cast<size_t>(b) * MT + sg] = lse;
+      } else {
+        p.lse_partial[(static_cast<size_t>(b) * nsplit + split) * MT + sg] = lse;
+      }
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < MF; ++i) {
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      const int r = i * 16 + gq + hi * 8;
+      const int g = row0 + r;
+      if (g >= MT) continue;
+      const float l = s_l[r];
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+      if (nsplit == 1) {
+        T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(b) * MT + g) * R + warp * DW + 2 * tq;
+#pragma unroll
+        for (int j = 0; j < NF; ++j) {
+          *reinterpret_cast<T2*>(out + j * 8) = Tr::pack(o[i][j][2 * hi] * inv, o[i][j][2 * hi + 1] * inv);
+        }
+      } else {
+        float* out = p.o_partial + ((static_cast<size_t>(b) * nsplit + split) * MT + g) * R + warp * DW + 2 * tq;
+#pragma unroll
+        for (int j = 0; j < NF; ++j) {
+          *reinterpret_cast<float2*>(out + j * 8) = make_float2(o[i][j][2 * hi] * inv, o[i][j][2 * hi + 1] * inv);
+        }
+      }
+    }
+  }
+}
+
+// LSE combine of the split partials. Grid: one block per (b, query row); R / 4 threads, 4 columns
+// each. Splits with lse = -inf (empty chunks) are skipped without reading their (unwritten) rows.
+template <MlaDtype DT, int R>
+__global__ void __launch_bounds__(R / 4) mla_combine_kernel(const MlaDecodeParams p) {
+  using Tr = DtypeTraits<DT>;
+  using T = typename Tr::T;
+  using T2 = typename Tr::T2;
+  const int MT = p.S * p.H;
+  const int b = blockIdx.x / MT, g = blockIdx.x % MT;
+  const int ns = p.num_splits;
+  const float* lp = p.lse_partial + static_cast<size_t>(b) * ns * MT + g;
+  float mx = -INFINITY;
+  for (int j = 0; j < ns; ++j) mx = fmaxf(mx, lp[static_cast<size_t>(j) * MT]);
+  T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(b) * MT + g) * R + threadIdx.x * 4;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float wsum = 0.f;
+  if (mx != -INFINITY) {
+    for (int j = 0; j < ns; ++j) {
+      const float l = lp[static_cast<size_t>(j) * MT];
+      if (l == -INFINITY) continue;
+      const float w = __expf(l - mx);
+      wsum += w;
+      const float4 v = *reinterpret_cast<const float4*>(
+          p.o_partial + ((static_cast<size_t>(b) * ns + j) * MT + g) * R + threadIdx.x * 4);
+      acc.x += w * v.x;
+      acc.y += w * v.y;
+      acc.z += w * v.z;
+      acc.w += w * v.w;
+    }
+  }
+  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  T2 lo = Tr::pack(acc.x * inv, acc.y * inv), hi = Tr::pack(acc.z * inv, acc.w * inv);
+  uint2 packed;
+  packed.x = *reinterpret_cast<uint32_t*>(&lo);
+  packed.y = *reinterpret_cast<uint32_t*>(&hi);
+  *reinterpret_cast<uint2*>(out) = packed;
+  if (threadIdx.x == 0) p.lse[static_cast<size_t>(b) * MT + g] = wsum > 0.f ? mx + __logf(wsum) : -INFINITY;
+}
+
+}  // namespace mla
+
+template <MlaDtype DT, int R, int P>
+cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream) {
+  constexpr size_t smem = mla_decode_smem_bytes(R, P);
+  auto kernel = mla::mla_decode_kernel<DT, R, P>;
+  // The attribute is per device; setting it is a host-side call (no stream work, fine under capture).
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  static bool smem_set[64] = {};
+  if (dev < 0 || dev >= 64 || !smem_set[dev]) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    if (dev >= 0 && dev < 64) smem_set[dev] = true;
+  }
+  const int MT = params.S * params.H;
+  const dim3 grid(mla::ceil_div(MT, kMlaMTile), params.num_splits, params.B);
+  kernel<<<grid, 256, smem, stream>>>(params);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || params.num_splits == 1) return err;
+  mla::mla_combine_kernel<DT, R><<<params.B * MT, R / 4, 0, stream>>>(params);
+  return cudaGetLastError();
+}

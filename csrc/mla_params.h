@@ -1,0 +1,80 @@
+// Plain parameters of the absorbed MLA decode kernel, shared by binding.cpp and the .cu files.
+// No torch and no device code here: pointers, sizes, strides in elements, and the host-side
+// split-KV heuristic (it needs only host-known shapes, never the lengths on the GPU).
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+enum class MlaDtype { kBF16, kFP16 };
+
+struct MlaDecodeParams {
+  const void* q_latent;    // [B, S, H, R] query times W_UK; last dim contiguous
+  const void* q_pe;        // [B, S, H, P] roped query; last dim contiguous
+  const void* c_kv;        // [B, T, R] latent cache rows; last dim contiguous (may be a view of [B, T, R+P])
+  const void* k_pe;        // [B, T, P] roped key rows; last dim contiguous (may be a view of [B, T, R+P])
+  const int32_t* kv_start; // [B] first visible cache row of each sequence
+  const int32_t* kv_end;   // [B] one past the last row visible to the last new token
+  void* out_latent;        // [B, S, H, R] contiguous, input dtype
+  float* lse;              // [B, S, H] contiguous, natural log, -inf for a query that sees no row
+  float* o_partial;        // [B, num_splits, S*H, R] fp32 split-KV workspace (unused when num_splits == 1)
+  float* lse_partial;      // [B, num_splits, S*H] fp32 split-KV workspace (unused when num_splits == 1)
+
+  int64_t q_latent_sb, q_latent_ss, q_latent_sh;  // strides of q_latent in elements
+  int64_t q_pe_sb, q_pe_ss, q_pe_sh;              // strides of q_pe in elements
+  int64_t c_kv_sb, c_kv_st;                       // strides of c_kv in elements
+  int64_t k_pe_sb, k_pe_st;                       // strides of k_pe in elements
+
+  int B;           // batch
+  int S;           // new query tokens per sequence
+  int H;           // query heads
+  int T;           // cache capacity (rows addressable per sequence)
+  int num_splits;  // split-KV factor (1: the main kernel writes out_latent and lse itself)
+  float sm_scale;  // softmax scale of the un-absorbed head dim
+};
+
+// Rows of (s, h) query pairs one CTA owns; S*H rows are cut into tiles of this many.
+constexpr int kMlaMTile = 32;
+// Cache rows per pipeline stage.
+constexpr int kMlaNTile = 32;
+// A split is never given fewer than this many tiles of capacity.
+constexpr int kMlaMinTilesPerSplit = 4;
+constexpr int kMlaMaxSplits = 128;
+
+// Split-KV factor from host-known shapes only (T is the capacity, not a length: lengths live on
+// the GPU and are never read here). One CTA per SM (the kernel takes ~150 KB of shared memory),
+// so fill one wave: splits = floor(SMs / (B * m_tiles)), but keep at least kMlaMinTilesPerSplit
+// tiles of capacity per split. The kernel splits each sequence's actual range evenly, so a short
+// sequence in a long buffer still gets balanced splits (some of which may be empty and exit).
+inline int mla_decode_num_splits(int B, int S, int H, int T, int num_sms) {
+  const int m_tiles = (S * H + kMlaMTile - 1) / kMlaMTile;
+  const long base = static_cast<long>(B) * m_tiles;
+  if (base <= 0 || T <= 0) return 1;
+  long splits = num_sms / base;
+  const long by_len = T / (kMlaNTile * kMlaMinTilesPerSplit);
+  if (splits > by_len) splits = by_len;
+  if (splits > kMlaMaxSplits) splits = kMlaMaxSplits;
+  return splits < 1 ? 1 : static_cast<int>(splits);
+}
+
+// cp.async pipeline depth (cache tiles in flight).
+constexpr int kMlaStages = 3;
+
+// Dynamic shared memory of the main kernel for (R, P), 2-byte inputs (see mla_decode.cuh):
+// kMlaStages cache tiles, a region shared by the Q staging tile and the partial scores,
+// the probability tile, and per-row softmax statistics.
+constexpr size_t mla_decode_smem_bytes(int R, int P) {
+  const size_t row = static_cast<size_t>(R + P + 8) * 2;  // +8 elements: conflict-free ldmatrix
+  const size_t kv = static_cast<size_t>(kMlaStages) * kMlaNTile * row;
+  const size_t q_stage = static_cast<size_t>(kMlaMTile) * row;
+  const size_t s_part = static_cast<size_t>(4) * kMlaMTile * (kMlaNTile + 8) * 4;
+  const size_t probs = static_cast<size_t>(kMlaMTile) * (kMlaNTile + 8) * 2;
+  const size_t stats = static_cast<size_t>(3) * kMlaMTile * 4;
+  return kv + (q_stage > s_part ? q_stage : s_part) + probs + stats;
+}
+
+// Host launcher: main kernel, then the LSE combine when num_splits > 1. Instantiated in
+// mla_decode_<dtype>_r<R>.cu for the supported (dtype, R, P).
+template <MlaDtype DT, int R, int P>
+cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream);

@@ -1,0 +1,214 @@
+"""Benchmark the absorbed MLA decode kernel against the card's ceilings and the peers.
+
+One run measures: copy bandwidth and bf16 matmul rate (bench_ceilings.measure), then for
+H in {16, 128}, B in {1, 16, 64, 128}, L in {1K, 4K, 16K} (and B=1 at 64K), S=1, bf16, R=512, P=64,
+packed cache layout, scale 1/sqrt(192):
+  time  = median over CUDA-graph replays of one graph that calls the op once on each of n_sets
+          fresh random input sets (n_sets so the working set is >= 4x the L2), divided by n_sets;
+  bytes = B*L*(R+P)*2 (cache read once; queries and outputs not counted, as the peers count);
+  FLOPs = 2*B*H*S*L*(R+P) + 2*B*H*S*L*R;
+  % of the copy bandwidth measured in the same run.
+The PyTorch reference op (mla_patch.reference) is timed on the same inputs (events, no graph).
+FlashInfer's MLA decode is timed when `flashinfer` imports (it is not on the device image).
+Writes bench_kernel.json and bench_kernel.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_ceilings  # noqa: E402
+
+from mla_patch import ops  # noqa: E402
+from mla_patch.reference import mla_decode_ref  # noqa: E402
+
+R, P = 512, 64
+SCALE = 192**-0.5
+# Best of FlashMLA and FlashInfer fa3 on this H100 (docs/BASELINES): B=1 in us, else % of copy bw.
+PEERS = {
+    16: {1: (11.0, 18.1, 29.5), 16: (38, 71, 92), 64: (70, 93, 100), 128: (90, 98, 100)},
+    128: {1: (13.5, 18.5, 31.2), 16: (28, 54, 73), 64: (62, 77, 79), 128: (66, 79, 83)},
+}
+LS = (1024, 4096, 16384)
+
+
+def make_set(B, S, H, L, dtype=torch.bfloat16, gen=None):
+    q_latent = torch.randn(B, S, H, R, device="cuda", dtype=dtype, generator=gen)
+    q_pe = torch.randn(B, S, H, P, device="cuda", dtype=dtype, generator=gen)
+    buf = torch.randn(B, L, R + P, device="cuda", dtype=dtype, generator=gen)
+    kv_start = torch.zeros(B, dtype=torch.int32, device="cuda")
+    kv_end = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    return q_latent, q_pe, buf[..., :R], buf[..., R:], kv_start, kv_end
+
+
+def time_graph(fn_sets, replays=20):
+    """Median per-call microseconds of a graph calling fn on every set once."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fn_sets[:2]:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in fn_sets:
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / len(fn_sets))
+    del graph
+    times.sort()
+    return times[len(times) // 2]
+
+
+def time_events(fn, iters=3):
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def try_flashinfer():
+    try:
+        import flashinfer  # noqa: F401
+
+        return flashinfer
+    except Exception as err:  # noqa: BLE001
+        return f"not importable ({type(err).__name__}: {err})"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--heads", default="16,128")
+    ap.add_argument("--batches", default="1,16,64,128")
+    ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
+    ap.add_argument("--ref-max-bytes", type=float, default=2.5e9, help="skip the reference above this cache size")
+    args = ap.parse_args()
+    assert ops.has_kernel(), ops.extension_error()
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+    ceil = bench_ceilings.measure()
+    copy_gbs = ceil["copy_gbs"]
+    l2 = ceil["l2_bytes"] or 50 * 2**20
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = "?"
+    commit = os.environ.get("MLA_PATCH_COMMIT", commit) or "?"
+    fi = try_flashinfer()
+    print(f"# {ceil['device']}  torch {ceil['torch']}  commit {commit}  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print(f"# copy bandwidth {copy_gbs:.0f} GB/s (read+write), bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, "
+          f"L2 {l2 / 2**20:.0f} MiB, SMs {ceil['sms']}")
+    print(f"# flashinfer: {fi if isinstance(fi, str) else 'imported (not wired in this script)'}")
+
+    configs = []
+    for H in map(int, args.heads.split(",")):
+        for B in map(int, args.batches.split(",")):
+            for L in LS:
+                configs.append((H, B, L))
+            if B == 1:
+                configs.append((H, 1, 65536))
+    rows = []
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for H, B, L in configs:
+        S = 1
+        cache_bytes = B * L * (R + P) * 2
+        n_sets = max(1, min(256, math.ceil(4 * l2 / cache_bytes)))
+        sets = [make_set(B, S, H, L, gen=gen) for _ in range(n_sets)]
+        op = torch.ops.mla_patch.mla_decode
+        fns = [lambda s=s: op(*s, SCALE) for s in sets]
+        us = time_graph(fns)
+        flops = 2 * B * H * S * L * (R + P) + 2 * B * H * S * L * R
+        row = dict(H=H, B=B, L=L, S=S, n_sets=n_sets, us=us, gbs=cache_bytes / (us * 1e-6) / 1e9,
+                   tflops=flops / (us * 1e-6) / 1e12)
+        row["pct_copy"] = 100 * row["gbs"] / copy_gbs
+        if L in LS:
+            peer = PEERS.get(H, {}).get(B)
+            if peer is not None:
+                v = peer[LS.index(L)]
+                if B == 1:
+                    row["peer_us"] = v
+                    row["peer_pct"] = 100 * cache_bytes / (v * 1e-6) / 1e9 / 2971
+                else:
+                    row["peer_pct"] = v
+                    row["peer_us"] = cache_bytes / (v / 100 * 2971e9) * 1e6
+        if not args.no_ref and cache_bytes <= args.ref_max_bytes:
+            s = sets[0]
+            try:
+                row["ref_us"] = time_events(lambda: mla_decode_ref(*s, SCALE))
+            except torch.OutOfMemoryError:
+                row["ref_us"] = None
+            torch.cuda.empty_cache()
+        rows.append(row)
+        del sets, fns
+        torch.cuda.empty_cache()
+        ref = f"{row['ref_us']:9.0f}" if row.get("ref_us") else "        -"
+        peer = f"{row['peer_us']:7.1f} {row['peer_pct']:5.0f}%" if "peer_us" in row else "      -      -"
+        print(f"H={H:3d} B={B:3d} L={L:6d}  {us:8.1f} us  {row['gbs']:6.0f} GB/s  {row['tflops']:5.0f} TFLOP/s  "
+              f"{row['pct_copy']:5.1f}% copy | peer {peer} | ref {ref} us", flush=True)
+
+    res = dict(ceilings=ceil, commit=commit, flashinfer=fi if isinstance(fi, str) else "imported", rows=rows,
+               date=time.strftime("%Y-%m-%d", time.gmtime()))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "bench_kernel.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    print("\n| H | B | L | us | GB/s | TFLOP/s | % copy | peer % (us) | ref us |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        peer = f"{r['peer_pct']:.0f} ({r['peer_us']:.1f})" if "peer_us" in r else "-"
+        ref = f"{r['ref_us']:.0f}" if r.get("ref_us") else "-"
+        print(f"| {r['H']} | {r['B']} | {r['L']} | {r['us']:.1f} | {r['gbs']:.0f} | {r['tflops']:.0f} | "
+              f"{r['pct_copy']:.0f} | {peer} | {ref} |")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5), sharey=True)
+        for ax, H in zip(axes, (16, 128)):
+            sel = [r for r in rows if r["H"] == H]
+            x = range(len(sel))
+            ax.bar([i - 0.2 for i in x], [r["pct_copy"] for r in sel], 0.4, label="mla_patch kernel")
+            ax.bar([i + 0.2 for i in x], [r.get("peer_pct", 0) for r in sel], 0.4, label="best peer (BASELINES)")
+            ax.set_xticks(list(x))
+            ax.set_xticklabels([f"B{r['B']}\nL{r['L'] // 1024}K" for r in sel], fontsize=7)
+            ax.set_title(f"H={H}, bf16, % of copy bandwidth ({copy_gbs:.0f} GB/s)")
+            ax.axhline(100, color="gray", lw=0.5)
+        axes[0].set_ylabel("% of measured copy bandwidth")
+        axes[0].legend()
+        fig.suptitle(f"{ceil['device']}  commit {commit}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(args.out, "bench_kernel.png"), dpi=110)
+    except Exception as err:  # noqa: BLE001
+        print(f"plot skipped: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The one GPU script: build the extension, disassembly check, kernel tests (slow ones too), benchmark.
+# Everything lands in $OUT (default ./out): gpu.txt, build.log, pytest.log, kernel_errors.jsonl,
+# bench.log, bench_kernel.json, bench_kernel.png (at most 8 files, as the device tool returns).
+# Usage: OUT=/some/dir scripts/gpu_check.sh [--no-bench|--bench-only] [extra bench args]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# Build time counts on the device: Hopper only there unless told otherwise.
+export MLA_PATCH_CUDA_ARCHS=${MLA_PATCH_CUDA_ARCHS:-90a}
+export MAX_JOBS=${MAX_JOBS:-8}
+mode=${1:-all}
+[ $# -gt 0 ] && shift
+
+t0=$(date +%s)
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv
+  python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
+  nvcc --version | tail -1; git rev-parse --short HEAD 2>/dev/null; git status --short csrc 2>/dev/null; } >"$OUT/gpu.txt" 2>&1
+cat "$OUT/gpu.txt"
+
+if [ "$mode" != "--bench-only" ] || ! ls mla_patch/_C*.so >/dev/null 2>&1; then
+  rm -rf build mla_patch/_C*.so
+  if ! python3 setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+    tail -n 60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+  fi
+  so=$(ls mla_patch/_C*.so)
+  echo "built $so in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/gpu.txt"
+  { echo "HMMA: $(cuobjdump -sass "$so" | grep -c HMMA)  LDL/STL: $(cuobjdump -sass "$so" | grep -cE 'LDL|STL')"
+    cuobjdump -res-usage "$so" 2>/dev/null | grep -E "Function|REG" | head -20; } | tee -a "$OUT/gpu.txt"
+fi
+
+if [ "$mode" != "--bench-only" ]; then
+  rm -f "$OUT/kernel_errors.jsonl"
+  # --noconftest: the kernel tests need none of the shared fixtures (keeps them independent of the patch code).
+  MLA_PATCH_SLOW=1 MLA_PATCH_KERNEL_ERRLOG="$OUT/kernel_errors.jsonl" timeout 420 \
+    python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_kernel.py 2>&1 | tee "$OUT/pytest.log" | tail -n 40
+  python3 - "$OUT/kernel_errors.jsonl" <<'PY'
+import json, sys, collections
+worst = collections.defaultdict(lambda: [0.0, 0.0, 0.0, ""])
+try:
+    for line in open(sys.argv[1]):
+        r = json.loads(line)
+        key = r["dtype"]
+        w = worst[key]
+        ratio = r["rel_err"] / max(r["ref_rel_err"], 1e-12)
+        if r["rel_err"] > w[0]: w[0], w[3] = r["rel_err"], r["case"]
+        w[1] = max(w[1], ratio); w[2] = max(w[2], r["lse_abs_err"])
+    for k, (e, ratio, lse, case) in worst.items():
+        print(f"{k}: max rel err {e:.2e} (at {case[:90]}), max ratio to reference-in-dtype {ratio:.2f}, max lse abs err {lse:.1e}")
+except FileNotFoundError:
+    print("no error log")
+PY
+fi
+
+if [ "$mode" != "--no-bench" ]; then
+  python3 scripts/bench_kernel.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -n 45
+fi
+echo "gpu_check done in $(( $(date +%s) - t0 )) s"

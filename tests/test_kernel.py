@@ -1,0 +1,267 @@
+"""The CUDA kernel `torch.ops.mla_patch.mla_decode` against the float64 reference.
+
+Skipped (with the reason) without a GPU or without the built extension. Inputs are drawn fresh
+per case from a seed mixed from MLA_PATCH_SEED and the case parameters (printed on failure),
+rounded to the kernel dtype, and the same rounded values are upcast to float64 for the oracle.
+Cache rows outside each sequence's visible range are NaN, and the caching allocator is primed
+with NaN blocks of the outputs' sizes, so an out-of-range read or a missed write shows as NaN.
+Observed errors go to the file named by MLA_PATCH_KERNEL_ERRLOG (one JSON line per case).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import zlib
+
+import pytest
+import torch
+
+from mla_patch import ops
+from mla_patch.reference import mla_decode_ref
+
+pytestmark = pytest.mark.cuda
+
+if not torch.cuda.is_available():
+    pytest.skip("no CUDA device", allow_module_level=True)
+if not ops.has_kernel():
+    pytest.skip(f"extension not available: {ops.extension_error()}", allow_module_level=True)
+
+BASE_SEED = int(os.environ.get("MLA_PATCH_SEED", "1234"))
+REL_TOL = {torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# The kernel's error may be at most this multiple of the reference's own error in the kernel
+# dtype (float32 math on the same inputs, output rounded once), plus a small floor.
+REF_RATIO = 2.0
+LSE_ATOL = 2e-3
+DIMS = [(512, 64), (256, 32)]
+SM_SCALE = 192**-0.5
+DEV = "cuda"
+
+
+def _seed(*params) -> int:
+    return (BASE_SEED * 1_000_003 + zlib.crc32(repr(params).encode())) % (2**31)
+
+
+def _log(record: dict) -> None:
+    path = os.environ.get("MLA_PATCH_KERNEL_ERRLOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def make_case(B, S, H, R, P, T, lens, dtype, layout, seed, pads=None):
+    """Random rounded inputs; rows outside [kv_start, kv_end) are NaN. lens[b] = kv_end - kv_start."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    q_latent = torch.randn(B, S, H, R, generator=g, device=DEV).to(dtype)
+    q_pe = torch.randn(B, S, H, P, generator=g, device=DEV).to(dtype)
+    if layout == "packed":  # the latent cache's one-row-per-token buffer
+        buf = torch.randn(B, T, R + P, generator=g, device=DEV).to(dtype)
+        c_kv, k_pe = buf[..., :R], buf[..., R:]
+    else:  # transformers' own caches: two contiguous tensors
+        c_kv = torch.randn(B, T, R, generator=g, device=DEV).to(dtype)
+        k_pe = torch.randn(B, T, P, generator=g, device=DEV).to(dtype)
+    lens = torch.tensor(lens, dtype=torch.int64)
+    if pads is None:
+        pads = [int(torch.randint(0, T - int(n) + 1, (1,)).item()) if T > n else 0 for n in lens]
+    kv_start = torch.tensor(pads, dtype=torch.int32, device=DEV)
+    kv_end = (kv_start.long() + lens.to(DEV)).to(torch.int32)
+    rows = torch.arange(T, device=DEV)
+    outside = (rows[None, :] < kv_start[:, None]) | (rows[None, :] >= kv_end[:, None])
+    c_kv.masked_fill_(outside[..., None], float("nan"))
+    k_pe.masked_fill_(outside[..., None], float("nan"))
+    return q_latent, q_pe, c_kv, k_pe, kv_start, kv_end
+
+
+def _prime_allocator_with_nan(*shapes_dtypes):
+    """Free NaN-filled blocks of the outputs' sizes so the op's empty() likely reuses them."""
+    blocks = [torch.full(shape, float("nan"), dtype=dt, device=DEV) for shape, dt in shapes_dtypes]
+    del blocks
+
+
+def run_kernel(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale=SM_SCALE):
+    B, S, H, R = q_latent.shape
+    _prime_allocator_with_nan(((B, S, H, R), q_latent.dtype), ((B, S, H), torch.float32))
+    out, lse = torch.ops.mla_patch.mla_decode(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale)
+    torch.cuda.synchronize()
+    return out, lse
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    if torch.isnan(a).any():
+        return float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def check_case(inputs, tag, sm_scale=SM_SCALE):
+    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = inputs
+    dtype = q_latent.dtype
+    out, lse = run_kernel(*inputs, sm_scale=sm_scale)
+    ref, ref_lse = mla_decode_ref(
+        q_latent.double(), q_pe.double(), c_kv.double(), k_pe.double(), kv_start, kv_end, sm_scale
+    )
+    ref_lowp, _ = mla_decode_ref(*inputs, sm_scale)
+    assert out.shape == ref.shape and out.dtype == dtype and lse.dtype == torch.float32, tag
+    assert not torch.isnan(out).any(), f"{tag}: NaN in out (unwritten element or out-of-range read)"
+    assert not torch.isnan(lse).any(), f"{tag}: NaN in lse"
+    err = _rel(out, ref)
+    err_ref = _rel(ref_lowp, ref)
+    empty = torch.isinf(ref_lse)
+    assert torch.equal(torch.isinf(lse), empty) and (lse[empty] < 0).all(), f"{tag}: lse -inf pattern differs"
+    assert (out[empty] == 0).all(), f"{tag}: a query that sees no row must give zeros"
+    lse_err = (lse[~empty].double() - ref_lse[~empty]).abs().max().item() if (~empty).any() else 0.0
+    _log(dict(case=tag, dtype=str(dtype).replace("torch.", ""), rel_err=err, ref_rel_err=err_ref, lse_abs_err=lse_err))
+    assert err < REL_TOL[dtype], f"{tag}: rel err {err:.3e} >= {REL_TOL[dtype]:.0e} (reference in {dtype}: {err_ref:.3e})"
+    assert err <= REF_RATIO * err_ref + 1e-4, f"{tag}: rel err {err:.3e} > {REF_RATIO} x reference's {err_ref:.3e}"
+    assert lse_err < LSE_ATOL, f"{tag}: lse abs err {lse_err:.3e}"
+    return err, err_ref
+
+
+@pytest.mark.parametrize("layout", ["packed", "separate"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("S", [1, 2, 4])
+@pytest.mark.parametrize("H", [1, 16, 40, 128])
+@pytest.mark.parametrize("dims", DIMS, ids=lambda d: f"R{d[0]}P{d[1]}")
+def test_sweep(dims, H, S, dtype, layout):
+    """Ragged lengths: 1, 0 (empty), a non-multiple of the tile, random, the full capacity."""
+    R, P = dims
+    seed = _seed("sweep", dims, H, S, str(dtype), layout)
+    g = torch.Generator().manual_seed(seed)
+    T = int(torch.randint(200, 1500, (1,), generator=g).item())
+    lens = [1, 0, 33, int(torch.randint(2, T, (1,), generator=g).item()), T]
+    tag = f"sweep R={R} P={P} H={H} S={S} {dtype} {layout} T={T} lens={lens} seed={seed}"
+    check_case(make_case(len(lens), S, H, R, P, T, lens, dtype, layout, seed), tag)
+
+
+@pytest.mark.parametrize("dims", DIMS, ids=lambda d: f"R{d[0]}P{d[1]}")
+@pytest.mark.parametrize("H", [16, 128])
+def test_tile_edges_and_batch(dims, H):
+    """Many sequences with lengths around the 32-row tile and the split boundaries."""
+    R, P = dims
+    seed = _seed("edges", dims, H)
+    lens = [1, 2, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 1000, 4095, 4096, 0]
+    tag = f"edges R={R} H={H} lens={lens} seed={seed}"
+    check_case(make_case(len(lens), 1, H, R, P, 4096, lens, torch.bfloat16, "packed", seed), tag)
+
+
+@pytest.mark.parametrize("H", [16, 128])
+def test_short_sequences_in_long_buffer(H):
+    """Capacity far above the lengths: most split chunks are empty and must exit cleanly."""
+    seed = _seed("sparse", H)
+    lens = [5, 100, 0, 37]
+    tag = f"sparse H={H} lens={lens} seed={seed}"
+    check_case(make_case(4, 2, H, 512, 64, 32768, lens, torch.bfloat16, "packed", seed), tag)
+
+
+def test_strided_queries():
+    """q_latent and q_pe as views of one [B, S, H, R+P] buffer (strides, not contiguity)."""
+    B, S, H, R, P, T = 3, 2, 16, 512, 64, 700
+    seed = _seed("strided")
+    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(B, S, H, R, P, T, [700, 3, 450], torch.bfloat16, "packed", seed)
+    qbuf = torch.cat([q_latent, q_pe], dim=-1)
+    inputs = (qbuf[..., :R], qbuf[..., R:], c_kv, k_pe, kv_start, kv_end)
+    assert not inputs[0].is_contiguous()
+    check_case(inputs, f"strided seed={seed}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("H", [16, 128])
+@pytest.mark.parametrize("S", [1, 2])
+def test_long_context(H, S):
+    """128K tokens at batch 1 (all splits busy) and a ragged batch of long sequences."""
+    seed = _seed("long", H, S)
+    T = 131072
+    check_case(make_case(1, S, H, 512, 64, T, [T], torch.bfloat16, "packed", seed), f"long B=1 H={H} S={S} seed={seed}")
+    lens = [T - 17, 65537, 1]
+    check_case(
+        make_case(3, S, H, 512, 64, T, lens, torch.bfloat16, "separate", seed + 1),
+        f"long B=3 H={H} S={S} lens={lens} seed={seed + 1}",
+    )
+
+
+def test_dispatch_through_ops():
+    """mla_patch.ops.mla_decode with backend='kernel' reaches the kernel and agrees with it."""
+    inputs = make_case(2, 1, 16, 512, 64, 300, [300, 77], torch.bfloat16, "packed", _seed("ops"))
+    out, lse = ops.mla_decode(*inputs, SM_SCALE, backend="kernel")
+    out2, lse2 = run_kernel(*inputs)
+    torch.testing.assert_close(out, out2, rtol=0, atol=0)
+    torch.testing.assert_close(lse, lse2, rtol=0, atol=0)
+
+
+def test_cuda_graph_capture():
+    """The op captures into a CUDA graph (no syncs, allocator-only memory) and replays on new data."""
+    inputs = make_case(4, 1, 128, 512, 64, 2048, [2048, 1, 900, 0], torch.bfloat16, "packed", _seed("graph"))
+    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = inputs
+    op = torch.ops.mla_patch.mla_decode
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op(*inputs, SM_SCALE)  # warm-up outside capture (sets the kernel's shared-memory attribute)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out, lse = op(*inputs, SM_SCALE)
+    fresh = make_case(4, 1, 128, 512, 64, 2048, [17, 2048, 0, 1500], torch.bfloat16, "packed", _seed("graph2"))
+    for dst, src in zip(inputs, fresh):
+        dst.copy_(src)
+    graph.replay()
+    torch.cuda.synchronize()
+    want, want_lse = op(*fresh, SM_SCALE)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+
+
+def test_torch_compile_fullgraph():
+    inputs = make_case(2, 2, 16, 256, 32, 500, [500, 31], torch.float16, "separate", _seed("compile"))
+
+    def f(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end):
+        out, lse = torch.ops.mla_patch.mla_decode(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, SM_SCALE)
+        return out * 2, lse
+
+    compiled = torch.compile(f, fullgraph=True)
+    out, lse = compiled(*inputs)
+    want, want_lse = f(*inputs)
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+    torch.testing.assert_close(lse, want_lse, rtol=0, atol=0)
+
+
+def _good():
+    return make_case(2, 1, 16, 512, 64, 64, [64, 10], torch.bfloat16, "packed", 7)
+
+
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda a: (a[0].float(), *a[1:]), "q_latent must be bfloat16 or float16"),
+        (lambda a: (a[0], a[1].half(), *a[2:]), "share one dtype"),
+        (lambda a: (a[0].cpu(), *a[1:]), "q_latent must be a CUDA tensor"),
+        (lambda a: (a[0], a[1], a[2].contiguous()[:, :, :256], *a[3:]), "c_kv must be"),
+        (lambda a: (a[0][..., :256].contiguous(), a[1], a[2][..., :256], *a[3:]), r"\(kv_lora_rank, rope\)"),
+        (lambda a: (*a[:4], a[4].long(), a[5]), "kv_start must be int32"),
+        (lambda a: (*a[:5], a[5][:1]), "kv_end must have shape"),
+        (lambda a: (a[0], a[1], a[2], a[3][:, :10], *a[4:]), "k_pe must be"),
+        (lambda a: (a[0], a[1][:, :, :, :32], *a[2:]), r"\(kv_lora_rank, rope\)|k_pe must be"),
+        (lambda a: (a[0].transpose(-1, -2).contiguous().transpose(-1, -2), *a[1:]), "contiguous in its last dim|must have"),
+        (lambda a: (*a[:2], torch.empty(2 * 64 * 512 + 1, dtype=torch.bfloat16, device=DEV)[1:].view(2, 64, 512), *a[3:]), "16-byte aligned"),
+    ],
+    ids=["float32", "mixed-dtype", "cpu", "c_kv-R", "dims", "int64-lens", "lens-shape", "k_pe-T", "q_pe-P", "last-dim-stride", "misaligned"],
+)
+def test_bad_inputs_raise(mutate, match):
+    args = mutate(_good())
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.mla_patch.mla_decode(*args, SM_SCALE)
+    torch.cuda.synchronize()  # and the context is still healthy
+
+
+def test_bad_lengths_never_read_out_of_range():
+    """kv_start < 0 or kv_end > T are clamped on the GPU: no illegal access, rows in range only."""
+    q_latent, q_pe, c_kv, k_pe, _, _ = make_case(2, 1, 16, 512, 64, 96, [96, 96], torch.bfloat16, "packed", 11)
+    kv_start = torch.tensor([-5, 50], dtype=torch.int32, device=DEV)
+    kv_end = torch.tensor([10**6, 40], dtype=torch.int32, device=DEV)
+    out, lse = run_kernel(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end)
+    ref, ref_lse = mla_decode_ref(
+        q_latent.double(), q_pe.double(), c_kv.double(), k_pe.double(),
+        kv_start.clamp(0, 96), kv_end.clamp(0, 96), SM_SCALE,
+    )
+    assert _rel(out, ref) < 1e-2 and math.isinf(lse[1].max().item())
