@@ -195,12 +195,28 @@ class MlaAttentionMixin:
             q = self.q_b_proj(q_in)
         q = q.view(batch, num_new, heads, self.qk_head_dim).transpose(1, 2)  # [B, H, S, nope + P]
         q_nope, q_pe = torch.split(q, [nope, rope_dim], dim=-1)
+        family, sm_scale = self._mla_family, self.scaling
+        q_mult = family.q_scale(self, bound) if family.q_scale is not None else None  # e.g. LongCat, Mistral4
+        if q.dtype == torch.float16:
+            # q_latent = q_nope @ W_UK can exceed fp16's 65504 where q_nope . k_nope would not (W_UK sums
+            # over R); fold the softmax scale into the query first (exact in real arithmetic, same relative
+            # rounding) so q_latent is at the size of the logits, and saturate below instead of making inf.
+            q_mult, sm_scale = (sm_scale if q_mult is None else q_mult * sm_scale), 1.0
+        if isinstance(q_mult, torch.Tensor):
+            q_mult = q_mult.to(q.dtype)
+        if q_mult is not None:  # [B, H, S, 1] or a number; rope is linear, so scaling before it is the same
+            q_nope, q_pe = q_nope * q_mult, q_pe * q_mult
+            if merged:  # q_latent comes from q_in there: [B, S, q_in] takes the [B, S, 1] of the multiplier
+                q_in = q_in * (q_mult[:, 0] if isinstance(q_mult, torch.Tensor) and q_mult.dim() == 4 else q_mult)
 
         compressed = self.kv_a_proj_with_mqa(hidden_states)
         c_new, k_pe_new = torch.split(compressed, [rank, rope_dim], dim=-1)
-        c_new = self.kv_a_layernorm(c_new).view(batch, 1, num_new, rank)
+        c_new = self.kv_a_layernorm(c_new)
+        if family.latent_scale is not None:  # LongCat caches the normalized latent times a constant
+            c_new = c_new * family.latent_scale(self)
+        c_new = c_new.view(batch, 1, num_new, rank)
         k_pe_new = k_pe_new.view(batch, 1, num_new, rope_dim)
-        q_pe, k_pe_new = self._mla_family.rope(self, q_pe, k_pe_new, bound["position_embeddings"])
+        q_pe, k_pe_new = family.rope(self, q_pe, k_pe_new, bound.get("position_embeddings"))
 
         c_kv, k_pe = cache.update(c_new, k_pe_new, self.layer_idx)
         if ranges is None:
@@ -218,6 +234,8 @@ class MlaAttentionMixin:
             # [H, B*S, nope] @ [H, nope, R]: one batched matmul over heads.
             q_heads = q_nope.permute(1, 0, 2, 3).reshape(heads, batch * num_new, nope)
             q_latent = torch.bmm(q_heads, w_uk).view(heads, batch, num_new, rank).permute(1, 2, 0, 3)
+        if q_latent.dtype == torch.float16:
+            q_latent = q_latent.clamp(-65504.0, 65504.0)  # the kernel takes q in the cache dtype: no inf
         q_pe = q_pe.transpose(1, 2)  # [B, S, H, P]
 
         want_probs = bool(kwargs.get("output_attentions", False))
@@ -226,14 +244,14 @@ class MlaAttentionMixin:
             from .reference import mla_decode_ref
 
             out_latent, _, attn_weights = mla_decode_ref(
-                q_latent, q_pe, c_rows, k_pe_rows, *ranges, self.scaling, return_probs=True
+                q_latent, q_pe, c_rows, k_pe_rows, *ranges, sm_scale, return_probs=True
             )
             attn_weights = attn_weights.to(hidden_states.dtype)
         else:
             backend = self.mla_backend
             if backend != "torch" and torch.is_grad_enabled() and hidden_states.requires_grad:
                 backend = "torch"  # the kernel has no backward; the reference is differentiable
-            out_latent, _ = ops.mla_decode(q_latent, q_pe, c_rows, k_pe_rows, *ranges, self.scaling, backend=backend)
+            out_latent, _ = ops.mla_decode(q_latent, q_pe, c_rows, k_pe_rows, *ranges, sm_scale, backend=backend)
             attn_weights = None
         _count("absorbed_calls")
         _count("absorbed_tokens", batch * num_new if self.layer_idx == 0 else 0)

@@ -1,9 +1,13 @@
 """Which transformers model families are MLA, and what differs between them.
 
 One entry per family: where its attention class lives, how it applies RoPE to the shared
-rope part (the model's own helper, never a copy), and the pretrained-model class that owns
-generate()'s cache creation. Everything else (projections, kv_a_layernorm, kv_b_proj,
-`scaling`) is read off the attention module itself, so the decode path is written once.
+rope part (the model's own helper, never a copy), the pretrained-model class that owns
+generate()'s cache creation, and the few extra multipliers some families put on the query or
+on the cached latent. Everything else (projections, kv_a_layernorm, kv_b_proj, `scaling`) is
+read off the attention module itself, so the decode path is written once.
+
+Families whose attention is not plain MLA are listed in `NOT_SERVED` with the reason; patch()
+leaves them untouched and says why.
 """
 
 from __future__ import annotations
@@ -16,19 +20,53 @@ from typing import Callable
 import torch
 
 
+def _modeling(module):
+    return sys.modules[module._mla_original_class.__module__]
+
+
 def rope_complex(module, q_pe: torch.Tensor, k_pe: torch.Tensor, position_embeddings):
     """DeepSeek-V2 style: `freqs_cis` (complex, attention_scaling folded in) on adjacent pairs."""
-    modeling = sys.modules[module._mla_original_class.__module__]
-    return modeling.apply_rotary_emb(q_pe, k_pe, position_embeddings.to(q_pe.device))
+    return _modeling(module).apply_rotary_emb(q_pe, k_pe, position_embeddings.to(q_pe.device))
 
 
 def rope_cos_sin(module, q_pe: torch.Tensor, k_pe: torch.Tensor, position_embeddings):
     """DeepSeek-V3 style: (cos, sin), interleaved or not per `config.rope_interleave`."""
-    modeling = sys.modules[module._mla_original_class.__module__]
     cos, sin = position_embeddings
     if getattr(module.config, "rope_interleave", False):
-        return modeling.apply_rotary_pos_emb_interleave(q_pe, k_pe, cos, sin)
-    return modeling.apply_rotary_pos_emb(q_pe, k_pe, cos, sin)
+        return _modeling(module).apply_rotary_pos_emb_interleave(q_pe, k_pe, cos, sin)
+    return _modeling(module).apply_rotary_pos_emb(q_pe, k_pe, cos, sin)
+
+
+def rope_cos_sin_half(module, q_pe: torch.Tensor, k_pe: torch.Tensor, position_embeddings):
+    """MiniCPM3: (cos, sin) on rotate-half pairs, whatever the config says."""
+    cos, sin = position_embeddings
+    return _modeling(module).apply_rotary_pos_emb(q_pe, k_pe, cos, sin)
+
+
+def rope_cos_sin_interleave(module, q_pe: torch.Tensor, k_pe: torch.Tensor, position_embeddings):
+    """LongCat-Flash: (cos, sin) on interleaved pairs, whatever the config says."""
+    cos, sin = position_embeddings
+    return _modeling(module).apply_rotary_pos_emb_interleave(q_pe, k_pe, cos, sin)
+
+
+def q_scale_longcat(module, bound: dict):
+    """LongCat-Flash multiplies q_pass and q_rot by (hidden / q_lora_rank) ** 0.5."""
+    return module.mla_scale_q_lora
+
+
+def latent_scale_longcat(module):
+    """LongCat-Flash caches kv_a_layernorm(c) * (hidden / kv_lora_rank) ** 0.5."""
+    return module.mla_scale_kv_lora
+
+
+def q_scale_llama4(module, bound: dict):
+    """Mistral4: Llama-4 position-dependent query scale [B, 1, S, 1] (rope_parameters beta; 1 when unset)."""
+    params = module.config.rope_parameters
+    beta, original = params.get("llama_4_scaling_beta"), params.get("original_max_position_embeddings")
+    position_ids = bound.get("position_ids")
+    if position_ids is None:
+        raise ValueError(f"{type(module).__name__}: position_ids are needed for the Llama-4 query scale")
+    return _modeling(module).get_llama_4_attn_scale(position_ids, beta, original)
 
 
 @dataclass(frozen=True)
@@ -38,6 +76,10 @@ class MlaFamily:
     attention_class: str  # its MLA attention class
     pretrained_class: str  # its PreTrainedModel base, which owns generate()'s cache creation
     rope: Callable  # (module, q_pe [B,H,S,P], k_pe [B,1,S,P], position_embeddings) -> roped pair
+    # (module, bound forward args) -> multiplier of the whole query, broadcastable to [B, H, S, 1]
+    q_scale: Callable | None = None
+    # (module) -> multiplier of kv_a_layernorm(c) before it is cached
+    latent_scale: Callable | None = None
 
     def load(self):
         """The modeling module, or None when this transformers has no such family."""
@@ -47,22 +89,59 @@ class MlaFamily:
             return None
 
 
+def _family(model_type, prefix, rope, attention=None, **extra) -> MlaFamily:
+    return MlaFamily(
+        model_type,
+        f"transformers.models.{model_type}.modeling_{model_type}",
+        attention or f"{prefix}Attention",
+        f"{prefix}PreTrainedModel",
+        rope,
+        **extra,
+    )
+
+
 FAMILIES: dict[str, MlaFamily] = {
     f.model_type: f
     for f in (
-        MlaFamily(
-            "deepseek_v2",
-            "transformers.models.deepseek_v2.modeling_deepseek_v2",
-            "DeepseekV2Attention",
-            "DeepseekV2PreTrainedModel",
-            rope_complex,
-        ),
-        MlaFamily(
-            "deepseek_v3",
-            "transformers.models.deepseek_v3.modeling_deepseek_v3",
-            "DeepseekV3Attention",
-            "DeepseekV3PreTrainedModel",
-            rope_cos_sin,
+        _family("deepseek_v2", "DeepseekV2", rope_complex),
+        _family("deepseek_v3", "DeepseekV3", rope_cos_sin),  # also Kimi-K2, Moonlight checkpoints
+        _family("glm4_moe_lite", "Glm4MoeLite", rope_cos_sin),
+        _family("youtu", "Youtu", rope_cos_sin),
+        _family("axk1", "AXK1", rope_cos_sin),
+        _family("minicpm3", "MiniCPM3", rope_cos_sin_half),
+        _family("mistral4", "Mistral4", rope_cos_sin, q_scale=q_scale_llama4),
+        _family(
+            "longcat_flash",
+            "LongcatFlash",
+            rope_cos_sin_interleave,
+            attention="LongcatFlashMLA",
+            q_scale=q_scale_longcat,
+            latent_scale=latent_scale_longcat,
         ),
     )
+}
+
+_SPARSE = (
+    "DSA: a lightning indexer picks the top-k cached tokens each query attends to, and the indexer "
+    "keeps its own key cache; absorbed dense decode over the latent would attend to every token"
+)
+
+# model_type -> why its attention is not served (left untouched by patch()).
+NOT_SERVED: dict[str, str] = {
+    "deepseek_v32": _SPARSE,
+    "glm_moe_dsa": _SPARSE,
+    "glm5_next": _SPARSE + " (with cross-layer top-k sharing)",
+    "axk2": _SPARSE + ", plus a sigmoid output gate and a fused q/gate projection",
+    "hy_v4": _SPARSE + ", plus an output gate and learnable attention sinks",
+    "hy_v4_vl": _SPARSE + ", plus an output gate and learnable attention sinks",
+    "mistral_large4": _SPARSE + ", plus cross-layer KV sharing and no-RoPE layers",
+    "dots3_note": _SPARSE + " on some layers, plus sliding-window layers, a k_pe norm and an output gate",
+    "deepseek_v4": "not MLA: compressed / sliding-window attention with shared K=V heads, no kv_b_proj",
+    "kimi_linear": (
+        "hybrid of KDA linear-attention layers and NoPE MLA layers; the generate() cache must keep the "
+        "linear-attention states, which the latent cache does not hold yet"
+    ),
+    "bailing_hybrid": (
+        "hybrid of linear-attention and gated MLA layers (a per-head sigmoid output gate); not served yet"
+    ),
 }
