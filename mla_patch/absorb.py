@@ -58,10 +58,11 @@ def merged_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     w_uk, w_uv = split_kv_b(module)
     with torch.no_grad():
         w_uq = q_weight.view(heads, module.qk_head_dim, -1)[:, :nope]  # [H, nope, q_in]
-        # Products in float32, stored in the weights' dtype.
-        w_qk = torch.matmul(w_uq.transpose(1, 2).float(), w_uk.float()).to(q_weight.dtype)  # [H, q_in, R]
+        # Products in at least float32, stored in the weights' dtype.
+        acc = torch.float64 if q_weight.dtype == torch.float64 else torch.float32
+        w_qk = torch.matmul(w_uq.transpose(1, 2).to(acc), w_uk.to(acc)).to(q_weight.dtype)  # [H, q_in, R]
         w_o = module.o_proj.weight.view(-1, heads, v).permute(1, 2, 0)  # [H, v, hidden]
-        w_uvo = torch.matmul(w_uv.transpose(1, 2).float(), w_o.float()).to(q_weight.dtype)  # [H, R, hidden]
+        w_uvo = torch.matmul(w_uv.transpose(1, 2).to(acc), w_o.to(acc)).to(q_weight.dtype)  # [H, R, hidden]
     module._mla_merged = (key, w_qk, w_uvo)
     return w_qk, w_uvo
 

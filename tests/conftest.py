@@ -57,6 +57,9 @@ def tiny_config(family: str = "deepseek_v2", **overrides):
     if family == "deepseek_v3":
         common.update(n_group=1, topk_group=1)
     common.update(overrides)
+    common.setdefault("num_key_value_heads", common["num_attention_heads"])
+    if "num_key_value_heads" not in overrides:
+        common["num_key_value_heads"] = common["num_attention_heads"]
     cls = {"deepseek_v2": DeepseekV2Config, "deepseek_v3": DeepseekV3Config}[family]
     return cls(**common)
 
