@@ -11,12 +11,22 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <string>
 #include <limits>
 #include <tuple>
 
 #include "mla_params.h"
 
 namespace {
+
+// "[2, 64, 512]": shapes and strides in error messages, formatted here rather than streamed
+// through c10's ArrayRef printer (a failing check that streamed sizes() crashed on the device
+// image, torch 2.11; cause not established).
+std::string dims_str(c10::IntArrayRef v) {
+  std::string s = "[";
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
+  return s + "]";
+}
 
 // Multiprocessor count and opt-in shared memory per block of a device, read once per device.
 // (c10's headers, not ATen/cuda/CUDAContext.h, keep this file checkable without cuBLAS headers.)
@@ -36,16 +46,16 @@ DeviceInfo device_info(int dev) {
 }
 
 void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, "mla_decode: ", name, " must have ", dim, " dims, got shape ", t.sizes());
+  TORCH_CHECK(t.dim() == dim, "mla_decode: ", name, " must have ", dim, " dims, got shape ", dims_str(t.sizes()));
   TORCH_CHECK(t.is_cuda(), "mla_decode: ", name, " must be a CUDA tensor, got ", t.device());
   TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) <= 1, "mla_decode: ", name,
-              " must be contiguous in its last dim, got strides ", t.strides());
+              " must be contiguous in its last dim, got strides ", dims_str(t.strides()));
   // 16-byte cp.async: every row start must be 16-byte aligned.
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "mla_decode: ", name,
               " must start at a 16-byte aligned address (storage offset ", t.storage_offset(), ")");
   for (int64_t d = 0; d < dim - 1; ++d) {
     TORCH_CHECK(t.stride(d) % 8 == 0 || t.size(d) == 1, "mla_decode: ", name, " stride of dim ", d,
-                " must be a multiple of 8 elements (16 bytes), got strides ", t.strides());
+                " must be a multiple of 8 elements (16 bytes), got strides ", dims_str(t.strides()));
   }
 }
 
@@ -65,12 +75,12 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
               q_pe.scalar_type(), ", ", c_kv.scalar_type(), ", ", k_pe.scalar_type());
   const int64_t B = q_latent.size(0), S = q_latent.size(1), H = q_latent.size(2), R = q_latent.size(3);
   const int64_t P = q_pe.size(3), T = c_kv.size(1);
-  TORCH_CHECK(q_pe.size(0) == B && q_pe.size(1) == S && q_pe.size(2) == H, "mla_decode: q_pe ", q_pe.sizes(),
-              " does not match q_latent ", q_latent.sizes());
+  TORCH_CHECK(q_pe.size(0) == B && q_pe.size(1) == S && q_pe.size(2) == H, "mla_decode: q_pe ", dims_str(q_pe.sizes()),
+              " does not match q_latent ", dims_str(q_latent.sizes()));
   TORCH_CHECK(c_kv.size(0) == B && c_kv.size(2) == R, "mla_decode: c_kv must be [B=", B, ", T, R=", R, "], got ",
-              c_kv.sizes());
+              dims_str(c_kv.sizes()));
   TORCH_CHECK(k_pe.size(0) == B && k_pe.size(1) == T && k_pe.size(2) == P, "mla_decode: k_pe must be [B=", B,
-              ", T=", T, ", P=", P, "], got ", k_pe.sizes());
+              ", T=", T, ", P=", P, "], got ", dims_str(k_pe.sizes()));
   TORCH_CHECK((R == 512 && P == 64) || (R == 256 && P == 32),
               "mla_decode: (kv_lora_rank, rope) must be (512, 64) or (256, 32), got (", R, ", ", P, ")");
   for (const auto* t : {&kv_start, &kv_end}) {
@@ -78,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
     TORCH_CHECK(t->is_cuda(), "mla_decode: ", name, " must be a CUDA tensor, got ", t->device());
     TORCH_CHECK(t->scalar_type() == at::kInt, "mla_decode: ", name, " must be int32, got ", t->scalar_type());
     TORCH_CHECK(t->dim() == 1 && t->size(0) == B, "mla_decode: ", name, " must have shape [", B, "], got ",
-                t->sizes());
+                dims_str(t->sizes()));
     TORCH_CHECK(t->is_contiguous(), "mla_decode: ", name, " must be contiguous");
   }
   const auto device = q_latent.device();
@@ -102,7 +112,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
 
   const DeviceInfo info = device_info(device.index());
   const int num_sms = info.num_sms;
-  const size_t smem_needed = mla_decode_smem_bytes(static_cast<int>(R), static_cast<int>(P));
+  const size_t smem_needed = mla_decode_smem_bytes(static_cast<int>(R), static_cast<int>(P), 32, kMlaMinStages);
   TORCH_CHECK(static_cast<size_t>(info.smem_optin) >= smem_needed, "mla_decode: the kernel needs ", smem_needed,
               " bytes of shared memory per block, this GPU allows ", info.smem_optin);
   const int num_splits = mla_decode_num_splits(static_cast<int>(B), static_cast<int>(S), static_cast<int>(H),
@@ -161,7 +171,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_meta(const at::Tensor& q_latent, c
                                                    const at::Tensor& c_kv, const at::Tensor& k_pe,
                                                    const at::Tensor& kv_start, const at::Tensor& kv_end,
                                                    double sm_scale) {
-  TORCH_CHECK(q_latent.dim() == 4, "mla_decode: q_latent must be [B, S, H, R], got ", q_latent.sizes());
+  TORCH_CHECK(q_latent.dim() == 4, "mla_decode: q_latent must be [B, S, H, R], got ", dims_str(q_latent.sizes()));
   auto out_latent = at::empty_symint(q_latent.sym_sizes(), q_latent.options());
   auto lse = at::empty_symint(q_latent.sym_sizes().slice(0, 3), q_latent.options().dtype(at::kFloat));
   return {out_latent, lse};

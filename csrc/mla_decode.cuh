@@ -67,13 +67,13 @@ __device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
 template <MlaDtype DT>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   if constexpr (DT == MlaDtype::kBF16) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   } else {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
@@ -89,30 +89,32 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Grid: x = M tile of S*H query rows (fastest, so the M tiles sharing a cache range run together
 // and the repeats come from L2), y = KV split, z = sequence. Block: 256 threads = 8 warps.
 //
-// Each CTA owns kMlaMTile = 32 query rows and the rows [cb, ce) of its sequence: the visible
-// range [kv_start, kv_end) cut evenly into num_splits chunks of whole 32-row tiles (the lengths
-// are read here, on the GPU; an empty chunk writes lse = -inf and exits).
+// Each CTA owns M (16 or 32) query rows and the rows [cb, ce) of its sequence: the visible range
+// [kv_start, kv_end) cut evenly into num_splits chunks of whole 32-row tiles (the lengths are read
+// here, on the GPU; an empty chunk writes lse = -inf and exits).
 //
-// Per 32-row cache tile:
-//   QK:  warp w = (d = w % 4, nh = w / 4) computes partial scores of all 32 query rows against
+// Per 32-row cache tile i:
+//   QK:  warp w = (d = w % 4, nh = w / 4) computes partial scores of all M query rows against
 //        tile rows [16 nh, 16 nh + 16) over latent columns [d R/4, (d+1) R/4) plus rope k-step d
 //        (if d < P/16). Its slice of Q lives in registers (loaded once); K comes from shared
 //        memory with ldmatrix, each byte read by exactly one warp. The 4 partials go to shared.
-//   softmax: thread (row = tid / 8, 4 columns) sums the partials, masks, keeps the running
-//        max/sum of its row (online softmax in the log2 domain), writes P (input dtype) and the
-//        rescale factor of its row.
-//   PV:  warp w owns output columns [w R/8, (w+1) R/8) for all 32 rows: rescales its
-//        accumulators, then P (ldmatrix) times V = the same tile's latent part (ldmatrix.trans).
-// Shared memory: kMlaStages cache tiles [32][R+P+8] (cp.async, zero-filled outside [cb, ce)),
-// one region holding first the Q tile [32][R+P+8] then the partial scores [4][32][40] fp32,
-// P [32][40], per-row alpha/m/l. Barriers per tile: after the tile lands (also frees the stage
-// the prefetch overwrites), after the partial scores, after P.
-template <MlaDtype DT, int R, int P>
+//   softmax: thread (row = tid / TPR, CPT columns) sums the partials, masks, keeps the running
+//        max/sum of its row (online softmax, log2 domain), writes P (input dtype) and the rescale.
+//   PV:  warp w owns output columns [w R/8, (w+1) R/8) for all M rows: rescales its
+//        accumulators, then P (ldmatrix) times V = the tile's latent part (ldmatrix.trans).
+// Software pipeline: QK of tile i+1 is issued in the same phase as PV of tile i (independent
+// tensor work side by side), so each tile costs two barriers:
+//   [X] tile i+1 landed, partials of i visible, stage of tile i-1 free -> prefetch, softmax(i)
+//   [Y] P(i) visible -> QK(i+1) + PV(i), partials of i+1 written.
+// Shared memory: STAGES cache tiles [32][R+P+8] (cp.async, zero-filled outside [cb, ce); the Q
+// tile is staged in the last one before the first prefetch reaches it), partial scores
+// [4][M][40] fp32, P [M][40], per-row alpha/m/l.
+template <MlaDtype DT, int R, int P, int M, int STAGES>
 __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParams p) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
-  constexpr int M = kMlaMTile, N = kMlaNTile, STAGES = kMlaStages;
+  constexpr int N = kMlaNTile;
   constexpr int D = R + P;
   constexpr int ROW = D + 8;      // shared row stride of cache and Q tiles (elements)
   constexpr int SP = N + 8;       // row stride of partial scores (fp32) and P (elements)
@@ -123,17 +125,16 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   constexpr int MF = M / 16;      // m16 fragments
   constexpr int CHUNKS = D / 8;   // 16-byte chunks per row
   constexpr int NTHREADS = 256;
-  static_assert(M == 32 && N == 32, "the warp layout below assumes 32x32 tiles");
+  constexpr int TPR = NTHREADS / M;  // softmax threads per row
+  constexpr int CPT = N / TPR;       // softmax columns per thread
+  static_assert(N == 32 && (M == 16 || M == 32) && STAGES >= 3, "warp layout assumes 32-row tiles");
   static_assert(KR >= 1 && KR <= 4 && R % 64 == 0 && NF % 2 == 0, "unsupported (R, P)");
 
   extern __shared__ __align__(16) unsigned char smem[];
   T* s_kv = reinterpret_cast<T*>(smem);
-  unsigned char* region = smem + static_cast<size_t>(STAGES) * N * ROW * sizeof(T);
-  T* s_q = reinterpret_cast<T*>(region);
-  float* s_part = reinterpret_cast<float*>(region);
-  constexpr size_t kQBytes = static_cast<size_t>(M) * ROW * sizeof(T);
-  constexpr size_t kPartBytes = static_cast<size_t>(4) * M * SP * sizeof(float);
-  T* s_p = reinterpret_cast<T*>(region + (kQBytes > kPartBytes ? kQBytes : kPartBytes));
+  T* s_q = s_kv + (STAGES - 1) * N * ROW;
+  float* s_part = reinterpret_cast<float*>(smem + static_cast<size_t>(STAGES) * N * ROW * sizeof(T));
+  T* s_p = reinterpret_cast<T*>(s_part + 4 * M * SP);
   float* s_alpha = reinterpret_cast<float*>(s_p + M * SP);
   float* s_m = s_alpha + M;
   float* s_l = s_m + M;
@@ -155,10 +156,11 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   const int ce = static_cast<int>(min(cb_l + per, static_cast<long long>(end)));
   const int n_tiles = ce > cb ? ceil_div(ce - cb, N) : 0;
 
-  // Softmax role: row sr of the tile, columns [sc, sc + 4).
-  const int sr = tid >> 3, sc = (tid & 7) * 4;
+  // Softmax role: row sr of the tile, columns [sc, sc + CPT).
+  const int sr = tid / TPR, sc = (tid % TPR) * CPT;
   const int sg = row0 + sr;
   const bool s_valid = sg < MT;
+  const bool s_lead = (tid % TPR) == 0;
 
   if (n_tiles == 0) {
     // Nothing visible in this chunk: out = 0, lse = -inf (or only lse = -inf for a split partial).
@@ -171,8 +173,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
               make_uint4(0, 0, 0, 0);
         }
       }
-      if ((tid & 7) == 0 && s_valid) p.lse[static_cast<size_t>(b) * MT + sg] = -INFINITY;
-    } else if ((tid & 7) == 0 && s_valid) {
+      if (s_lead && s_valid) p.lse[static_cast<size_t>(b) * MT + sg] = -INFINITY;
+    } else if (s_lead && s_valid) {
       p.lse_partial[(static_cast<size_t>(b) * nsplit + split) * MT + sg] = -INFINITY;
     }
     return;
@@ -183,7 +185,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   const T* c_kv = static_cast<const T*>(p.c_kv) + static_cast<long long>(b) * p.c_kv_sb;
   const T* k_pe = static_cast<const T*>(p.k_pe) + static_cast<long long>(b) * p.k_pe_sb;
 
-  // Q tile -> shared (rows past S*H are zero-filled).
+  // Q tile -> the last stage (rows past S*H are zero-filled).
   for (int c = tid; c < M * CHUNKS; c += NTHREADS) {
     const int r = c / CHUNKS, cc = c % CHUNKS;
     const int g = row0 + r;
@@ -198,6 +200,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   auto load_tile = [&](int tile, int stage) {
     const int base = cb + tile * N;
     T* dst = s_kv + stage * N * ROW;
+#pragma unroll 2
     for (int c = tid; c < N * CHUNKS; c += NTHREADS) {
       const int r = c / CHUNKS, cc = c % CHUNKS;
       const int t = base + r;
@@ -214,10 +217,11 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
     cp_async_commit();
   }
 
-  // Q fragments of this warp's QK column slice, into registers for the whole loop.
   const int qd = warp & 3, nh = warp >> 2;
-  cp_async_wait<STAGES - 1>();
+  // Groups so far: Q, tiles 0..STAGES-2. Q and tile 0 must have landed.
+  cp_async_wait<STAGES - 2>();
   __syncthreads();
+  // Q fragments of this warp's QK column slice, into registers for the whole loop.
   uint32_t qa[MF][KL + 1][4];
 #pragma unroll
   for (int i = 0; i < MF; ++i) {
@@ -228,32 +232,9 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
     }
     if (qd < KR) ldsm_x4(qa[i][KL], smem_addr(s_q + r * ROW + R + qd * 16 + (lane >> 4) * 8));
   }
-  __syncthreads();  // the Q region becomes the partial-score buffer
 
-  float o[MF][NF][4];
-#pragma unroll
-  for (int i = 0; i < MF; ++i)
-#pragma unroll
-    for (int j = 0; j < NF; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[i][j][e] = 0.f;
-
-  float m_run = -INFINITY, l_run = 0.f;  // softmax state of row sr (log2 domain), per thread copy
-  // Rows this query row may see in this chunk: [cb, vis_end).
-  const int vis_end = s_valid ? min(end - (p.S - 1 - sg / p.H), ce) : cb;
-  const float scale_log2 = p.sm_scale * kLog2e;
-
-  for (int it = 0; it < n_tiles; ++it) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();
-    {
-      const int nt = it + STAGES - 1;
-      if (nt < n_tiles) load_tile(nt, nt % STAGES);
-      cp_async_commit();
-    }
-    const T* kv = s_kv + (it % STAGES) * N * ROW;
-
-    // ---- partial scores of this warp's column slice
+  // Partial scores of this warp's slice for the tile in `kv`, stored to s_part when `store`.
+  auto qk_partial = [&](const T* kv, bool store) {
     float sacc[MF][2][4];
 #pragma unroll
     for (int i = 0; i < MF; ++i)
@@ -281,61 +262,97 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
         mma_16816<DT>(sacc[i][1], qa[i][KL], bk[2], bk[3]);
       }
     }
+    if (store) {
 #pragma unroll
-    for (int i = 0; i < MF; ++i)
+      for (int i = 0; i < MF; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        float* dst = s_part + (qd * M + i * 16 + gq) * SP + nh * 16 + j * 8 + 2 * tq;
-        *reinterpret_cast<float2*>(dst) = make_float2(sacc[i][j][0], sacc[i][j][1]);
-        *reinterpret_cast<float2*>(dst + 8 * SP) = make_float2(sacc[i][j][2], sacc[i][j][3]);
-      }
-    __syncthreads();
+        for (int j = 0; j < 2; ++j) {
+          float* dst = s_part + (qd * M + i * 16 + gq) * SP + nh * 16 + j * 8 + 2 * tq;
+          *reinterpret_cast<float2*>(dst) = make_float2(sacc[i][j][0], sacc[i][j][1]);
+          *reinterpret_cast<float2*>(dst + 8 * SP) = make_float2(sacc[i][j][2], sacc[i][j][3]);
+        }
+    }
+  };
 
-    // ---- online softmax of row sr, columns sc..sc+3
+  qk_partial(s_kv, true);  // tile 0, stage 0
+
+  float o[MF][NF][4];
+#pragma unroll
+  for (int i = 0; i < MF; ++i)
+#pragma unroll
+    for (int j = 0; j < NF; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[i][j][e] = 0.f;
+
+  float m_run = -INFINITY, l_run = 0.f;  // softmax state of row sr (log2 domain), per thread copy
+  // Rows this query row may see in this chunk: [cb, vis_end).
+  const int vis_end = s_valid ? min(end - (p.S - 1 - sg / p.H), ce) : cb;
+  const float scale_log2 = p.sm_scale * kLog2e;
+
+  for (int it = 0; it < n_tiles; ++it) {
+    // [X] Groups so far: Q, tiles 0..it+STAGES-2; tile it+1 must have landed.
+    cp_async_wait<STAGES - 3>();
+    __syncthreads();
     {
-      float x[4] = {0.f, 0.f, 0.f, 0.f};
+      const int nt = it + STAGES - 1;
+      if (nt < n_tiles) load_tile(nt, nt % STAGES);
+      cp_async_commit();
+    }
+
+    // ---- online softmax of row sr, columns sc..sc+CPT-1
+    {
+      float x[CPT];
+#pragma unroll
+      for (int e = 0; e < CPT; ++e) x[e] = 0.f;
 #pragma unroll
       for (int d = 0; d < 4; ++d) {
-        const float4 v = *reinterpret_cast<const float4*>(s_part + (d * M + sr) * SP + sc);
-        x[0] += v.x;
-        x[1] += v.y;
-        x[2] += v.z;
-        x[3] += v.w;
+        const float* src = s_part + (d * M + sr) * SP + sc;
+        if constexpr (CPT == 4) {
+          const float4 v = *reinterpret_cast<const float4*>(src);
+          x[0] += v.x;
+          x[1] += v.y;
+          x[2] += v.z;
+          x[3] += v.w;
+        } else {
+          const float2 v = *reinterpret_cast<const float2*>(src);
+          x[0] += v.x;
+          x[1] += v.y;
+        }
       }
       const int t0 = cb + it * N + sc;
       float mx = -INFINITY;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
+      for (int e = 0; e < CPT; ++e) {
         x[e] = (t0 + e < vis_end) ? x[e] * scale_log2 : -INFINITY;
         mx = fmaxf(mx, x[e]);
       }
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+#pragma unroll
+      for (int off = 1; off < TPR; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
       const float m_new = fmaxf(m_run, mx);
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      float pe[4], sum = 0.f;
+      float pe[CPT], sum = 0.f;
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
+      for (int e = 0; e < CPT; ++e) {
         pe[e] = exp2f(x[e] - m_use);
         sum += pe[e];
       }
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+#pragma unroll
+      for (int off = 1; off < TPR; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
       const float alpha = exp2f(m_run - m_use);
       l_run = l_run * alpha + sum;
       m_run = m_new;
-      T2 p01 = Tr::pack(pe[0], pe[1]), p23 = Tr::pack(pe[2], pe[3]);
-      uint2 packed;
-      packed.x = *reinterpret_cast<uint32_t*>(&p01);
-      packed.y = *reinterpret_cast<uint32_t*>(&p23);
-      *reinterpret_cast<uint2*>(s_p + sr * SP + sc) = packed;
-      if ((tid & 7) == 0) s_alpha[sr] = alpha;
+#pragma unroll
+      for (int e = 0; e < CPT; e += 2) {
+        *reinterpret_cast<T2*>(s_p + sr * SP + sc + e) = Tr::pack(pe[e], pe[e + 1]);
+      }
+      if (s_lead) s_alpha[sr] = alpha;
     }
-    __syncthreads();
+    __syncthreads();  // [Y]
 
-    // ---- O = O * alpha + P V over this warp's output columns
+    // ---- QK of tile it+1 (when there is one) and O = O * alpha + P V of tile it
+    const bool has_next = it + 1 < n_tiles;
+    const T* kv = s_kv + (it % STAGES) * N * ROW;
+    qk_partial(has_next ? s_kv + ((it + 1) % STAGES) * N * ROW : kv, has_next);
 #pragma unroll
     for (int i = 0; i < MF; ++i) {
       const float a0 = s_alpha[i * 16 + gq], a1 = s_alpha[i * 16 + gq + 8];
@@ -371,7 +388,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   cp_async_wait<0>();
 
   // ---- epilogue: normalize, write out/lse (or the split's partials)
-  if ((tid & 7) == 0) {
+  if (s_lead) {
     s_m[sr] = m_run;
     s_l[sr] = l_run;
     if (s_valid) {
@@ -451,25 +468,50 @@ __global__ void __launch_bounds__(R / 4) mla_combine_kernel(const MlaDecodeParam
 
 }  // namespace mla
 
-template <MlaDtype DT, int R, int P>
-cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream) {
-  constexpr size_t smem = mla_decode_smem_bytes(R, P);
-  auto kernel = mla::mla_decode_kernel<DT, R, P>;
+namespace mla {
+
+template <MlaDtype DT, int R, int P, int M, int STAGES>
+cudaError_t launch_variant(const MlaDecodeParams& params, cudaStream_t stream, int dev) {
+  constexpr size_t smem = mla_decode_smem_bytes(R, P, M, STAGES);
+  auto kernel = mla_decode_kernel<DT, R, P, M, STAGES>;
   // The attribute is per device; setting it is a host-side call (no stream work, fine under capture).
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
   static bool smem_set[64] = {};
   if (dev < 0 || dev >= 64 || !smem_set[dev]) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    const cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return err;
     if (dev >= 0 && dev < 64) smem_set[dev] = true;
   }
   const int MT = params.S * params.H;
-  const dim3 grid(mla::ceil_div(MT, kMlaMTile), params.num_splits, params.B);
+  const dim3 grid(ceil_div(MT, M), params.num_splits, params.B);
   kernel<<<grid, 256, smem, stream>>>(params);
-  err = cudaGetLastError();
+  return cudaGetLastError();
+}
+
+}  // namespace mla
+
+template <MlaDtype DT, int R, int P>
+cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  static int smem_optin[64] = {};
+  int optin = dev >= 0 && dev < 64 ? smem_optin[dev] : 0;
+  if (optin == 0) {
+    err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (err != cudaSuccess) return err;
+    if (dev >= 0 && dev < 64) smem_optin[dev] = optin;
+  }
+  const bool deep = static_cast<size_t>(optin) >= mla_decode_smem_bytes(R, P, 32, kMlaMaxStages);
+  const bool small_m = mla_decode_m_tile(params.S, params.H) == 16;
+  if (small_m) {
+    err = deep ? mla::launch_variant<DT, R, P, 16, kMlaMaxStages>(params, stream, dev)
+               : mla::launch_variant<DT, R, P, 16, kMlaMinStages>(params, stream, dev);
+  } else {
+    err = deep ? mla::launch_variant<DT, R, P, 32, kMlaMaxStages>(params, stream, dev)
+               : mla::launch_variant<DT, R, P, 32, kMlaMinStages>(params, stream, dev);
+  }
   if (err != cudaSuccess || params.num_splits == 1) return err;
-  mla::mla_combine_kernel<DT, R><<<params.B * MT, R / 4, 0, stream>>>(params);
+  mla::mla_combine_kernel<DT, R><<<params.B * params.S * params.H, R / 4, 0, stream>>>(params);
   return cudaGetLastError();
 }

@@ -34,44 +34,45 @@ struct MlaDecodeParams {
   float sm_scale;  // softmax scale of the un-absorbed head dim
 };
 
-// Rows of (s, h) query pairs one CTA owns; S*H rows are cut into tiles of this many.
-constexpr int kMlaMTile = 32;
 // Cache rows per pipeline stage.
 constexpr int kMlaNTile = 32;
-// A split is never given fewer than this many tiles of capacity.
-constexpr int kMlaMinTilesPerSplit = 4;
+// Pipeline depth: 4 stages where the device allows the shared memory (H100: 227 KB per block),
+// else 3 (A100: 163 KB).
+constexpr int kMlaMinStages = 3;
+constexpr int kMlaMaxStages = 4;
 constexpr int kMlaMaxSplits = 128;
 
+// Query rows of (s, h) pairs one CTA owns: 16 when S*H <= 16 (16 heads, one token: half the
+// tensor work of a 32-row tile), else 32; S*H rows are cut into tiles of this many.
+inline int mla_decode_m_tile(int S, int H) { return S * H <= 16 ? 16 : 32; }
+
 // Split-KV factor from host-known shapes only (T is the capacity, not a length: lengths live on
-// the GPU and are never read here). One CTA per SM (the kernel takes ~150 KB of shared memory),
-// so fill one wave: splits = floor(SMs / (B * m_tiles)), but keep at least kMlaMinTilesPerSplit
-// tiles of capacity per split. The kernel splits each sequence's actual range evenly, so a short
-// sequence in a long buffer still gets balanced splits (some of which may be empty and exit).
+// the GPU and are never read here). One CTA per SM (registers and ~190 KB of shared memory), so
+// fill one wave: splits = floor(SMs / (B * m_tiles)), at most one split per 32-row tile of
+// capacity. The kernel cuts each sequence's actual range evenly, so a short sequence in a long
+// buffer still gets balanced splits (the surplus ones are empty and exit at once).
 inline int mla_decode_num_splits(int B, int S, int H, int T, int num_sms) {
-  const int m_tiles = (S * H + kMlaMTile - 1) / kMlaMTile;
+  const int m_tile = mla_decode_m_tile(S, H);
+  const long m_tiles = (static_cast<long>(S) * H + m_tile - 1) / m_tile;
   const long base = static_cast<long>(B) * m_tiles;
   if (base <= 0 || T <= 0) return 1;
   long splits = num_sms / base;
-  const long by_len = T / (kMlaNTile * kMlaMinTilesPerSplit);
+  const long by_len = (T + kMlaNTile - 1) / kMlaNTile;
   if (splits > by_len) splits = by_len;
   if (splits > kMlaMaxSplits) splits = kMlaMaxSplits;
   return splits < 1 ? 1 : static_cast<int>(splits);
 }
 
-// cp.async pipeline depth (cache tiles in flight).
-constexpr int kMlaStages = 3;
-
-// Dynamic shared memory of the main kernel for (R, P), 2-byte inputs (see mla_decode.cuh):
-// kMlaStages cache tiles, a region shared by the Q staging tile and the partial scores,
-// the probability tile, and per-row softmax statistics.
-constexpr size_t mla_decode_smem_bytes(int R, int P) {
+// Dynamic shared memory of the main kernel, 2-byte inputs (see mla_decode.cuh): `stages` cache
+// tiles [32][R+P+8] (the Q tile is staged in the last one before the loop starts), the partial
+// scores [4][m_tile][40] fp32, the probabilities [m_tile][40], per-row alpha/m/l.
+constexpr size_t mla_decode_smem_bytes(int R, int P, int m_tile, int stages) {
   const size_t row = static_cast<size_t>(R + P + 8) * 2;  // +8 elements: conflict-free ldmatrix
-  const size_t kv = static_cast<size_t>(kMlaStages) * kMlaNTile * row;
-  const size_t q_stage = static_cast<size_t>(kMlaMTile) * row;
-  const size_t s_part = static_cast<size_t>(4) * kMlaMTile * (kMlaNTile + 8) * 4;
-  const size_t probs = static_cast<size_t>(kMlaMTile) * (kMlaNTile + 8) * 2;
-  const size_t stats = static_cast<size_t>(3) * kMlaMTile * 4;
-  return kv + (q_stage > s_part ? q_stage : s_part) + probs + stats;
+  const size_t kv = static_cast<size_t>(stages) * kMlaNTile * row;
+  const size_t s_part = static_cast<size_t>(4) * m_tile * (kMlaNTile + 8) * 4;
+  const size_t probs = static_cast<size_t>(m_tile) * (kMlaNTile + 8) * 2;
+  const size_t stats = static_cast<size_t>(3) * m_tile * 4;
+  return kv + s_part + probs + stats;
 }
 
 // Host launcher: main kernel, then the LSE combine when num_splits > 1. Instantiated in

@@ -26,6 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_ceilings  # noqa: E402
 
 from mla_patch import ops  # noqa: E402
@@ -108,9 +109,18 @@ def main() -> None:
     ap.add_argument("--heads", default="16,128")
     ap.add_argument("--batches", default="1,16,64,128")
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
+    ap.add_argument("--profile-one", default="", metavar="H,B,L",
+                    help="only call the op 5 times on one config (for ncu), no timing")
     ap.add_argument("--ref-max-bytes", type=float, default=2.5e9, help="skip the reference above this cache size")
     args = ap.parse_args()
     assert ops.has_kernel(), ops.extension_error()
+    if args.profile_one:
+        H, B, L = map(int, args.profile_one.split(","))
+        s = make_set(B, 1, H, L)
+        for _ in range(5):
+            torch.ops.mla_patch.mla_decode(*s, SCALE)
+        torch.cuda.synchronize()
+        return
     torch.backends.cuda.matmul.allow_tf32 = False
 
     ceil = bench_ceilings.measure()
