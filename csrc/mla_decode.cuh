@@ -197,17 +197,32 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   }
   cp_async_commit();
 
+  // Cache tile copy: a fixed chunk column per thread, so the per-tile address work is one add per
+  // chunk. Latent: column tid % LCH, rows tid / LCH + k * (256 / LCH); rope: column tid % PCH,
+  // row tid / PCH (threads < 32 * PCH).
+  constexpr int LCH = R / 8, PCH = P / 8;
+  constexpr int LROWS = NTHREADS / LCH, LPASS = N / LROWS;
+  static_assert(NTHREADS % LCH == 0 && N % LROWS == 0 && N * PCH <= NTHREADS, "copy layout");
+  const int l_row = tid / LCH, l_col = (tid % LCH) * 8;
+  const int r_row = tid / PCH, r_col = (tid % PCH) * 8;
+  const bool r_active = tid < N * PCH;
+  const T* lat_src = c_kv + static_cast<long long>(cb + l_row) * p.c_kv_st + l_col;
+  const T* rope_src = k_pe + static_cast<long long>(cb + r_row) * p.k_pe_st + r_col;
+  const long long lat_pass = static_cast<long long>(LROWS) * p.c_kv_st;
   auto load_tile = [&](int tile, int stage) {
     const int base = cb + tile * N;
     T* dst = s_kv + stage * N * ROW;
-#pragma unroll 2
-    for (int c = tid; c < N * CHUNKS; c += NTHREADS) {
-      const int r = c / CHUNKS, cc = c % CHUNKS;
-      const int t = base + r;
-      const bool valid = t < ce;
-      const T* src = cc < R / 8 ? c_kv + static_cast<long long>(t) * p.c_kv_st + cc * 8
-                                : k_pe + static_cast<long long>(t) * p.k_pe_st + (cc - R / 8) * 8;
-      cp_async_16(smem_addr(dst + r * ROW + cc * 8), valid ? src : c_kv, valid);
+    const T* src = lat_src + static_cast<long long>(tile) * N * p.c_kv_st;
+#pragma unroll
+    for (int k = 0; k < LPASS; ++k) {
+      const int r = l_row + k * LROWS;
+      const bool valid = base + r < ce;
+      cp_async_16(smem_addr(dst + r * ROW + l_col), valid ? src + k * lat_pass : c_kv, valid);
+    }
+    if (r_active) {
+      const bool valid = base + r_row < ce;
+      cp_async_16(smem_addr(dst + r_row * ROW + R + r_col),
+                  valid ? rope_src + static_cast<long long>(tile) * N * p.k_pe_st : k_pe, valid);
     }
   };
 
