@@ -25,7 +25,7 @@ from transformers.generation.utils import GenerationMixin
 from . import ops
 from .attention import PATCHED_MODULES, MlaAttentionMixin
 from .cache import LatentCache
-from .families import FAMILIES
+from .families import FAMILIES, NOT_SERVED
 
 logger = logging.getLogger("mla_patch")
 
@@ -82,6 +82,8 @@ def _patched_class(family, original: type) -> type:
 def _available_families(families):
     wanted = FAMILIES.keys() if families is None else families
     for model_type in wanted:
+        if model_type in NOT_SERVED:
+            raise ValueError(f"mla_patch: {model_type!r} is not served: {NOT_SERVED[model_type]}")
         if model_type not in FAMILIES:
             raise ValueError(f"mla_patch: unknown MLA family {model_type!r}; known: {sorted(FAMILIES)}")
         modeling = FAMILIES[model_type].load()
@@ -163,7 +165,9 @@ def patch(model=None, *, backend: str = "auto", absorb: str = "per_head", famili
     if count:
         _install_generate_hook(type(model))
     else:
-        logger.warning("mla_patch: %s has no MLA attention layer; left untouched", type(model).__name__)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        why = NOT_SERVED.get(model_type, "no MLA attention layer of a served family")
+        logger.warning("mla_patch: %s (%s): %s; left untouched", type(model).__name__, model_type, why)
     return status(model)
 
 
