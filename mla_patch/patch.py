@@ -162,9 +162,9 @@ def patch(model=None, *, backend: str = "auto", absorb: str = "per_head", famili
                 module.mla_backend, module.mla_absorb = backend, absorb
                 PATCHED_MODULES.add(module)
                 count += 1
-    if count:
+    if count and hasattr(model, "generate"):
         _install_generate_hook(type(model))
-    else:
+    elif count == 0:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         why = NOT_SERVED.get(model_type, "no MLA attention layer of a served family")
         logger.warning("mla_patch: %s (%s): %s; left untouched", type(model).__name__, model_type, why)
