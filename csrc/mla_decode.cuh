@@ -343,7 +343,10 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
       }
 #pragma unroll
       for (int off = 1; off < TPR; off <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      const float m_new = fmaxf(m_run, mx);
+      // Lazy rescaling: keep the running max unless the tile's max exceeds it by more than 8
+      // (log2 units), so P <= 2^8 (exact in bf16/fp16 range) and the PV phase can skip the
+      // accumulator rescale for warps whose rows all kept their max (alpha == 1).
+      const float m_new = mx > m_run + 8.f ? mx : m_run;
       const float m_use = m_new == -INFINITY ? 0.f : m_new;
       float pe[CPT], sum = 0.f;
 #pragma unroll
@@ -353,7 +356,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
       }
 #pragma unroll
       for (int off = 1; off < TPR; off <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      const float alpha = exp2f(m_run - m_use);
+      const float alpha = m_new == m_run ? 1.f : exp2f(m_run - m_use);
       l_run = l_run * alpha + sum;
       m_run = m_new;
 #pragma unroll
@@ -371,6 +374,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
 #pragma unroll
     for (int i = 0; i < MF; ++i) {
       const float a0 = s_alpha[i * 16 + gq], a1 = s_alpha[i * 16 + gq + 8];
+      if (!__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) continue;
 #pragma unroll
       for (int j = 0; j < NF; ++j) {
         o[i][j][0] *= a0;
@@ -443,42 +447,67 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
 }
 
 // LSE combine of the split partials. Grid: one block per (b, query row); R / 4 threads, 4 columns
-// each. Splits with lse = -inf (empty chunks) are skipped without reading their (unwritten) rows.
+// each. The split lse values are reduced by the whole block (one split a thread), the weights go to
+// shared memory, then each thread sums its 4 columns over the splits with loads 8 deep in flight.
+// Empty splits (lse = -inf, rows never written) get weight 0 and their loaded values are discarded
+// by a select, never multiplied (they may be NaN).
 template <MlaDtype DT, int R>
 __global__ void __launch_bounds__(R / 4) mla_combine_kernel(const MlaDecodeParams p) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
+  constexpr int NT = R / 4, NW = NT / 32;
+  __shared__ float s_w[kMlaMaxSplits];
+  __shared__ float s_red[2][NW];
   const int MT = p.S * p.H;
   const int b = blockIdx.x / MT, g = blockIdx.x % MT;
   const int ns = p.num_splits;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const float* lp = p.lse_partial + static_cast<size_t>(b) * ns * MT + g;
   float mx = -INFINITY;
-  for (int j = 0; j < ns; ++j) mx = fmaxf(mx, lp[static_cast<size_t>(j) * MT]);
-  T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(b) * MT + g) * R + threadIdx.x * 4;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int j = tid; j < ns; j += NT) mx = fmaxf(mx, lp[static_cast<size_t>(j) * MT]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  if (lane == 0) s_red[0][warp] = mx;
+  __syncthreads();
+  mx = s_red[0][0];
+#pragma unroll
+  for (int w = 1; w < NW; ++w) mx = fmaxf(mx, s_red[0][w]);
   float wsum = 0.f;
-  if (mx != -INFINITY) {
-    for (int j = 0; j < ns; ++j) {
-      const float l = lp[static_cast<size_t>(j) * MT];
-      if (l == -INFINITY) continue;
-      const float w = __expf(l - mx);
-      wsum += w;
-      const float4 v = *reinterpret_cast<const float4*>(
-          p.o_partial + ((static_cast<size_t>(b) * ns + j) * MT + g) * R + threadIdx.x * 4);
-      acc.x += w * v.x;
-      acc.y += w * v.y;
-      acc.z += w * v.z;
-      acc.w += w * v.w;
-    }
+  for (int j = tid; j < ns; j += NT) {
+    const float l = lp[static_cast<size_t>(j) * MT];
+    const float w = (mx == -INFINITY || l == -INFINITY) ? 0.f : __expf(l - mx);
+    s_w[j] = w;
+    wsum += w;
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, off);
+  if (lane == 0) s_red[1][warp] = wsum;
+  __syncthreads();
+  wsum = 0.f;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) wsum += s_red[1][w];
+
+  const float* op = p.o_partial + (static_cast<size_t>(b) * ns * MT + g) * R + tid * 4;
+  const size_t split_stride = static_cast<size_t>(MT) * R;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+  for (int j = 0; j < ns; ++j) {
+    const float w = s_w[j];
+    const float4 v = *reinterpret_cast<const float4*>(op + j * split_stride);
+    acc.x += w > 0.f ? w * v.x : 0.f;
+    acc.y += w > 0.f ? w * v.y : 0.f;
+    acc.z += w > 0.f ? w * v.z : 0.f;
+    acc.w += w > 0.f ? w * v.w : 0.f;
   }
   const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(b) * MT + g) * R + tid * 4;
   T2 lo = Tr::pack(acc.x * inv, acc.y * inv), hi = Tr::pack(acc.z * inv, acc.w * inv);
   uint2 packed;
   packed.x = *reinterpret_cast<uint32_t*>(&lo);
   packed.y = *reinterpret_cast<uint32_t*>(&hi);
   *reinterpret_cast<uint2*>(out) = packed;
-  if (threadIdx.x == 0) p.lse[static_cast<size_t>(b) * MT + g] = wsum > 0.f ? mx + __logf(wsum) : -INFINITY;
+  if (tid == 0) p.lse[static_cast<size_t>(b) * MT + g] = wsum > 0.f ? mx + __logf(wsum) : -INFINITY;
 }
 
 }  // namespace mla

@@ -154,6 +154,17 @@ def test_short_sequences_in_long_buffer(H):
     check_case(make_case(4, 2, H, 512, 64, 32768, lens, torch.bfloat16, "packed", seed), tag)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_growing_scores(dtype):
+    """Scores that grow along the cache: the running max jumps many times (rescale path)."""
+    B, S, H, R, P, T = 2, 2, 40, 512, 64, 3000
+    seed = _seed("growing", str(dtype))
+    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(B, S, H, R, P, T, [3000, 1234], dtype, "separate", seed)
+    ramp = torch.linspace(0.2, 4.0, T, device=DEV)[None, :, None]
+    inputs = (q_latent, q_pe, (c_kv.float() * ramp).to(dtype), (k_pe.float() * ramp).to(dtype), kv_start, kv_end)
+    check_case(inputs, f"growing {dtype} seed={seed}")
+
+
 def test_strided_queries():
     """q_latent and q_pe as views of one [B, S, H, R+P] buffer (strides, not contiguity)."""
     B, S, H, R, P, T = 3, 2, 16, 512, 64, 700
