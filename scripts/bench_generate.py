@@ -14,7 +14,8 @@ by a real prefill at small sizes. A decode step = one forward of one new token p
 timed with CUDA events (median of several steps; the cache is cropped back after each).
 Variants: stock (transformers as is: the latent DynamicCache, re-expanded through kv_b_proj
 every step), patched-torch (absorbed, PyTorch op), patched-kernel (absorbed, our CUDA kernel),
-and patched-kernel-graph (the same step captured once in a CUDA graph on a static cache).
+patched-kernel-merged (absorb="merged": W_UQ.W_UK and W_UV.W_O materialized) and
+patched-kernel-graph (the kernel step captured once in a CUDA graph on a static cache).
 Writes bench_generate.json and bench_generate.png to --out and prints a table.
 """
 
@@ -163,6 +164,8 @@ def _skip_reason(variant, batch, context, args):
         return "over --stock-max-tokens (its step re-expands the whole cache)"
     if variant == "patched-torch" and batch * context > 8 * 16384:
         return "the PyTorch op is measured up to 128K cached tokens"
+    if variant == "patched-kernel-merged" and context != 4096:
+        return "absorb='merged' is compared with per-head at L=4K only"
     if variant == "patched-kernel-graph" and batch > 8:
         return "graph capture is measured at small batch, where launch overhead matters"
     return None
@@ -261,10 +264,11 @@ def main(argv=None):
               f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params", flush=True)
         extra[f"{name}_ttft_ms"] = {f"B{b}xL{p}": time_to_first_token(model, b, p, device)
                                     for b, p in ((1, 1024), (1, 4096), (8, 1024))}
-        for variant in ("stock", "patched-torch", "patched-kernel", "patched-kernel-graph"):
+        for variant in ("stock", "patched-torch", "patched-kernel", "patched-kernel-merged", "patched-kernel-graph"):
             mla_patch.unpatch(model)  # one set of weights; patched in place per variant
             if variant != "stock":
-                mla_patch.patch(model, backend="torch" if variant == "patched-torch" else "kernel")
+                mla_patch.patch(model, backend="torch" if variant == "patched-torch" else "kernel",
+                                absorb="merged" if variant.endswith("merged") else "per_head")
             for batch in (int(b) for b in args.batches.split(",")):
                 for context in (int(c) for c in args.contexts.split(",")):
                     why = _skip_reason(variant, batch, context, args)
