@@ -19,9 +19,15 @@
 
 namespace {
 
-// "[2, 64, 512]": shapes and strides in error messages, formatted here rather than streamed
-// through c10's ArrayRef printer (a failing check that streamed sizes() crashed on the device
-// image, torch 2.11; cause not established).
+// Error messages carry only strings: numbers go through std::to_string, shapes through dims_str.
+// On the device image (torch 2.11+cu130) the first failing check that streamed an integer into
+// TORCH_CHECK's message segfaulted (operator<< of a number; likely two libstdc++ copies), while
+// checks streaming only strings raised cleanly.
+template <typename N>
+std::string num(N v) {
+  return std::to_string(v);
+}
+
 std::string dims_str(c10::IntArrayRef v) {
   std::string s = "[";
   for (size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + std::to_string(v[i]);
@@ -46,15 +52,15 @@ DeviceInfo device_info(int dev) {
 }
 
 void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.dim() == dim, "mla_decode: ", name, " must have ", dim, " dims, got shape ", dims_str(t.sizes()));
-  TORCH_CHECK(t.is_cuda(), "mla_decode: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.dim() == dim, "mla_decode: ", name, " must have ", num(dim), " dims, got shape ", dims_str(t.sizes()));
+  TORCH_CHECK(t.is_cuda(), "mla_decode: ", name, " must be a CUDA tensor, got ", t.device().str());
   TORCH_CHECK(t.stride(-1) == 1 || t.size(-1) <= 1, "mla_decode: ", name,
               " must be contiguous in its last dim, got strides ", dims_str(t.strides()));
   // 16-byte cp.async: every row start must be 16-byte aligned.
   TORCH_CHECK(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "mla_decode: ", name,
-              " must start at a 16-byte aligned address (storage offset ", t.storage_offset(), ")");
+              " must start at a 16-byte aligned address (storage offset ", num(t.storage_offset()), ")");
   for (int64_t d = 0; d < dim - 1; ++d) {
-    TORCH_CHECK(t.stride(d) % 8 == 0 || t.size(d) == 1, "mla_decode: ", name, " stride of dim ", d,
+    TORCH_CHECK(t.stride(d) % 8 == 0 || t.size(d) == 1, "mla_decode: ", name, " stride of dim ", num(d),
                 " must be a multiple of 8 elements (16 bytes), got strides ", dims_str(t.strides()));
   }
 }
@@ -69,36 +75,37 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   check_tensor(k_pe, "k_pe", 3);
   const auto dtype = q_latent.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
-              "mla_decode: q_latent must be bfloat16 or float16, got ", dtype);
+              "mla_decode: q_latent must be bfloat16 or float16, got ", c10::toString(dtype));
   TORCH_CHECK(q_pe.scalar_type() == dtype && c_kv.scalar_type() == dtype && k_pe.scalar_type() == dtype,
-              "mla_decode: q_latent, q_pe, c_kv and k_pe must share one dtype, got ", dtype, ", ",
-              q_pe.scalar_type(), ", ", c_kv.scalar_type(), ", ", k_pe.scalar_type());
+              "mla_decode: q_latent, q_pe, c_kv and k_pe must share one dtype, got ", c10::toString(dtype), ", ",
+              c10::toString(q_pe.scalar_type()), ", ", c10::toString(c_kv.scalar_type()), ", ",
+              c10::toString(k_pe.scalar_type()));
   const int64_t B = q_latent.size(0), S = q_latent.size(1), H = q_latent.size(2), R = q_latent.size(3);
   const int64_t P = q_pe.size(3), T = c_kv.size(1);
   TORCH_CHECK(q_pe.size(0) == B && q_pe.size(1) == S && q_pe.size(2) == H, "mla_decode: q_pe ", dims_str(q_pe.sizes()),
               " does not match q_latent ", dims_str(q_latent.sizes()));
-  TORCH_CHECK(c_kv.size(0) == B && c_kv.size(2) == R, "mla_decode: c_kv must be [B=", B, ", T, R=", R, "], got ",
+  TORCH_CHECK(c_kv.size(0) == B && c_kv.size(2) == R, "mla_decode: c_kv must be [B=", num(B), ", T, R=", num(R), "], got ",
               dims_str(c_kv.sizes()));
-  TORCH_CHECK(k_pe.size(0) == B && k_pe.size(1) == T && k_pe.size(2) == P, "mla_decode: k_pe must be [B=", B,
-              ", T=", T, ", P=", P, "], got ", dims_str(k_pe.sizes()));
+  TORCH_CHECK(k_pe.size(0) == B && k_pe.size(1) == T && k_pe.size(2) == P, "mla_decode: k_pe must be [B=", num(B),
+              ", T=", num(T), ", P=", num(P), "], got ", dims_str(k_pe.sizes()));
   TORCH_CHECK((R == 512 && P == 64) || (R == 256 && P == 32),
-              "mla_decode: (kv_lora_rank, rope) must be (512, 64) or (256, 32), got (", R, ", ", P, ")");
+              "mla_decode: (kv_lora_rank, rope) must be (512, 64) or (256, 32), got (", num(R), ", ", num(P), ")");
   for (const auto* t : {&kv_start, &kv_end}) {
     const char* name = t == &kv_start ? "kv_start" : "kv_end";
-    TORCH_CHECK(t->is_cuda(), "mla_decode: ", name, " must be a CUDA tensor, got ", t->device());
-    TORCH_CHECK(t->scalar_type() == at::kInt, "mla_decode: ", name, " must be int32, got ", t->scalar_type());
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == B, "mla_decode: ", name, " must have shape [", B, "], got ",
+    TORCH_CHECK(t->is_cuda(), "mla_decode: ", name, " must be a CUDA tensor, got ", t->device().str());
+    TORCH_CHECK(t->scalar_type() == at::kInt, "mla_decode: ", name, " must be int32, got ", c10::toString(t->scalar_type()));
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == B, "mla_decode: ", name, " must have shape [", num(B), "], got ",
                 dims_str(t->sizes()));
     TORCH_CHECK(t->is_contiguous(), "mla_decode: ", name, " must be contiguous");
   }
   const auto device = q_latent.device();
   for (const auto* t : {&q_pe, &c_kv, &k_pe, &kv_start, &kv_end}) {
-    TORCH_CHECK(t->device() == device, "mla_decode: all tensors must be on ", device, ", got one on ",
+    TORCH_CHECK(t->device() == device, "mla_decode: all tensors must be on ", device.str(), ", got one on ",
                 t->device());
   }
   TORCH_CHECK(S * H <= (1 << 20) && T < (1LL << 31) - 64 && B <= 65535,
-              "mla_decode: sizes out of the kernel's range: B=", B, " S*H=", S * H, " T=", T);
-  TORCH_CHECK(std::isfinite(sm_scale), "mla_decode: sm_scale must be finite, got ", sm_scale);
+              "mla_decode: sizes out of the kernel's range: B=", num(B), " S*H=", num(S * H), " T=", num(T));
+  TORCH_CHECK(std::isfinite(sm_scale), "mla_decode: sm_scale must be finite, got ", num(sm_scale));
 
   const c10::cuda::CUDAGuard guard(device);
   auto out_latent = at::empty({B, S, H, R}, q_latent.options());
@@ -113,8 +120,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const DeviceInfo info = device_info(device.index());
   const int num_sms = info.num_sms;
   const size_t smem_needed = mla_decode_smem_bytes(static_cast<int>(R), static_cast<int>(P), 32, kMlaMinStages);
-  TORCH_CHECK(static_cast<size_t>(info.smem_optin) >= smem_needed, "mla_decode: the kernel needs ", smem_needed,
-              " bytes of shared memory per block, this GPU allows ", info.smem_optin);
+  TORCH_CHECK(static_cast<size_t>(info.smem_optin) >= smem_needed, "mla_decode: the kernel needs ", num(smem_needed),
+              " bytes of shared memory per block, this GPU allows ", num(info.smem_optin));
   const int num_splits = mla_decode_num_splits(static_cast<int>(B), static_cast<int>(S), static_cast<int>(H),
                                                static_cast<int>(T), num_sms);
   at::Tensor o_partial, lse_partial;
