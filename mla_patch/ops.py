@@ -81,17 +81,19 @@ def check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end) -> None:
         t = tensors[name]
         if t.shape != (B,) or t.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"mla_decode: {name} must be an int32/int64 tensor of shape [{B}], got {t.dtype} {tuple(t.shape)}")
-    dtypes = {q_latent.dtype, q_pe.dtype, c_kv.dtype, k_pe.dtype}
-    if len(dtypes) != 1:
-        raise ValueError(
-            "mla_decode: q_latent, q_pe, c_kv and k_pe must share one dtype, got "
-            f"{q_latent.dtype}, {q_pe.dtype}, {c_kv.dtype}, {k_pe.dtype}"
-        )
     if not q_latent.is_floating_point():
-        raise ValueError(f"mla_decode: floating-point inputs required, got {q_latent.dtype}")
-    devices = {t.device for t in tensors.values()}
-    if len(devices) != 1:
-        raise ValueError(f"mla_decode: all tensors must be on one device, got {sorted(map(str, devices))}")
+        raise ValueError(f"mla_decode: q_latent must be floating point, got {q_latent.dtype}")
+    for name in ("q_pe", "c_kv", "k_pe"):  # name the argument that disagrees with q_latent
+        if tensors[name].dtype != q_latent.dtype:
+            raise ValueError(
+                f"mla_decode: {name} has dtype {tensors[name].dtype} but q_latent has {q_latent.dtype}; "
+                "q_latent, q_pe, c_kv and k_pe must share one dtype"
+            )
+    for name, t in tensors.items():
+        if t.device != q_latent.device:
+            raise ValueError(
+                f"mla_decode: {name} is on {t.device} but q_latent is on {q_latent.device}; all tensors must be on one device"
+            )
 
 
 def kernel_unsupported_reason(q_latent, q_pe, c_kv, k_pe) -> str | None:
@@ -106,8 +108,12 @@ def kernel_unsupported_reason(q_latent, q_pe, c_kv, k_pe) -> str | None:
     if dims not in KERNEL_DIMS:
         return f"kv_lora_rank/rope dims {dims} (the kernel is built for {sorted(KERNEL_DIMS)})"
     for name, t in dict(q_latent=q_latent, q_pe=q_pe, c_kv=c_kv, k_pe=k_pe).items():
+        # What the binding requires (else it raises): last dim contiguous, 16-byte aligned base and
+        # outer strides (8 elements); reasons carry no numbers, so each is logged once.
         if t.stride(-1) != 1:
             return f"{name} is not contiguous in its last dim"
+        if t.data_ptr() % 16 or any(t.stride(d) % 8 and t.shape[d] != 1 for d in range(t.dim() - 1)):
+            return f"{name} is not 16-byte aligned (base or outer strides)"
     return None
 
 
@@ -130,5 +136,6 @@ def mla_decode(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale: float, ba
         _warn_once(reason)
         return mla_decode_ref(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale)
     return torch.ops.mla_patch.mla_decode(
-        q_latent, q_pe, c_kv, k_pe, kv_start.to(torch.int32), kv_end.to(torch.int32), float(sm_scale)
+        q_latent, q_pe, c_kv, k_pe, kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous(),
+        float(sm_scale),
     )
