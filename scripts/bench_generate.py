@@ -197,6 +197,49 @@ def run_point(model, name, variant, batch, context, steps, device):
                 step_transient_bytes=transient)
 
 
+def profile_step(model, name, batch, context, device):
+    """Where a patched decode step's GPU time goes, by kernel family, and how much is launch gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = _fill(mla_patch.LatentCache(config=model.config, initial_capacity=context + 8), model, batch, context, device)
+    ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, 1), device=device)
+    pos = torch.full((batch, 1), context, device=device)
+    with torch.no_grad():
+        for _ in range(2):
+            model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+            cache.crop(-1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            with _Timer(device) as timer:
+                model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+    buckets = {}
+    for evt in prof.key_averages():
+        gpu_us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
+        if gpu_us <= 0:
+            continue
+        key = evt.key.lower()
+        if "mla" in key and "decode" in key or "splitkv" in key or "combine" in key:
+            bucket = "attention kernel (mla_decode)"
+        elif "grouped" in key or "moe" in key or "histc" in key or "sort" in key or "index" in key or "scatter" in key:
+            bucket = "MoE routing / grouped GEMM / gather"
+        elif "gemm" in key or "matmul" in key or "cutlass" in key or "sm90" in key or "nvjet" in key or "bmm" in key:
+            bucket = "GEMMs (projections, absorb, experts)"
+        elif "norm" in key or "rsqrt" in key or "pow" in key or "mean" in key:
+            bucket = "norms"
+        else:
+            bucket = "other elementwise / copies"
+        buckets[bucket] = buckets.get(bucket, 0.0) + gpu_us / 1e3
+    busy = sum(buckets.values())
+    print(f"\nprofile {name} patched-kernel B={batch} L={context}: step {timer.ms:.2f} ms wall, "
+          f"{busy:.2f} ms GPU busy ({busy / timer.ms:.0%}); the rest is launch gaps / Python")
+    for bucket, ms in sorted(buckets.items(), key=lambda kv: -kv[1]):
+        print(f"  {bucket:40s} {ms:8.2f} ms  {ms / timer.ms:6.1%} of the step")
+    top = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))[:8]
+    for evt in top:
+        print(f"    {(getattr(evt, 'self_device_time_total', 0) or 0) / 1e3:8.2f} ms  x{evt.count:<4d} {evt.key[:90]}")
+    return dict(step_ms=timer.ms, gpu_busy_ms=busy, buckets=buckets)
+
+
 def time_to_first_token(model, batch, prompt, device):
     ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, prompt), device=device)
     with torch.no_grad():
@@ -237,13 +280,14 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out")
     parser.add_argument("--models", default="v2-lite,v3-128h")
-    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--batches", default="1,16,32")
     parser.add_argument("--contexts", default="1024,4096,16384,32768")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--stock-max-tokens", type=int, default=32 * 16384,
                         help="skip stock points with batch*context above this (its step re-expands the cache)")
     parser.add_argument("--memory-budget-gib", type=float, default=40.0,
                         help="KV + per-step transient budget for the largest-context estimate")
+    parser.add_argument("--profile", action="store_true", help="profile one patched step per model (B=16, L=16K)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -264,6 +308,13 @@ def main(argv=None):
               f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params", flush=True)
         extra[f"{name}_ttft_ms"] = {f"B{b}xL{p}": time_to_first_token(model, b, p, device)
                                     for b, p in ((1, 1024), (1, 4096), (8, 1024))}
+        if args.profile and device.type == "cuda":
+            mla_patch.patch(model, backend="kernel")
+            try:
+                extra[f"{name}_profile"] = profile_step(model, name, 16, 16384, device)
+            except Exception as err:  # the profile is a diagnosis; never lose the benchmark to it
+                print(f"profile failed: {type(err).__name__}: {err}")
+            mla_patch.unpatch(model)
         for variant in ("stock", "patched-torch", "patched-kernel", "patched-kernel-merged", "patched-kernel-graph"):
             mla_patch.unpatch(model)  # one set of weights; patched in place per variant
             if variant != "stock":
