@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import logging
 
 import pytest
@@ -71,11 +72,17 @@ CASES = {
 }
 
 
-def tiny_family_config(model_type: str):
+def tiny_family_config(model_type: str, **extra):
     from transformers import AutoConfig
 
     kwargs = dict(COMMON, **CASES[model_type])
+    kwargs.update(extra)
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    qk_head_dim = kwargs["qk_nope_head_dim"] + kwargs["qk_rope_head_dim"]
+    if "qk_head_dim" in kwargs:
+        kwargs["qk_head_dim"] = qk_head_dim
+    if "partial_rotary_factor" in kwargs.get("rope_parameters", {}):
+        kwargs["rope_parameters"] = dict(kwargs["rope_parameters"], partial_rotary_factor=kwargs["qk_rope_head_dim"] / qk_head_dim)
     if model_type == "deepseek_v2":
         kwargs.update({k: v for k, v in MOE.items() if k not in ("n_group", "topk_group")})
     config = AutoConfig.for_model(model_type, **kwargs)
@@ -98,8 +105,8 @@ def _prompt(seed, batch=3, length=9, pad=(0, 3, 6)):
     return ids, mask
 
 
-def _build(model_type, dtype, attn):
-    config = tiny_family_config(model_type)
+def _build(model_type, dtype, attn, **extra):
+    config = tiny_family_config(model_type, **extra)
     seed = case_seed(model_type) % 1000
     try:
         return build_model(config, dtype=dtype, seed=seed, attn=attn)
@@ -229,3 +236,48 @@ def test_family_hooks_are_load_bearing(model_type, field, wrong, monkeypatch):
     monkeypatch.setattr(cls, "_mla_family", broken)
     want, got, worst = _generate_both(model_type, torch.float64, new_tokens=8)
     assert worst > 1e-6 or not torch.equal(want.sequences, got.sequences)
+
+
+# The kernel is built for (kv_lora_rank, rope) = (512, 64) and (256, 32): MiniCPM3 dims, all others.
+KERNEL_DIMS = {"minicpm3": (256, 32)}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("model_type", list(CASES))
+def test_family_kernel_decode_step_matches_stock(model_type, dtype, monkeypatch):
+    """On GPU with real kernel dims: the absorbed decode runs the CUDA kernel (never the reference),
+    and its decode-step logits are as close to a float32 stock run as stock's own half-precision run."""
+    from mla_patch import ops
+
+    if not ops.has_kernel():
+        pytest.skip(f"extension not built: {ops.extension_error()}")
+    if not _installed(model_type):
+        pytest.skip(f"{model_type} is not in this transformers")
+    rank, rope = KERNEL_DIMS.get(model_type, (512, 64))
+    dims = dict(kv_lora_rank=rank, qk_rope_head_dim=rope, qk_nope_head_dim=32, v_head_dim=32, num_attention_heads=2,
+                num_key_value_heads=2)
+    ref_model = _build(model_type, torch.float32, "sdpa", **dims).cuda()
+    stock = copy.deepcopy(ref_model).to(dtype)
+    patched = copy.deepcopy(stock)
+    mla_patch.patch(patched, backend="kernel")
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the PyTorch reference ran where the kernel should have")
+
+    monkeypatch.setattr(ops, "mla_decode_ref", no_reference)
+    ids, mask = _prompt(case_seed("kernel", model_type))
+    ids, mask = ids.cuda(), mask.cuda()
+    cache_kw = "cache" if "cache" in inspect.signature(type(stock).forward).parameters else "past_key_values"
+
+    def step_logits(model, cache):
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True, **({cache_kw: cache} if cache is not None else {}))
+            return model(input_ids=ids[:, -1:], attention_mask=mask, **{cache_kw: out.past_key_values}).logits.float()
+
+    want = step_logits(ref_model, None)
+    stock_err = rel_err(step_logits(stock, None), want)
+    got_err = rel_err(step_logits(patched, mla_patch.LatentCache(config=patched.config)), want)
+    print(f"{model_type} {dtype}: kernel step-logit rel err {got_err:.1e} (stock same dtype {stock_err:.1e})")
+    assert got_err < max(2 * stock_err, 1e-2 if dtype == torch.bfloat16 else 2e-3)
+    assert mla_patch.decode_stats()["absorbed_calls"] == patched.config.num_hidden_layers
