@@ -1,0 +1,30 @@
+"""Local data for the offline tasks: json lines under evals/data, read through `datasets`.
+
+Paths are resolved from this file, so the tasks work from any working directory.
+"""
+
+import re
+from pathlib import Path
+
+import datasets
+
+DATA_FILE = Path(__file__).resolve().parents[1] / "data" / "mla_tiny_eval.jsonl"
+
+
+def load_mla_tiny(**kwargs):
+    """Held-out documents of the default model's training distribution: {"text": str} rows."""
+    return datasets.load_dataset("json", data_files={"test": str(DATA_FILE)})
+
+
+def load_mla_tiny_copy(**kwargs):
+    """One row per copy span: context = document up to `again : <first span word>`, target = the rest.
+
+    Completing the span needs attention to its first occurrence, far back in the context.
+    """
+    rows = {"context": [], "target": []}
+    for doc in load_mla_tiny()["test"]["text"]:
+        for m in re.finditer(r"again : (\S+)((?: [a-z]+)*) \.", doc):
+            if m.group(2):
+                rows["context"].append(doc[: m.end(1)])
+                rows["target"].append(m.group(2))
+    return datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)})
