@@ -8,7 +8,7 @@ first use (see `mla_patch.status()`).
 """
 
 from .attention import DECODE_MAX_NEW_TOKENS, decode_stats, reset_decode_stats
-from .cache import LatentCache
+from .cache import CACHE_KWARG, LatentCache
 from .ops import mla_decode
 from .patch import patch, status, unpatch
 from .reference import mla_decode_ref
@@ -16,6 +16,7 @@ from .reference import mla_decode_ref
 __version__ = "0.1.0"
 
 __all__ = [
+    "CACHE_KWARG",
     "DECODE_MAX_NEW_TOKENS",
     "LatentCache",
     "decode_stats",

@@ -14,9 +14,19 @@ not O(context).
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
+def _cache_kwarg() -> str:
+    """The keyword forward() and generate() take the cache by: "cache" (5.20+) or "past_key_values" (5.17)."""
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Model
+
+    return "cache" if "cache" in inspect.signature(inspect.unwrap(DeepseekV2Model.forward)).parameters else "past_key_values"
+
+
+CACHE_KWARG = _cache_kwarg()
 INITIAL_CAPACITY = 256
 GROWTH_FACTOR = 2
 

@@ -31,6 +31,7 @@ import time
 import torch
 
 import mla_patch
+from mla_patch import CACHE_KWARG
 
 MODELS = {
     "v2-lite": dict(family="deepseek_v2", hidden_size=2048, num_hidden_layers=27, num_attention_heads=16,
@@ -116,7 +117,7 @@ def time_decode(model, cache, batch, context, steps, device, graph=False):
         times = []
         for i in range(steps + 2):
             with _Timer(device) as timer:
-                model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
             cache.crop(-1)
             if i >= 2:
                 times.append(timer.ms)
@@ -129,12 +130,12 @@ def _time_graph(model, cache, ids, pos, steps):
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):  # warm-up outside the graph
-            model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
             cache.crop(-1)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
     cache.crop(-1)
     times = []
     for _ in range(steps):
@@ -206,12 +207,12 @@ def profile_step(model, name, batch, context, device):
     pos = torch.full((batch, 1), context, device=device)
     with torch.no_grad():
         for _ in range(2):
-            model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
             cache.crop(-1)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             with _Timer(device) as timer:
-                model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
     buckets = {}
     for evt in prof.key_averages():
         gpu_us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)

@@ -19,6 +19,7 @@ from transformers import DeepseekV3Config
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
 
 import mla_patch
+from mla_patch import CACHE_KWARG
 from mla_patch import attention
 
 
@@ -67,7 +68,7 @@ def main(argv=None):
         pos_emb = rope(x, positions)
 
         def step():
-            layer(hidden_states=x, position_embeddings=pos_emb, attention_mask=None, cache=cache)
+            layer(hidden_states=x, position_embeddings=pos_emb, attention_mask=None, **{CACHE_KWARG: cache})
             cache.crop(-S)  # every repeat sees the same T cached tokens
 
         timings = {}

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import mla_patch
+from mla_patch import CACHE_KWARG
 from conftest import build_model, case_seed, rel_err, tiny_config
 
 pytestmark = pytest.mark.cuda
@@ -88,20 +89,20 @@ def test_cuda_graph_capture_of_a_patched_decode_step():
     ids, _ = _prompt(case_seed("graph"), batch=2, length=30)
     cache = StaticCache(config=model.config, max_cache_len=64)
     with torch.no_grad():
-        model(input_ids=ids, cache=cache, use_cache=True)
+        model(input_ids=ids, **{CACHE_KWARG: cache}, use_cache=True)
         token = torch.randint(3, 512, (2, 1), device="cuda")
         position = torch.full((2, 1), 30, device="cuda")
-        eager = model(input_ids=token, position_ids=position, cache=cache, use_cache=True).logits
+        eager = model(input_ids=token, position_ids=position, **{CACHE_KWARG: cache}, use_cache=True).logits
         cache.crop(-1)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
-            model(input_ids=token, position_ids=position, cache=cache, use_cache=True)
+            model(input_ids=token, position_ids=position, **{CACHE_KWARG: cache}, use_cache=True)
             cache.crop(-1)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            captured = model(input_ids=token, position_ids=position, cache=cache, use_cache=True).logits
+            captured = model(input_ids=token, position_ids=position, **{CACHE_KWARG: cache}, use_cache=True).logits
         cache.crop(-1)
         graph.replay()
         torch.cuda.synchronize()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import mla_patch
+from mla_patch import CACHE_KWARG
 from conftest import build_model, case_seed, rel_err, tiny_config
 
 CONFIGS = {
@@ -115,7 +116,7 @@ def test_long_generation_grows_the_cache_several_times():
     cache = mla_patch.LatentCache(config=patched.config, initial_capacity=8)
     kwargs = dict(max_new_tokens=60, do_sample=False, min_new_tokens=60)
     want = stock.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    got = patched.generate(input_ids=ids, attention_mask=mask, cache=cache, **kwargs)
+    got = patched.generate(input_ids=ids, attention_mask=mask, **{CACHE_KWARG: cache}, **kwargs)
     assert torch.equal(want, got)
     assert cache.layers[0].capacity == 88  # the 11-token prompt, then x2 three times for 70 rows
 
@@ -129,7 +130,7 @@ def test_user_caches_still_give_stock_results(cache_kind):
     kwargs = dict(max_new_tokens=15, do_sample=False)
     want = stock.generate(input_ids=ids, attention_mask=mask, **kwargs)
     if cache_kind == "dynamic":
-        got = patched.generate(input_ids=ids, attention_mask=mask, cache=DynamicCache(config=patched.config), **kwargs)
+        got = patched.generate(input_ids=ids, attention_mask=mask, **{CACHE_KWARG: DynamicCache(config=patched.config)}, **kwargs)
     else:
         got = patched.generate(input_ids=ids, attention_mask=mask, cache_implementation="static", **kwargs)
     assert torch.equal(want, got)
@@ -145,10 +146,10 @@ def test_inputs_embeds_and_output_attentions():
     outs = []
     for model in (stock, patched):
         cache = DynamicCache(config=model.config)
-        first = model(inputs_embeds=embeds, attention_mask=mask, cache=cache, use_cache=True)
+        first = model(inputs_embeds=embeds, attention_mask=mask, **{CACHE_KWARG: cache}, use_cache=True)
         step_mask = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], dim=1)
         nxt = model.get_input_embeddings()(first.logits[:, -1:].argmax(-1))
-        outs.append(model(inputs_embeds=nxt, attention_mask=step_mask, cache=cache, use_cache=True, output_attentions=True))
+        outs.append(model(inputs_embeds=nxt, attention_mask=step_mask, **{CACHE_KWARG: cache}, use_cache=True, output_attentions=True))
     assert rel_err(outs[1].logits, outs[0].logits) < 1e-5
     for want, got in zip(outs[0].attentions, outs[1].attentions):
         assert want.shape == got.shape
@@ -285,13 +286,13 @@ def test_compiled_fullgraph_decode_on_a_static_cache():
     def run(model, compiled):
         cache = StaticCache(config=model.config, max_cache_len=32)
         positions = (mask.cumsum(-1) - 1).clamp_min(0)
-        out = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True, position_ids=positions)
+        out = model(input_ids=ids, attention_mask=mask, **{CACHE_KWARG: cache}, use_cache=True, position_ids=positions)
         step = torch.compile(model, fullgraph=True) if compiled else model
         token, step_mask, logits = out.logits[:, -1:].argmax(-1), mask, []
         for _ in range(6):
             step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=mask.dtype)], dim=1)
             positions = (step_mask.cumsum(-1) - 1)[:, -1:]
-            out = step(input_ids=token, attention_mask=step_mask, cache=cache, use_cache=True, position_ids=positions)
+            out = step(input_ids=token, attention_mask=step_mask, **{CACHE_KWARG: cache}, use_cache=True, position_ids=positions)
             logits.append(out.logits)
             token = out.logits[:, -1:].argmax(-1)
         return torch.stack(logits)
