@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 # Build time counts on the device: Hopper only there unless told otherwise.
 export MLA_PATCH_CUDA_ARCHS=${MLA_PATCH_CUDA_ARCHS:-90a}
 export MAX_JOBS=${MAX_JOBS:-8}
