@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The model-level GPU run: build the extension, the GPU model tests, the decode-threshold and the
+# end-to-end generate benchmarks, the evals parity in bf16 and the main job on the GPU.
+# Everything lands in $OUT (default ./out); each stage has its own time limit so one slow stage
+# cannot hide the others. Usage: OUT=dir scripts/gpu_models.sh [stages...]
+#   stages: build tests threshold generate parity demo (default: all)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export MLA_PATCH_CUDA_ARCHS=${MLA_PATCH_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-8}
+stages=${*:-build tests threshold generate parity demo}
+t0=$(date +%s)
+log() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+{ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+  python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } | tee "$OUT/models.txt"
+
+for stage in $stages; do
+  case $stage in
+    build)
+      log build
+      if ! ls mla_patch/_C*.so >/dev/null 2>&1; then
+        python3 setup.py build_ext --inplace >"$OUT/build_models.log" 2>&1 || { tail -40 "$OUT/build_models.log"; echo "BUILD FAILED"; }
+      fi
+      python3 -c "import mla_patch; print(mla_patch.status())" | tee -a "$OUT/models.txt" ;;
+    tests)
+      log tests
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -rs tests --ignore=tests/test_kernel.py -x -s -k "gpu or kernel or cuda" \
+        2>&1 | tee "$OUT/tests_gpu.log" | grep -E "passed|failed|error|rel err|SKIPPED|FAILED" | tail -20 ;;
+    threshold)
+      log threshold
+      timeout 120 python3 scripts/bench_threshold.py --heads 128 --batch 8 --context 4096 --json "$OUT/threshold.json" 2>&1 | tail -12 ;;
+    generate)
+      log generate
+      timeout 330 python3 scripts/bench_generate.py --profile --out "$OUT" 2>&1 | tee "$OUT/bench_generate.log" | grep -vE "^\[transformers\]" | tail -70 ;;
+    parity)
+      log parity
+      timeout 150 python3 -m evals.parity --device cuda --dtype bfloat16 --backend kernel 2>&1 | tee "$OUT/parity_gpu.log" | tail -25 ;;
+    demo)
+      log demo
+      timeout 90 python3 -m mla_patch.demo --device cuda 2>&1 | tee "$OUT/demo_gpu.log" | tail -14 ;;
+  esac
+done
+log done
