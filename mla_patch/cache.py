@@ -156,14 +156,16 @@ class LatentCache(DynamicCache):
     """A DynamicCache whose layers are `LatentLayer`s; generate() gets one after `mla_patch.patch()`.
 
     Args:
-        config: the model config (its number of hidden layers sizes the cache); optional.
+        config: the model config (its layer count and types size the cache); optional.
         initial_capacity: tokens preallocated per layer at the first write (grown x2 when full).
     """
 
     def __init__(self, config=None, initial_capacity: int = INITIAL_CAPACITY, **kwargs):
         if config is not None:
-            num_layers = config.get_text_config(decoder=True).num_hidden_layers
-            layers = [LatentLayer(initial_capacity) for _ in range(num_layers)]
+            # The layers DynamicCache would make for this config, full-attention ones made latent: hybrid
+            # models (Kimi-Linear) keep their linear-attention state layers as transformers builds them.
+            stock = DynamicCache(config=config).layers
+            layers = [LatentLayer(initial_capacity) if type(layer) is DynamicLayer else layer for layer in stock]
             Cache.__init__(self, layers=layers)
         else:
             Cache.__init__(self, layer_class_to_replicate=LatentLayer)

@@ -49,6 +49,11 @@ def rope_cos_sin_interleave(module, q_pe: torch.Tensor, k_pe: torch.Tensor, posi
     return _modeling(module).apply_rotary_pos_emb_interleave(q_pe, k_pe, cos, sin)
 
 
+def rope_none(module, q_pe: torch.Tensor, k_pe: torch.Tensor, position_embeddings):
+    """Kimi-Linear MLA layers are NoPE: the shared "rope" part of the key is used unrotated."""
+    return q_pe, k_pe
+
+
 def q_scale_longcat(module, bound: dict):
     """LongCat-Flash multiplies q_pass and q_rot by (hidden / q_lora_rank) ** 0.5."""
     return module.mla_scale_q_lora
@@ -118,6 +123,8 @@ FAMILIES: dict[str, MlaFamily] = {
             q_scale=q_scale_longcat,
             latent_scale=latent_scale_longcat,
         ),
+        # Hybrid: KDA linear-attention layers stay stock; LatentCache keeps their state layers.
+        _family("kimi_linear", "KimiLinear", rope_none),
     )
 }
 
@@ -137,10 +144,6 @@ NOT_SERVED: dict[str, str] = {
     "mistral_large4": _SPARSE + ", plus cross-layer KV sharing and no-RoPE layers",
     "dots3_note": _SPARSE + " on some layers, plus sliding-window layers, a k_pe norm and an output gate",
     "deepseek_v4": "not MLA: compressed / sliding-window attention with shared K=V heads, no kv_b_proj",
-    "kimi_linear": (
-        "hybrid of KDA linear-attention layers and NoPE MLA layers; the generate() cache must keep the "
-        "linear-attention states, which the latent cache does not hold yet"
-    ),
     "bailing_hybrid": (
         "hybrid of linear-attention and gated MLA layers (a per-head sigmoid output gate); not served yet"
     ),

@@ -69,6 +69,15 @@ CASES = {
         zero_expert_num=2,
         moe_topk=2,
     ),
+    # Hybrid: layers 1 and 3 (1-indexed) NoPE MLA, 2 and 4 KDA linear attention (stock, PyTorch fallback).
+    "kimi_linear": dict(
+        num_hidden_layers=4,
+        moe_intermediate_size=32,
+        num_experts=4,
+        num_experts_per_token=2,
+        linear_attn_config=dict(full_attn_layers=[1, 3], kda_layers=[2, 4], head_dim=16, num_heads=4,
+                                short_conv_kernel_size=4),
+    ),
 }
 
 
@@ -132,7 +141,9 @@ def _generate_both(model_type, dtype, new_tokens, attn="sdpa"):
     stock = _build(model_type, dtype, attn)
     patched = copy.deepcopy(stock)
     report = mla_patch.patch(patched)
-    assert report["patched_layers"] == stock.config.num_hidden_layers
+    family = FAMILIES[model_type]
+    attention_class = getattr(family.load(), family.attention_class)
+    assert report["patched_layers"] == sum(isinstance(m, attention_class) for m in stock.modules()) > 0
     ids, mask = _prompt(case_seed("families", model_type))
     kwargs = dict(max_new_tokens=new_tokens, do_sample=False, output_logits=True, return_dict_in_generate=True)
     want = stock.generate(input_ids=ids, attention_mask=mask, **kwargs)
@@ -160,7 +171,7 @@ def test_family_greedy_generate_matches_stock_float64(model_type):
     print(f"{model_type}: float64 worst step-logit rel err {worst:.1e}")
 
 
-@pytest.mark.parametrize("model_type", ["minicpm3", "mistral4", "longcat_flash"])
+@pytest.mark.parametrize("model_type", ["minicpm3", "mistral4", "longcat_flash", "kimi_linear"])
 def test_family_float32_within_1e4(model_type):
     want, got, worst = _generate_both(model_type, torch.float32, new_tokens=16)
     assert torch.equal(want.sequences, got.sequences)
@@ -281,4 +292,4 @@ def test_family_kernel_decode_step_matches_stock(model_type, dtype, monkeypatch)
     print(f"{model_type} {dtype}: kernel step-logit rel err {got_err:.1e} (stock same dtype {stock_err:.1e})")
     assert got_err < max(2 * stock_err, 1e-2 if dtype == torch.bfloat16 else 2e-3)
     # The 8-token prompt on an empty cache is within DECODE_MAX_NEW_TOKENS, so it runs absorbed too.
-    assert mla_patch.decode_stats()["absorbed_calls"] == 2 * patched.config.num_hidden_layers
+    assert mla_patch.decode_stats()["absorbed_calls"] == 2 * mla_patch.status(patched)["patched_layers"]
