@@ -81,6 +81,15 @@ def _fill(cache, model, batch, context, device):
     return cache
 
 
+def _rewind(cache, tokens=1):
+    """Drop the last `tokens` cached tokens (StaticLayer has no crop() in transformers 5.17)."""
+    for layer in cache.layers:
+        if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
+            layer.cumulative_length.sub_(tokens)
+        else:
+            layer.crop(-tokens)
+
+
 def _median_ms(times):
     return sorted(times)[len(times) // 2]
 
@@ -118,7 +127,7 @@ def time_decode(model, cache, batch, context, steps, device, graph=False):
         for i in range(steps + 2):
             with _Timer(device) as timer:
                 model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
-            cache.crop(-1)
+            _rewind(cache)
             if i >= 2:
                 times.append(timer.ms)
     return _median_ms(times)
@@ -131,12 +140,12 @@ def _time_graph(model, cache, ids, pos, steps):
     with torch.cuda.stream(stream):
         for _ in range(2):  # warm-up outside the graph
             model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
-            cache.crop(-1)
+            _rewind(cache)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
-    cache.crop(-1)
+    _rewind(cache)
     times = []
     for _ in range(steps):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -144,7 +153,7 @@ def _time_graph(model, cache, ids, pos, steps):
         graph.replay()
         end.record()
         torch.cuda.synchronize()
-        cache.crop(-1)
+        _rewind(cache)
         times.append(start.elapsed_time(end))
     del graph
     return _median_ms(times)
@@ -208,7 +217,7 @@ def profile_step(model, name, batch, context, device):
     with torch.no_grad():
         for _ in range(2):
             model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
-            cache.crop(-1)
+            _rewind(cache)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             with _Timer(device) as timer:
