@@ -297,6 +297,7 @@ def main(argv=None):
                         help="skip stock points with batch*context above this (its step re-expands the cache)")
     parser.add_argument("--memory-budget-gib", type=float, default=40.0,
                         help="KV + per-step transient budget for the largest-context estimate")
+    parser.add_argument("--variants", default="stock,patched-torch,patched-kernel,patched-kernel-merged,patched-kernel-graph")
     parser.add_argument("--profile", action="store_true", help="profile one patched step per model (B=16, L=16K)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     args = parser.parse_args(argv)
@@ -325,7 +326,7 @@ def main(argv=None):
             except Exception as err:  # the profile is a diagnosis; never lose the benchmark to it
                 print(f"profile failed: {type(err).__name__}: {err}")
             mla_patch.unpatch(model)
-        for variant in ("stock", "patched-torch", "patched-kernel", "patched-kernel-merged", "patched-kernel-graph"):
+        for variant in args.variants.split(","):
             mla_patch.unpatch(model)  # one set of weights; patched in place per variant
             if variant != "stock":
                 mla_patch.patch(model, backend="torch" if variant == "patched-torch" else "kernel",
