@@ -255,6 +255,8 @@ class MlaAttentionMixin:
             attn_weights = None
         _count("absorbed_calls")
         _count("absorbed_tokens", batch * num_new if self.layer_idx == 0 else 0)
+        if family.out_gate is not None:  # per-head output gate (Ling 3): linear per head, so it scales out_latent
+            out_latent = out_latent * family.out_gate(self, hidden_states).unsqueeze(-1)
 
         if merged:
             out = torch.einsum("bshr,hrd->bsd", out_latent, w_uvo)

@@ -74,6 +74,11 @@ def q_scale_llama4(module, bound: dict):
     return _modeling(module).get_llama_4_attn_scale(position_ids, beta, original)
 
 
+def out_gate_bailing(module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Ling 3 (bailing_hybrid): sigmoid(g_proj(x)) [B, S, H] multiplies each head's attention output."""
+    return torch.sigmoid(module.g_proj(hidden_states).float()).to(hidden_states.dtype)
+
+
 @dataclass(frozen=True)
 class MlaFamily:
     model_type: str
@@ -85,6 +90,8 @@ class MlaFamily:
     q_scale: Callable | None = None
     # (module) -> multiplier of kv_a_layernorm(c) before it is cached
     latent_scale: Callable | None = None
+    # (module, hidden_states) -> [B, S, H] multiplier of each head's attention output, before o_proj
+    out_gate: Callable | None = None
 
     def load(self):
         """The modeling module, or None when this transformers has no such family."""
@@ -125,6 +132,7 @@ FAMILIES: dict[str, MlaFamily] = {
         ),
         # Hybrid: KDA linear-attention layers stay stock; LatentCache keeps their state layers.
         _family("kimi_linear", "KimiLinear", rope_none),
+        _family("bailing_hybrid", "BailingHybrid", rope_cos_sin_interleave, out_gate=out_gate_bailing),  # 5.24+
     )
 }
 
@@ -144,7 +152,4 @@ NOT_SERVED: dict[str, str] = {
     "mistral_large4": _SPARSE + ", plus cross-layer KV sharing and no-RoPE layers",
     "dots3_note": _SPARSE + " on some layers, plus sliding-window layers, a k_pe norm and an output gate",
     "deepseek_v4": "not MLA: compressed / sliding-window attention with shared K=V heads, no kv_b_proj",
-    "bailing_hybrid": (
-        "hybrid of linear-attention and gated MLA layers (a per-head sigmoid output gate); not served yet"
-    ),
 }

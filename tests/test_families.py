@@ -78,6 +78,15 @@ CASES = {
         linear_attn_config=dict(full_attn_layers=[1, 3], kda_layers=[2, 4], head_dim=16, num_heads=4,
                                 short_conv_kernel_size=4),
     ),
+    # Ling 3 hybrid (transformers 5.24+): MLA layers 0 and 2 with a per-head sigmoid output gate, KDA at 1 and 3.
+    "bailing_hybrid": dict(
+        MOE,
+        num_hidden_layers=4,
+        layer_types=["full_attention", "linear_attention", "full_attention", "linear_attention"],
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+        num_local_experts=4,
+        head_dim=16,
+    ),
 }
 
 
@@ -171,7 +180,7 @@ def test_family_greedy_generate_matches_stock_float64(model_type):
     print(f"{model_type}: float64 worst step-logit rel err {worst:.1e}")
 
 
-@pytest.mark.parametrize("model_type", ["minicpm3", "mistral4", "longcat_flash", "kimi_linear"])
+@pytest.mark.parametrize("model_type", ["minicpm3", "mistral4", "longcat_flash", "kimi_linear", "bailing_hybrid"])
 def test_family_float32_within_1e4(model_type):
     want, got, worst = _generate_both(model_type, torch.float32, new_tokens=16)
     assert torch.equal(want.sequences, got.sequences)
@@ -230,6 +239,7 @@ def test_not_served_model_is_left_untouched_with_the_reason(caplog):
         ("longcat_flash", "q_scale", None),
         ("mistral4", "q_scale", None),
         ("minicpm3", "rope", "no_rope"),
+        ("bailing_hybrid", "out_gate", None),
     ],
 )
 def test_family_hooks_are_load_bearing(model_type, field, wrong, monkeypatch):
