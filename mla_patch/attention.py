@@ -33,6 +33,7 @@ DECODE_MAX_NEW_TOKENS = 8
 PATCHED_MODULES: "weakref.WeakSet" = weakref.WeakSet()  # live modules of our classes, for unpatch()
 _stats = {"absorbed_calls": 0, "absorbed_tokens": 0, "prefill_calls": 0, "vanilla_fallbacks": 0}
 _warned: set[str] = set()
+_first_absorbed_layer: list[int] = []  # lowest layer_idx seen on the absorbed path: tokens count there once
 
 
 def decode_stats() -> dict[str, int]:
@@ -43,6 +44,7 @@ def decode_stats() -> dict[str, int]:
 def reset_decode_stats() -> None:
     for key in _stats:
         _stats[key] = 0
+    _first_absorbed_layer.clear()
 
 
 def _count(key: str, amount: int = 1) -> None:
@@ -254,7 +256,13 @@ class MlaAttentionMixin:
             out_latent, _ = ops.mla_decode(q_latent, q_pe, c_rows, k_pe_rows, *ranges, sm_scale, backend=backend)
             attn_weights = None
         _count("absorbed_calls")
-        _count("absorbed_tokens", batch * num_new if self.layer_idx == 0 else 0)
+        # Tokens are counted once per step, at the first patched layer (not layer 0: hybrids such as
+        # Kimi-Linear start with non-MLA layers).
+        if not torch.compiler.is_compiling():
+            if not _first_absorbed_layer or self.layer_idx < _first_absorbed_layer[0]:
+                _first_absorbed_layer[:] = [self.layer_idx]
+            if self.layer_idx == _first_absorbed_layer[0]:
+                _count("absorbed_tokens", batch * num_new)
         if family.out_gate is not None:  # per-head output gate (Ling 3): linear per head, so it scales out_latent
             out_latent = out_latent * family.out_gate(self, hidden_states).unsqueeze(-1)
 
