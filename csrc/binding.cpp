@@ -10,9 +10,12 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cmath>
-#include <string>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
+#include <string>
 #include <tuple>
 
 #include "mla_params.h"
@@ -39,6 +42,8 @@ std::string dims_str(c10::IntArrayRef v) {
 struct DeviceInfo {
   int num_sms = 0;
   int smem_optin = 0;
+  int cc_major = 0;
+  int cc_minor = 0;
 };
 
 DeviceInfo device_info(int dev) {
@@ -47,9 +52,51 @@ DeviceInfo device_info(int dev) {
   DeviceInfo info;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.cc_minor, cudaDevAttrComputeCapabilityMinor, dev));
   if (dev >= 0 && dev < 64) cache[dev] = info;
   return info;
 }
+
+// ---- The sm_90a wgmma path (csrc/mla_decode_wgmma.cuh, kernel v5) for S*H >= 64 on compute capability 9.0.
+// kWgmmaDefaultOn is the switch: false sends every call to the portable mma.sync kernel. The environment
+// variable MLA_PATCH_WGMMA ("0" off, anything else on) overrides it, read once per process; the test-only
+// op mla_patch::_wgmma_mode overrides both.
+constexpr bool kWgmmaDefaultOn = true;
+std::atomic<int> g_wgmma_mode{-1};      // -1: default/environment, 0: off, 1: on where it serves
+std::atomic<int64_t> g_wgmma_calls{0};  // launches of the wgmma path (tests check the dispatch with it)
+
+bool wgmma_enabled() {
+  const int mode = g_wgmma_mode.load();
+  if (mode >= 0) return mode == 1;
+  static const bool env_on = [] {
+    const char* e = std::getenv("MLA_PATCH_WGMMA");
+    return e == nullptr || *e == '\0' ? kWgmmaDefaultOn : std::strcmp(e, "0") != 0;
+  }();
+  return env_on;
+}
+
+// Whether the loaded binary has the sm_90a body of the wgmma kernel (a build without 90a has a stub).
+bool wgmma_built(int dev, bool bf16, int64_t R) {
+  static int cache[64][4] = {};  // 0 unknown, 1 yes, 2 no
+  const int k = (bf16 ? 0 : 2) + (R == 512 ? 0 : 1);
+  if (dev >= 0 && dev < 64 && cache[dev][k] != 0) return cache[dev][k] == 1;
+  bool ok;
+  if (R == 512) {
+    ok = bf16 ? mla_wgmma_built<MlaDtype::kBF16, 512, 64>() : mla_wgmma_built<MlaDtype::kFP16, 512, 64>();
+  } else {
+    ok = bf16 ? mla_wgmma_built<MlaDtype::kBF16, 256, 32>() : mla_wgmma_built<MlaDtype::kFP16, 256, 32>();
+  }
+  if (dev >= 0 && dev < 64) cache[dev][k] = ok ? 1 : 2;
+  return ok;
+}
+
+int64_t wgmma_mode_op(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _wgmma_mode takes -1 (default), 0 (off) or 1 (on)");
+  return g_wgmma_mode.exchange(static_cast<int>(mode));
+}
+
+int64_t wgmma_calls_op() { return g_wgmma_calls.load(); }
 
 void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, "mla_decode: ", name, " must have ", num(dim), " dims, got shape ", dims_str(t.sizes()));
@@ -122,8 +169,13 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const size_t smem_needed = mla_decode_smem_bytes(static_cast<int>(R), static_cast<int>(P), 32, kMlaMinStages);
   TORCH_CHECK(static_cast<size_t>(info.smem_optin) >= smem_needed, "mla_decode: the kernel needs ", num(smem_needed),
               " bytes of shared memory per block, this GPU allows ", num(info.smem_optin));
-  const int num_splits = mla_decode_num_splits(static_cast<int>(B), static_cast<int>(S), static_cast<int>(H),
-                                               static_cast<int>(T), num_sms);
+  const bool bf16 = dtype == at::kBFloat16;
+  const bool use_wgmma = S * H >= kMlaWgmmaMinRows && info.cc_major == 9 && info.cc_minor == 0 && wgmma_enabled() &&
+                         static_cast<size_t>(info.smem_optin) >= mla_wgmma_smem_bytes(static_cast<int>(R), static_cast<int>(P)) &&
+                         wgmma_built(device.index(), bf16, R);
+  const int num_splits =
+      use_wgmma ? mla_wgmma_num_splits(static_cast<int>(B), static_cast<int>(S), static_cast<int>(H), static_cast<int>(T), num_sms)
+                : mla_decode_num_splits(static_cast<int>(B), static_cast<int>(S), static_cast<int>(H), static_cast<int>(T), num_sms);
   at::Tensor o_partial, lse_partial;
   if (num_splits > 1) {
     auto f32 = q_latent.options().dtype(at::kFloat);
@@ -161,8 +213,16 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   cudaError_t err;
-  const bool bf16 = dtype == at::kBFloat16;
-  if (R == 512) {
+  if (use_wgmma) {
+    g_wgmma_calls.fetch_add(1);
+    if (R == 512) {
+      err = bf16 ? launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64>(p, stream)
+                 : launch_mla_decode_wgmma<MlaDtype::kFP16, 512, 64>(p, stream);
+    } else {
+      err = bf16 ? launch_mla_decode_wgmma<MlaDtype::kBF16, 256, 32>(p, stream)
+                 : launch_mla_decode_wgmma<MlaDtype::kFP16, 256, 32>(p, stream);
+    }
+  } else if (R == 512) {
     err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 512, 64>(p, stream)
                : launch_mla_decode<MlaDtype::kFP16, 512, 64>(p, stream);
   } else {
@@ -190,6 +250,9 @@ TORCH_LIBRARY(mla_patch, m) {
   m.def(
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor c_kv, Tensor k_pe, Tensor kv_start, Tensor kv_end, "
       "float sm_scale) -> (Tensor, Tensor)");
+  // Test hooks of the sm_90a dispatch: set the mode (returns the previous one), count the launches.
+  m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
+  m.def("_wgmma_calls() -> int", &wgmma_calls_op);
 }
 
 TORCH_LIBRARY_IMPL(mla_patch, CUDA, m) { m.impl("mla_decode", &mla_decode_cuda); }

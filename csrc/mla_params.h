@@ -51,8 +51,7 @@ inline int mla_decode_m_tile(int S, int H) { return S * H <= 16 ? 16 : 32; }
 // fill one wave: splits = floor(SMs / (B * m_tiles)), at most one split per 32-row tile of
 // capacity. The kernel cuts each sequence's actual range evenly, so a short sequence in a long
 // buffer still gets balanced splits (the surplus ones are empty and exit at once).
-inline int mla_decode_num_splits(int B, int S, int H, int T, int num_sms) {
-  const int m_tile = mla_decode_m_tile(S, H);
+inline int mla_num_splits_for(int B, int S, int H, int T, int num_sms, int m_tile) {
   const long m_tiles = (static_cast<long>(S) * H + m_tile - 1) / m_tile;
   const long base = static_cast<long>(B) * m_tiles;
   if (base <= 0 || T <= 0) return 1;
@@ -61,6 +60,9 @@ inline int mla_decode_num_splits(int B, int S, int H, int T, int num_sms) {
   if (splits > by_len) splits = by_len;
   if (splits > kMlaMaxSplits) splits = kMlaMaxSplits;
   return splits < 1 ? 1 : static_cast<int>(splits);
+}
+inline int mla_decode_num_splits(int B, int S, int H, int T, int num_sms) {
+  return mla_num_splits_for(B, S, H, T, num_sms, mla_decode_m_tile(S, H));
 }
 
 // Dynamic shared memory of the main kernel, 2-byte inputs (see mla_decode.cuh): `stages` cache
@@ -79,3 +81,26 @@ constexpr size_t mla_decode_smem_bytes(int R, int P, int m_tile, int stages) {
 // mla_decode_<dtype>_r<R>.cu for the supported (dtype, R, P).
 template <MlaDtype DT, int R, int P>
 cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream);
+
+// ---- sm_90a wgmma path (mla_decode_wgmma.cuh, kernel v5): 64 query rows a CTA, two warpgroups,
+// 32-row cache tiles in kMlaWgmmaStages stages, 128-byte swizzled [64-column block][row][64] layout.
+constexpr int kMlaWgmmaMTile = 64;
+constexpr int kMlaWgmmaStages = 3;
+constexpr int kMlaWgmmaMinRows = 64;  // S*H from which binding.cpp takes this path
+constexpr int mla_wgmma_col_blocks(int R, int P) { return (R + P + 63) / 64; }
+// 1 KB alignment slack + Q [blocks][64][128 B] + stages x [blocks][32][128 B] + score exchange 16 KB.
+constexpr size_t mla_wgmma_smem_bytes(int R, int P) {
+  return 1024 + static_cast<size_t>(mla_wgmma_col_blocks(R, P)) * 128 * (kMlaWgmmaMTile + kMlaWgmmaStages * kMlaNTile) +
+         2 * 4 * 128 * 16;
+}
+// One CTA per SM as in mla_decode_kernel, with 64-row M tiles.
+inline int mla_wgmma_num_splits(int B, int S, int H, int T, int num_sms) {
+  return mla_num_splits_for(B, S, H, T, num_sms, kMlaWgmmaMTile);
+}
+
+// Host launcher of the wgmma path (main kernel, then the same LSE combine), and whether the loaded
+// binary holds its sm_90a body. Instantiated in mla_decode_wgmma_<dtype>_r<R>.cu.
+template <MlaDtype DT, int R, int P>
+cudaError_t launch_mla_decode_wgmma(const MlaDecodeParams& params, cudaStream_t stream);
+template <MlaDtype DT, int R, int P>
+bool mla_wgmma_built();

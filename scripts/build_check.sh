@@ -2,7 +2,7 @@
 # Compile-only check of csrc/ for CI machines without a GPU.
 #   1. every csrc/*.cu with nvcc for sm_90a and sm_80 (no torch needed): errors fail the script;
 #      register/spill/shared-memory usage is printed, and any spill fails it (the kernel is written
-#      to keep its accumulators in registers).
+#      to keep its accumulators in registers), and so does a serialized wgmma pipeline (ptxas C751x).
 #   2. csrc/binding.cpp syntax-checked against the installed torch's headers when torch imports
 #      (a CPU-only torch is enough: binding.cpp includes only c10/cuda headers, not cuBLAS ones; the
 #      one generated header CPU wheels lack, c10/cuda/impl/cuda_cmake_macros.h, is stubbed).
@@ -30,6 +30,11 @@ for f in csrc/*.cu; do
       gsub(/^ +/, "", sp); printf "ok   %-28s %-9s %-20s %s  %s\n", f, arch, r, sp, substr(fn, 1, 50) }' "$log"
   if grep -E "[1-9][0-9]* bytes spill (stores|loads)" "$log" >/dev/null; then
     echo "FAIL $f spills registers"; status=1
+  fi
+  # ptxas serializes every wgmma of a kernel (C7510-C7519 "Potential Performance Loss") when a register
+  # of an in-flight wgmma is touched: the sm_90a path would run correct but several times slower.
+  if grep -E "C751[0-9]\) Potential Performance Loss" "$log" >/dev/null; then
+    grep -E "C751[0-9]" "$log"; echo "FAIL $f: wgmma serialized"; status=1
   fi
 done
 

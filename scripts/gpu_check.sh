@@ -28,8 +28,8 @@ if [ "$mode" != "--bench-only" ] || ! ls mla_patch/_C*.so >/dev/null 2>&1; then
   fi
   so=$(ls mla_patch/_C*.so)
   echo "built $so in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/gpu.txt"
-  { echo "HMMA: $(cuobjdump -sass "$so" | grep -c HMMA)  LDL/STL: $(cuobjdump -sass "$so" | grep -cE 'LDL|STL')"
-    cuobjdump -res-usage "$so" 2>/dev/null | grep -E "Function|REG" | head -20; } | tee -a "$OUT/gpu.txt"
+  { echo "HMMA: $(cuobjdump -sass "$so" | grep -c HMMA)  HGMMA: $(cuobjdump -sass "$so" | grep -c HGMMA)  LDL/STL: $(cuobjdump -sass "$so" | grep -cE 'LDL|STL')"
+    cuobjdump -res-usage "$so" 2>/dev/null | grep -E "Function|REG" | head -40; } | tee -a "$OUT/gpu.txt"
 fi
 
 if [ "$mode" != "--bench-only" ]; then
