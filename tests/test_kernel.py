@@ -191,6 +191,120 @@ def test_long_context(H, S):
     )
 
 
+# ---- The sm_90a wgmma path (kernel v5, S*H >= 64 on compute capability 9.0) and the mma.sync path,
+# each forced through the test hook torch.ops.mla_patch._wgmma_mode (1 on, 0 off, -1 default).
+IS_SM90 = torch.cuda.get_device_capability() == (9, 0)
+PATHS = ["wgmma", "mma"]
+
+
+def _check_path(path, inputs, tag):
+    """check_case with the dispatch forced to `path`; asserts the wgmma path ran exactly when asked."""
+    if path == "wgmma" and not IS_SM90:
+        pytest.skip("the wgmma path needs compute capability 9.0")
+    op = torch.ops.mla_patch
+    prev = op._wgmma_mode(1 if path == "wgmma" else 0)
+    try:
+        calls = op._wgmma_calls()
+        check_case(inputs, f"{path} {tag}")
+        ran = op._wgmma_calls() - calls
+    finally:
+        op._wgmma_mode(prev)
+    S, H = inputs[0].shape[1], inputs[0].shape[2]
+    assert ran == (1 if path == "wgmma" and S * H >= 64 else 0), f"{path} {tag}: wgmma launches {ran}"
+
+
+@pytest.mark.parametrize("layout", ["packed", "separate"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("S", [1, 2])
+@pytest.mark.parametrize("H", [64, 128])
+@pytest.mark.parametrize("dims", DIMS, ids=lambda d: f"R{d[0]}P{d[1]}")
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_sweep(path, dims, H, S, dtype, layout):
+    """Both paths on ragged lengths: 1, 0, 33, random, the full capacity."""
+    R, P = dims
+    seed = _seed("paths", dims, H, S, str(dtype), layout)
+    g = torch.Generator().manual_seed(seed)
+    T = int(torch.randint(200, 1500, (1,), generator=g).item())
+    lens = [1, 0, 33, int(torch.randint(2, T, (1,), generator=g).item()), T]
+    tag = f"R={R} P={P} H={H} S={S} {dtype} {layout} T={T} lens={lens} seed={seed}"
+    _check_path(path, make_case(len(lens), S, H, R, P, T, lens, dtype, layout, seed), tag)
+
+
+@pytest.mark.parametrize("layout", ["packed", "separate"])
+@pytest.mark.parametrize("H, S", [(64, 1), (128, 1), (128, 2), (40, 2)])
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_tile_edges(path, H, S, layout):
+    """Lengths around the 32-row tile and the split boundaries, a batch large enough for no split too."""
+    seed = _seed("paths-edges", H, S, layout)
+    lens = [1, 2, 31, 32, 33, 63, 64, 65, 95, 96, 97, 127, 128, 129, 255, 256, 257, 1000, 4095, 4096, 0]
+    tag = f"edges H={H} S={S} {layout} lens={lens} seed={seed}"
+    _check_path(path, make_case(len(lens), S, H, 512, 64, 4096, lens, torch.bfloat16, layout, seed), tag)
+
+
+@pytest.mark.parametrize("H", [64, 128])
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_batch_one(path, H):
+    """Batch 1 (many splits, the combine) at a few lengths, and short sequences in a long buffer."""
+    for L in (1, 31, 32, 33, 1000, 4096):
+        seed = _seed("paths-b1", H, L)
+        _check_path(path, make_case(1, 1, H, 512, 64, 4096, [L], torch.bfloat16, "packed", seed), f"B=1 H={H} L={L} seed={seed}")
+    seed = _seed("paths-sparse", H)
+    lens = [5, 100, 0, 37]
+    _check_path(path, make_case(4, 2, H, 512, 64, 32768, lens, torch.bfloat16, "packed", seed), f"sparse H={H} lens={lens} seed={seed}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_growing_scores(path, dtype):
+    """The running max jumps many times (rescale path), 128 heads, two new tokens."""
+    B, S, H, R, P, T = 2, 2, 128, 512, 64, 3000
+    seed = _seed("paths-growing", str(dtype))
+    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(B, S, H, R, P, T, [3000, 1234], dtype, "separate", seed)
+    ramp = torch.linspace(0.2, 4.0, T, device=DEV)[None, :, None]
+    inputs = (q_latent, q_pe, (c_kv.float() * ramp).to(dtype), (k_pe.float() * ramp).to(dtype), kv_start, kv_end)
+    _check_path(path, inputs, f"growing {dtype} seed={seed}")
+
+
+def test_paths_strided_queries():
+    """Queries as views of one [B, S, H, R+P] buffer through the wgmma path."""
+    B, S, H, R, P, T = 3, 1, 128, 512, 64, 700
+    seed = _seed("paths-strided")
+    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(B, S, H, R, P, T, [700, 3, 450], torch.bfloat16, "packed", seed)
+    qbuf = torch.cat([q_latent, q_pe], dim=-1)
+    _check_path("wgmma", (qbuf[..., :R], qbuf[..., R:], c_kv, k_pe, kv_start, kv_end), f"strided seed={seed}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("S", [2])
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_long_context(path, S):
+    """128K tokens at batch 1 and a ragged batch of long sequences, 128 heads (test_long_context runs
+    the default dispatch, the wgmma path on an H100, at S = 1 and 2)."""
+    seed = _seed("paths-long", S)
+    T = 131072
+    _check_path(path, make_case(1, S, 128, 512, 64, T, [T], torch.bfloat16, "packed", seed), f"long B=1 S={S} seed={seed}")
+    lens = [T - 17, 65537, 1]
+    _check_path(path, make_case(3, S, 128, 512, 64, T, lens, torch.bfloat16, "separate", seed + 1),
+                f"long B=3 S={S} lens={lens} seed={seed + 1}")
+
+
+def test_paths_agree():
+    """The two paths agree closely on one H=128 case (both near the float64 reference)."""
+    if not IS_SM90:
+        pytest.skip("the wgmma path needs compute capability 9.0")
+    inputs = make_case(4, 1, 128, 512, 64, 2048, [2048, 1, 900, 0], torch.bfloat16, "packed", _seed("agree"))
+    op = torch.ops.mla_patch
+    prev = op._wgmma_mode(1)
+    try:
+        out1, lse1 = run_kernel(*inputs)
+        op._wgmma_mode(0)
+        out0, lse0 = run_kernel(*inputs)
+    finally:
+        op._wgmma_mode(prev)
+    assert _rel(out1, out0) < 1e-2
+    torch.testing.assert_close(lse1, lse0, rtol=0, atol=1e-3)
+
+
 def test_dispatch_through_ops():
     """mla_patch.ops.mla_decode with backend='kernel' reaches the kernel and agrees with it."""
     inputs = make_case(2, 1, 16, 512, 64, 300, [300, 77], torch.bfloat16, "packed", _seed("ops"))
