@@ -61,7 +61,7 @@ DeviceInfo device_info(int dev) {
 // ---- The sm_90a wgmma path (csrc/mla_decode_wgmma.cuh, kernel v5) for S*H >= 64 on compute capability 9.0.
 // kWgmmaDefaultOn is the switch: false sends every call to the portable mma.sync kernel. The environment
 // variable MLA_PATCH_WGMMA ("0" off, anything else on) overrides it, read once per process; the test-only
-// op mla_patch::_wgmma_mode overrides both.
+// op mla_patch::_wgmma_mode overrides both (tests skip the forced-on cases when this default is false).
 constexpr bool kWgmmaDefaultOn = true;
 std::atomic<int> g_wgmma_mode{-1};      // -1: default/environment, 0: off, 1: on where it serves
 std::atomic<int64_t> g_wgmma_calls{0};  // launches of the wgmma path (tests check the dispatch with it)
@@ -97,6 +97,8 @@ int64_t wgmma_mode_op(int64_t mode) {
 }
 
 int64_t wgmma_calls_op() { return g_wgmma_calls.load(); }
+
+int64_t wgmma_default_op() { return kWgmmaDefaultOn ? 1 : 0; }
 
 void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, "mla_decode: ", name, " must have ", num(dim), " dims, got shape ", dims_str(t.sizes()));
@@ -253,6 +255,7 @@ TORCH_LIBRARY(mla_patch, m) {
   // Test hooks of the sm_90a dispatch: set the mode (returns the previous one), count the launches.
   m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
   m.def("_wgmma_calls() -> int", &wgmma_calls_op);
+  m.def("_wgmma_default() -> int", &wgmma_default_op);
 }
 
 TORCH_LIBRARY_IMPL(mla_patch, CUDA, m) { m.impl("mla_decode", &mla_decode_cuda); }

@@ -195,12 +195,21 @@ def test_long_context(H, S):
 # each forced through the test hook torch.ops.mla_patch._wgmma_mode (1 on, 0 off, -1 default).
 IS_SM90 = torch.cuda.get_device_capability() == (9, 0)
 PATHS = ["wgmma", "mma"]
+# kWgmmaDefaultOn in csrc/binding.cpp: when it is switched off, the forced-on cases are skipped.
+WGMMA_DEFAULT_ON = bool(torch.ops.mla_patch._wgmma_default())
+
+
+def _skip_unless_wgmma():
+    if not IS_SM90:
+        pytest.skip("the wgmma path needs compute capability 9.0")
+    if not WGMMA_DEFAULT_ON:
+        pytest.skip("the wgmma path is switched off in this build (kWgmmaDefaultOn)")
 
 
 def _check_path(path, inputs, tag):
     """check_case with the dispatch forced to `path`; asserts the wgmma path ran exactly when asked."""
-    if path == "wgmma" and not IS_SM90:
-        pytest.skip("the wgmma path needs compute capability 9.0")
+    if path == "wgmma":
+        _skip_unless_wgmma()
     op = torch.ops.mla_patch
     prev = op._wgmma_mode(1 if path == "wgmma" else 0)
     try:
@@ -290,8 +299,7 @@ def test_paths_long_context(path, S):
 
 def test_paths_agree():
     """The two paths agree closely on one H=128 case (both near the float64 reference)."""
-    if not IS_SM90:
-        pytest.skip("the wgmma path needs compute capability 9.0")
+    _skip_unless_wgmma()
     inputs = make_case(4, 1, 128, 512, 64, 2048, [2048, 1, 900, 0], torch.bfloat16, "packed", _seed("agree"))
     op = torch.ops.mla_patch
     prev = op._wgmma_mode(1)
