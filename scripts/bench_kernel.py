@@ -9,6 +9,8 @@ packed cache layout, scale 1/sqrt(192):
   FLOPs = 2*B*H*S*L*(R+P) + 2*B*H*S*L*R;
   % of the copy bandwidth measured in the same run.
 The PyTorch reference op (mla_patch.reference) is timed on the same inputs (events, no graph).
+Each row records the dispatch path (the sm_90a wgmma kernel or the mma.sync kernel); where it is wgmma,
+the mma.sync kernel is timed on the same sets too (mma_us), unless --no-mma-compare.
 FlashInfer's MLA decode is timed when `flashinfer` imports (it is not on the device image).
 Writes bench_kernel.json and bench_kernel.png under --out.
 """
@@ -111,6 +113,8 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--profile-one", default="", metavar="H,B,L",
                     help="only call the op 5 times on one config (for ncu), no timing")
+    ap.add_argument("--no-mma-compare", action="store_true",
+                    help="where the sm_90a wgmma path runs, skip timing the mma.sync kernel on the same sets")
     ap.add_argument("--ref-max-bytes", type=float, default=2.5e9, help="skip the reference above this cache size")
     args = ap.parse_args()
     assert ops.has_kernel(), ops.extension_error()
@@ -153,10 +157,23 @@ def main() -> None:
         sets = [make_set(B, S, H, L, gen=gen) for _ in range(n_sets)]
         op = torch.ops.mla_patch.mla_decode
         fns = [lambda s=s: op(*s, SCALE) for s in sets]
+        calls = torch.ops.mla_patch._wgmma_calls()
         us = time_graph(fns)
+        path = "wgmma" if torch.ops.mla_patch._wgmma_calls() > calls else "mma"
+        mma_us = None
+        if path == "wgmma" and not args.no_mma_compare:
+            # The same sets through the mma.sync kernel (v4), for the side-by-side in one run.
+            prev = torch.ops.mla_patch._wgmma_mode(0)
+            try:
+                mma_us = time_graph(fns)
+            finally:
+                torch.ops.mla_patch._wgmma_mode(prev)
         flops = 2 * B * H * S * L * (R + P) + 2 * B * H * S * L * R
         row = dict(H=H, B=B, L=L, S=S, n_sets=n_sets, us=us, gbs=cache_bytes / (us * 1e-6) / 1e9,
-                   tflops=flops / (us * 1e-6) / 1e12)
+                   tflops=flops / (us * 1e-6) / 1e12, path=path)
+        if mma_us is not None:
+            row["mma_us"] = mma_us
+            row["mma_pct_copy"] = 100 * cache_bytes / (mma_us * 1e-6) / 1e9 / copy_gbs
         row["pct_copy"] = 100 * row["gbs"] / copy_gbs
         if L in LS:
             peer = PEERS.get(H, {}).get(B)
@@ -180,21 +197,23 @@ def main() -> None:
         torch.cuda.empty_cache()
         ref = f"{row['ref_us']:9.0f}" if row.get("ref_us") else "        -"
         peer = f"{row['peer_us']:7.1f} {row['peer_pct']:5.0f}%" if "peer_us" in row else "      -      -"
+        mma = f" | mma.sync {mma_us:7.1f} us {row['mma_pct_copy']:5.1f}%" if mma_us is not None else ""
         print(f"H={H:3d} B={B:3d} L={L:6d}  {us:8.1f} us  {row['gbs']:6.0f} GB/s  {row['tflops']:5.0f} TFLOP/s  "
-              f"{row['pct_copy']:5.1f}% copy | peer {peer} | ref {ref} us", flush=True)
+              f"{row['pct_copy']:5.1f}% copy [{path}] | peer {peer} | ref {ref} us{mma}", flush=True)
 
     res = dict(ceilings=ceil, commit=commit, flashinfer=fi if isinstance(fi, str) else "imported", rows=rows,
                date=time.strftime("%Y-%m-%d", time.gmtime()))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_kernel.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print("\n| H | B | L | us | GB/s | TFLOP/s | % copy | peer % (us) | ref us |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| H | B | L | path | us | GB/s | TFLOP/s | % copy | peer % (us) | ref us | mma.sync us (% copy) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         peer = f"{r['peer_pct']:.0f} ({r['peer_us']:.1f})" if "peer_us" in r else "-"
         ref = f"{r['ref_us']:.0f}" if r.get("ref_us") else "-"
-        print(f"| {r['H']} | {r['B']} | {r['L']} | {r['us']:.1f} | {r['gbs']:.0f} | {r['tflops']:.0f} | "
-              f"{r['pct_copy']:.0f} | {peer} | {ref} |")
+        mma = f"{r['mma_us']:.1f} ({r['mma_pct_copy']:.0f})" if "mma_us" in r else "-"
+        print(f"| {r['H']} | {r['B']} | {r['L']} | {r['path']} | {r['us']:.1f} | {r['gbs']:.0f} | {r['tflops']:.0f} | "
+              f"{r['pct_copy']:.0f} | {peer} | {ref} | {mma} |")
     try:
         import matplotlib
 

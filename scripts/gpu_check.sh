@@ -37,6 +37,14 @@ if [ "$mode" != "--bench-only" ]; then
   # --noconftest: the kernel tests need none of the shared fixtures (keeps them independent of the patch code).
   MLA_PATCH_SLOW=1 MLA_PATCH_KERNEL_ERRLOG="$OUT/kernel_errors.jsonl" timeout 420 \
     python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_kernel.py 2>&1 | tee "$OUT/pytest.log" | tail -n 40
+  # Fail-safe for the sm_90a wgmma path (kernel v5): if any forced-wgmma case failed, or the run died or
+  # timed out (a crash poisons the CUDA context), benchmark the mma.sync kernel only, so the run still
+  # yields numbers. Switch it off for good with kWgmmaDefaultOn = false in csrc/binding.cpp.
+  if grep -qE "FAILED .*wgmma|Fatal Python error|illegal|unspecified launch failure" "$OUT/pytest.log" \
+      || ! grep -qE "[0-9]+ passed" "$OUT/pytest.log"; then
+    echo "WGMMA PATH SUSPECT: the benchmark runs with MLA_PATCH_WGMMA=0" | tee -a "$OUT/gpu.txt"
+    export MLA_PATCH_WGMMA=0
+  fi
   python3 - "$OUT/kernel_errors.jsonl" <<'PY'
 import json, sys, collections
 worst = collections.defaultdict(lambda: [0.0, 0.0, 0.0, ""])
