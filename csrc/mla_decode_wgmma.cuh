@@ -5,8 +5,9 @@
 // Grid: x = 64-row tile of the S*H query rows (fastest: H = 128 has 2, adjacent, so the second read
 // of each cache tile is an L2 hit), y = KV split, z = sequence. Block: 256 threads = 2 warpgroups.
 // Per 32-row cache tile i (the CTA's rows [cb, ce) cut as in mla_decode_kernel):
-//   QK: warpgroup w computes partial scores of all 64 query rows against the 32 cache rows over its
-//       half of the 576 (288) columns: wgmma m64n32k16, A = Q and B = K both from shared memory.
+//   QK: warpgroup w computes partial scores of all 64 query rows against the 32 cache rows over half of
+//       the 576 (288) columns, the 16-column k-steps 2j + w: wgmma m64n32k16, A = Q and B = K both from
+//       shared memory.
 //       The two partials are summed through shared memory (thread t of each warpgroup holds the same
 //       fragment positions, so each adds the other's 16 values): both then hold the full scores.
 //   softmax: both warpgroups run the same online softmax (log2 domain, lazy rescale as in v3) on the
@@ -70,6 +71,14 @@ __device__ __forceinline__ void fence_operand(uint32_t (&r)[N][4]) {
 __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
   return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
          (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
+}
+// The same split in words: low = address and LBO, high = SBO and the swizzle mode. Adding a byte offset
+// / 16 to the low word moves the start address (it stays below 2^18, so nothing carries into LBO).
+__device__ __forceinline__ uint32_t smem_desc_lo(uint32_t addr, uint32_t lbo) {
+  return ((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16);
+}
+__device__ __forceinline__ uint64_t smem_desc_kmajor(uint32_t lo) {  // SBO 1024 bytes
+  return (static_cast<uint64_t>((1024u >> 4) | (1u << 30)) << 32) | lo;
 }
 
 template <MlaDtype DT, int NV>
@@ -191,15 +200,16 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
     cp_async_commit();
   }
 
-  // QK k-steps of this warpgroup: kk = wg * KS_WG + j, column block kk / 4, 32 bytes a k-step inside it.
-  const uint64_t desc_q = smem_desc(s_q, 16, 1024);
+  // QK k-steps of this warpgroup: kk = 2j + wg (interleaved, so the offset of step j is a constant plus
+  // wg * 32 bytes): column block j / 2, byte 32 (2 (j % 2) + wg) inside it. Descriptors are built as a
+  // low word (address, LBO) plus a constant high word (SBO, swizzle), so a step costs one 32-bit add.
+  const uint32_t q_lo = smem_desc_lo(s_q + wg * 32, 16);
   auto qk = [&](float (&sacc)[16], int stage) {
-    const uint64_t desc_k = smem_desc(s_kv + stage * KV_BYTES, 16, 1024);
+    const uint32_t k_lo = smem_desc_lo(s_kv + stage * KV_BYTES + wg * 32, 16);
 #pragma unroll
     for (int j = 0; j < KS_WG; ++j) {
-      const int kk = wg * KS_WG + j;
-      const uint32_t qo = (kk >> 2) * Q_BLK + (kk & 3) * 32, ko = (kk >> 2) * KV_BLK + (kk & 3) * 32;
-      wgmma_ss_m64n32<DT>(sacc, desc_q + (qo >> 4), desc_k + (ko >> 4), j > 0 ? 1 : 0);
+      const uint32_t qo = (j >> 1) * Q_BLK + (j & 1) * 64, ko = (j >> 1) * KV_BLK + (j & 1) * 64;
+      wgmma_ss_m64n32<DT>(sacc, smem_desc_kmajor(q_lo + (qo >> 4)), smem_desc_kmajor(k_lo + (ko >> 4)), j > 0 ? 1 : 0);
     }
   };
   // PV: V rows 16 ks.. of the stage, columns of blocks [wg NVB, (wg+1) NVB).
