@@ -15,13 +15,14 @@
 //       layout (the accumulator layout of QK is that layout).
 //   PV: warpgroup w owns output columns [w R/2, (w+1) R/2) for all 64 rows: wgmma m64n(R/2)k16,
 //       A = P from registers, B = V = the tile's latent columns, MN-major (transposed) from shared memory.
-// Pipeline: at [X] tile i+1 has landed; QK(i+1) and PV(i) are issued back to back, softmax(i+1)
-// runs on the CUDA cores while PV(i) runs on the tensor cores. Barriers a tile: [X] and the
+// Pipeline: at [X] tile i+1 has landed; QK(i+1) and PV(i) are issued back to back, then the copy of
+// tile i+2 (into the stage of tile i-1), and softmax(i+1) runs on the CUDA cores while PV(i) runs on
+// the tensor cores. Barriers a tile: [X] and the
 // partial-score exchange.
 // Shared memory (1024-aligned, 128-byte swizzle: 16-byte chunk c of row r sits at chunk c ^ (r % 8)
 // of its 128-byte row, the layout wgmma's swizzle mode reads): Q [NB blocks][64 rows][64 cols],
 // STAGES cache tiles [NB][32 rows][64 cols] filled by cp.async (zero-fill outside [cb, ce), so NaN
-// rows never reach a product), the partial-score exchange [2][4][128] float4.
+// rows never reach a product), the partial-score exchange [2][4][128] float4, a 2 KB scratch.
 #pragma once
 
 #include "mla_decode.cuh"
@@ -106,13 +107,15 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
   constexpr int CHUNKS = D / 8;
   static_assert(N == 32 && M == 64 && KSTEPS % 2 == 0 && (NV == 128 || NV == 256) && STAGES >= 2,
                 "layout assumes 64 query rows, 32-row tiles, R in {256, 512}");
-  static_assert(mla_wgmma_smem_bytes(R, P) == 1024 + Q_BYTES + STAGES * KV_BYTES + 2 * 4 * 128 * 16, "smem size");
+  static_assert(mla_wgmma_smem_bytes(R, P) == 1024 + Q_BYTES + STAGES * KV_BYTES + 2 * 4 * 128 * 16 + 256 * 8,
+                "smem size");
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
   const uint32_t s_q = (raw_addr + 1023) & ~1023u;
   const uint32_t s_kv = s_q + Q_BYTES;
   float4* xchg = reinterpret_cast<float4*>(smem_raw + (s_q - raw_addr) + Q_BYTES + STAGES * KV_BYTES);
+  float2* scratch = reinterpret_cast<float2*>(xchg + 2 * 4 * 128);  // [256], see the loop
 
   const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127, lane = tid & 31;
   const int gq = lane >> 2, tq = lane & 3;
@@ -327,8 +330,6 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
     cp_async_wait<0>();
     fence_proxy_async();
     __syncthreads();
-    if (it + STAGES - 1 < n_tiles) load_tile(it + STAGES - 1, (it + STAGES - 1) % STAGES);
-    cp_async_commit();
 
     fence_operand(sacc);
     fence_operand(o);
@@ -338,10 +339,17 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
     wgmma_commit();
     pv(o, pa, it % STAGES);
     wgmma_commit();
+    // Prefetch tile it+2 into the stage of tile it-1 (neither wgmma in flight reads it) while they run.
+    if (it + STAGES - 1 < n_tiles) load_tile(it + STAGES - 1, (it + STAGES - 1) % STAGES);
+    cp_async_commit();
     wgmma_wait<1>();  // QK(it+1) done, PV(it) may still run
     fence_operand(sacc);
     float a0, a1;
     softmax(sacc, it + 1, p0, p1, a0, a1);
+    // ptxas hoists the PV wait up to the last shared-memory access before it (the exchange loads), which
+    // would run the exponentials after PV(it) instead of under it; this store of the running sums (which
+    // depend on every exponential) keeps the wait below the softmax. Its slot is written and never read.
+    scratch[tid] = make_float2(l0, l1);
     wgmma_wait<0>();
     fence_operand(o);
     fence_operand(pa);

@@ -88,10 +88,11 @@ constexpr int kMlaWgmmaMTile = 64;
 constexpr int kMlaWgmmaStages = 3;
 constexpr int kMlaWgmmaMinRows = 64;  // S*H from which binding.cpp takes this path
 constexpr int mla_wgmma_col_blocks(int R, int P) { return (R + P + 63) / 64; }
-// 1 KB alignment slack + Q [blocks][64][128 B] + stages x [blocks][32][128 B] + score exchange 16 KB.
+// 1 KB alignment slack + Q [blocks][64][128 B] + stages x [blocks][32][128 B] + score exchange 16 KB
+// + 2 KB scratch.
 constexpr size_t mla_wgmma_smem_bytes(int R, int P) {
   return 1024 + static_cast<size_t>(mla_wgmma_col_blocks(R, P)) * 128 * (kMlaWgmmaMTile + kMlaWgmmaStages * kMlaNTile) +
-         2 * 4 * 128 * 16;
+         2 * 4 * 128 * 16 + 256 * 8;
 }
 // One CTA per SM as in mla_decode_kernel, with 64-row M tiles.
 inline int mla_wgmma_num_splits(int B, int S, int H, int T, int num_sms) {
