@@ -17,8 +17,7 @@
 //       A = P from registers, B = V = the tile's latent columns, MN-major (transposed) from shared memory.
 // Pipeline: at [X] tile i+1 has landed; QK(i+1) and PV(i) are issued back to back, then the copy of
 // tile i+2 (into the stage of tile i-1), and softmax(i+1) runs on the CUDA cores while PV(i) runs on
-// the tensor cores. Barriers a tile: [X] and the
-// partial-score exchange.
+// the tensor cores. Barriers a tile: [X] and the partial-score exchange.
 // Shared memory (1024-aligned, 128-byte swizzle: 16-byte chunk c of row r sits at chunk c ^ (r % 8)
 // of its 128-byte row, the layout wgmma's swizzle mode reads): Q [NB blocks][64 rows][64 cols],
 // STAGES cache tiles [NB][32 rows][64 cols] filled by cp.async (zero-fill outside [cb, ce), so NaN
