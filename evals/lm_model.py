@@ -27,17 +27,34 @@ def _as_bool(value) -> bool:
 
 @register_model("mla-hf")
 class MlaHFLM(HFLM):
-    def __init__(self, pretrained="default", scoring: str = "decode", patch=None, backend: str = "auto",
-                 prefill_len: int = _scoring.DEFAULT_PREFILL_LEN, decode_step: int = _scoring.DEFAULT_DECODE_STEP,
-                 tokenizer=None, dtype="float32", device: str = "cpu", batch_size=8, **kwargs):
+    def __init__(
+        self,
+        pretrained="default",
+        scoring: str = "decode",
+        patch=None,
+        backend: str = "auto",
+        prefill_len: int = _scoring.DEFAULT_PREFILL_LEN,
+        decode_step: int = _scoring.DEFAULT_DECODE_STEP,
+        tokenizer=None,
+        dtype="float32",
+        device: str = "cpu",
+        batch_size=8,
+        **kwargs,
+    ):
         if scoring not in ("decode", "prefill"):
             raise ValueError(f"mla-hf: scoring must be 'decode' or 'prefill', got {scoring!r}")
         if isinstance(pretrained, str) and pretrained in ("default", ""):
             from mla_patch.default_model import load_default_model
 
             pretrained, tokenizer = load_default_model(dtype=dtype, device=device)
-        super().__init__(pretrained=pretrained, tokenizer=tokenizer, dtype=dtype, device=device,
-                         batch_size=batch_size, **kwargs)
+        super().__init__(
+            pretrained=pretrained,
+            tokenizer=tokenizer,
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            **kwargs,
+        )
         self.scoring = scoring
         self.prefill_len = int(prefill_len)
         self.decode_step = int(decode_step)
@@ -54,8 +71,13 @@ class MlaHFLM(HFLM):
         pairs = [(list(ctx), list(cont)) for _, ctx, cont in requests]
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
         results = _scoring.score_requests(
-            self.model, pairs, pad_id=pad_id, max_length=self.max_length, scoring=self.scoring,
-            batch_size=int(override_bs or self.batch_size), prefill_len=self.prefill_len,
+            self.model,
+            pairs,
+            pad_id=pad_id,
+            max_length=self.max_length,
+            scoring=self.scoring,
+            batch_size=int(override_bs or self.batch_size),
+            prefill_len=self.prefill_len,
             decode_step=self.decode_step,
         )
         for (key, _, _), answer in zip(requests, results):
@@ -65,8 +87,12 @@ class MlaHFLM(HFLM):
 
     def get_model_info(self) -> dict:
         info = super().get_model_info()
-        info.update(mla_scoring=self.scoring, mla_patched=self.patched, mla_prefill_len=self.prefill_len,
-                    mla_decode_step=self.decode_step)
+        info.update(
+            mla_scoring=self.scoring,
+            mla_patched=self.patched,
+            mla_prefill_len=self.prefill_len,
+            mla_decode_step=self.decode_step,
+        )
         return info
 
 

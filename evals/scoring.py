@@ -13,8 +13,19 @@ import torch
 
 DEFAULT_PREFILL_LEN = 16
 DEFAULT_DECODE_STEP = 1
-# Tokens (batch rows x columns) fed through decode forwards, to check against mla_patch.decode_stats().
-STATS = {"decode_fed": 0}
+# Tokens (batch rows x columns) fed through decode forwards, to check against mla_patch.decode_stats();
+# "short_first_chunk": first-chunk tokens of chunks short enough for the patch to run them absorbed too
+# (an empty cache and at most mla_patch.DECODE_MAX_NEW_TOKENS new tokens).
+STATS = {"decode_fed": 0, "short_first_chunk": 0}
+
+
+def _decode_max_new_tokens() -> int:
+    try:
+        import mla_patch
+
+        return int(mla_patch.DECODE_MAX_NEW_TOKENS)
+    except (ImportError, AttributeError):
+        return 8
 
 
 def left_pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,8 +69,13 @@ def prefill_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tenso
 
 
 @torch.no_grad()
-def decode_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    prefill_len: int = DEFAULT_PREFILL_LEN, decode_step: int = DEFAULT_DECODE_STEP) -> torch.Tensor:
+def decode_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prefill_len: int = DEFAULT_PREFILL_LEN,
+    decode_step: int = DEFAULT_DECODE_STEP,
+) -> torch.Tensor:
     """Prefill columns [0, prefill_len), then teacher-forced decode of the rest, `decode_step` at a time.
 
     input_ids, attention_mask: [B, L] (left padding). Returns float32 log-probs [B, L, V].
@@ -70,6 +86,8 @@ def decode_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     cache = new_cache(model)
     P = max(1, min(prefill_len, L))
     out = model(input_ids[:, :P], attention_mask[:, :P], positions[:, :P], cache, use_cache=True)
+    if P <= _decode_max_new_tokens():
+        STATS["short_first_chunk"] += B * P
     chunks = [torch.log_softmax(out.logits.float(), dim=-1)]
     for s in range(P, L, decode_step):
         e = min(s + decode_step, L)
@@ -79,9 +97,16 @@ def decode_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return torch.cat(chunks, dim=1)
 
 
-def score_requests(model, requests: list[tuple[list[int], list[int]]], pad_id: int, max_length: int,
-                   scoring: str = "decode", batch_size: int = 8, prefill_len: int = DEFAULT_PREFILL_LEN,
-                   decode_step: int = DEFAULT_DECODE_STEP) -> list[tuple[float, bool]]:
+def score_requests(
+    model,
+    requests: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    max_length: int,
+    scoring: str = "decode",
+    batch_size: int = 8,
+    prefill_len: int = DEFAULT_PREFILL_LEN,
+    decode_step: int = DEFAULT_DECODE_STEP,
+) -> list[tuple[float, bool]]:
     """(context tokens, continuation tokens) pairs -> (sum log p(continuation), continuation is greedy).
 
     Batched longest-first with left padding, so every continuation ends in the last column. A request

@@ -31,16 +31,22 @@ EOS = "<|endoftext|>"
 # Prompts for demos and the generation-agreement check (made once from the generator, seed 2024).
 # Greedy continuations of the copy prompts stay exact for ~57 words only if decode attends 63 tokens back.
 DEMO_PROMPTS = [
-    "note : snow fire wind milk four rabbit knife tower honey storm paint rice thunder garden music truck ocean "
-    "tea chair fox snake drum tower frost rain brush page rice snake crab desert oak plane ocean owl four oak "
-    "salt rice north west frost rabbit gold fox blue goat bean island summer north west rope copper ocean goose "
-    "grape smoke pear deer . again : snow fire wind",
-    "note : four pencil star word dot knife plane onion office snake eight daisy ocean fox wind butter cloud "
-    "farm arrow duck seven grape page gold chalk fork lion hill smoke knife spider thunder school rice four "
-    "castle milk milk line deer water ink thunder cloud star garden fork plane field table goat north paint "
-    "boat wind truck piano castle cow gold . again : four pencil star",
-    "name : brush . a baker holds brush . a red teacher watches that teacher . one tired doctor carries brush . "
-    "that king helps brush behind brush . the old farmer sees",
+    (
+        "note : snow fire wind milk four rabbit knife tower honey storm paint rice thunder garden music truck ocean "
+        "tea chair fox snake drum tower frost rain brush page rice snake crab desert oak plane ocean owl four oak "
+        "salt rice north west frost rabbit gold fox blue goat bean island summer north west rope copper ocean goose "
+        "grape smoke pear deer . again : snow fire wind"
+    ),
+    (
+        "note : four pencil star word dot knife plane onion office snake eight daisy ocean fox wind butter cloud "
+        "farm arrow duck seven grape page gold chalk fork lion hill smoke knife spider thunder school rice four "
+        "castle milk milk line deer water ink thunder cloud star garden fork plane field table goat north paint "
+        "boat wind truck piano castle cow gold . again : four pencil star"
+    ),
+    (
+        "name : brush . a baker holds brush . a red teacher watches that teacher . one tired doctor carries brush . "
+        "that king helps brush behind brush . the old farmer sees"
+    ),
     "every king likes that lamp . a fish paints every green river . the young doctor",
 ]
 
@@ -48,25 +54,239 @@ DEMO_PROMPTS = [
 # Training text
 # ---------------------------------------------------------------------------------------------------
 _DET = ["the", "a", "one", "every", "that"]
-_ADJ = "old young small tall red green quiet brave tired little heavy bright dark happy cold warm".split()
-_NOUN = (
-    "farmer doctor girl boy child baker teacher dog cat bird fish horse mouse king queen man woman "
-    "key box door window tree river road stone candle lamp bread apple cake book letter song"
-).split()
-_VERB = "finds sees carries opens paints follows likes takes holds watches helps brings".split()
-_PREP = "near under behind beside above into".split()
+_ADJ = [
+    "old",
+    "young",
+    "small",
+    "tall",
+    "red",
+    "green",
+    "quiet",
+    "brave",
+    "tired",
+    "little",
+    "heavy",
+    "bright",
+    "dark",
+    "happy",
+    "cold",
+    "warm",
+]
+_NOUN = [
+    "farmer",
+    "doctor",
+    "girl",
+    "boy",
+    "child",
+    "baker",
+    "teacher",
+    "dog",
+    "cat",
+    "bird",
+    "fish",
+    "horse",
+    "mouse",
+    "king",
+    "queen",
+    "man",
+    "woman",
+    "key",
+    "box",
+    "door",
+    "window",
+    "tree",
+    "river",
+    "road",
+    "stone",
+    "candle",
+    "lamp",
+    "bread",
+    "apple",
+    "cake",
+    "book",
+    "letter",
+    "song",
+]
+_VERB = [
+    "finds",
+    "sees",
+    "carries",
+    "opens",
+    "paints",
+    "follows",
+    "likes",
+    "takes",
+    "holds",
+    "watches",
+    "helps",
+    "brings",
+]
+_PREP = ["near", "under", "behind", "beside", "above", "into"]
 # Words of copy spans: disjoint from the sentence lexicon, so an earlier match is a span, not a sentence.
-_COPY_WORDS = sorted(set(
-    """seven three nine four eight north south east west music paper silver winter summer cloud rain snow
-    sugar salt yellow blue purple orange glass metal wood fire water iron gold copper sand milk tea rice
-    corn bean plum pear lemon grape melon peach cherry onion pepper honey butter cheese egg soup coffee
-    chair table bed cup plate spoon fork knife bottle basket rope wheel bell drum flute piano violin
-    ship boat train truck bike plane car bus wagon tower bridge castle garden forest island valley hill
-    lake ocean desert field market school church office bank farm shop lion tiger bear wolf fox deer
-    rabbit goat sheep cow pig duck goose owl eagle frog snake spider bee ant whale shark crab tulip rose
-    lily daisy oak pine maple moon sun star planet comet storm wind thunder ice frost fog dust smoke
-    circle square triangle line dot arrow number letter word page ink pencil chalk brush paint""".split()
-) - set(_ADJ) - set(_NOUN) - set(_VERB) - set(_PREP) - set(_DET))
+_COPY_WORDS = sorted(
+    {
+        "seven",
+        "three",
+        "nine",
+        "four",
+        "eight",
+        "north",
+        "south",
+        "east",
+        "west",
+        "music",
+        "paper",
+        "silver",
+        "winter",
+        "summer",
+        "cloud",
+        "rain",
+        "snow",
+        "sugar",
+        "salt",
+        "yellow",
+        "blue",
+        "purple",
+        "orange",
+        "glass",
+        "metal",
+        "wood",
+        "fire",
+        "water",
+        "iron",
+        "gold",
+        "copper",
+        "sand",
+        "milk",
+        "tea",
+        "rice",
+        "corn",
+        "bean",
+        "plum",
+        "pear",
+        "lemon",
+        "grape",
+        "melon",
+        "peach",
+        "cherry",
+        "onion",
+        "pepper",
+        "honey",
+        "butter",
+        "cheese",
+        "egg",
+        "soup",
+        "coffee",
+        "chair",
+        "table",
+        "bed",
+        "cup",
+        "plate",
+        "spoon",
+        "fork",
+        "knife",
+        "bottle",
+        "basket",
+        "rope",
+        "wheel",
+        "bell",
+        "drum",
+        "flute",
+        "piano",
+        "violin",
+        "ship",
+        "boat",
+        "train",
+        "truck",
+        "bike",
+        "plane",
+        "car",
+        "bus",
+        "wagon",
+        "tower",
+        "bridge",
+        "castle",
+        "garden",
+        "forest",
+        "island",
+        "valley",
+        "hill",
+        "lake",
+        "ocean",
+        "desert",
+        "field",
+        "market",
+        "school",
+        "church",
+        "office",
+        "bank",
+        "farm",
+        "shop",
+        "lion",
+        "tiger",
+        "bear",
+        "wolf",
+        "fox",
+        "deer",
+        "rabbit",
+        "goat",
+        "sheep",
+        "cow",
+        "pig",
+        "duck",
+        "goose",
+        "owl",
+        "eagle",
+        "frog",
+        "snake",
+        "spider",
+        "bee",
+        "ant",
+        "whale",
+        "shark",
+        "crab",
+        "tulip",
+        "rose",
+        "lily",
+        "daisy",
+        "oak",
+        "pine",
+        "maple",
+        "moon",
+        "sun",
+        "star",
+        "planet",
+        "comet",
+        "storm",
+        "wind",
+        "thunder",
+        "ice",
+        "frost",
+        "fog",
+        "dust",
+        "smoke",
+        "circle",
+        "square",
+        "triangle",
+        "line",
+        "dot",
+        "arrow",
+        "number",
+        "letter",
+        "word",
+        "page",
+        "ink",
+        "pencil",
+        "chalk",
+        "brush",
+        "paint",
+    }
+    - set(_ADJ)
+    - set(_NOUN)
+    - set(_VERB)
+    - set(_PREP)
+    - set(_DET)
+)
 
 
 def _sentence(rng: random.Random, name: str | None = None, p_name: float = 0.0) -> str:
@@ -130,7 +350,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = 1024):
     )
     tok.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, pad_token=EOS, unk_token=EOS,
+        tokenizer_object=tok,
+        eos_token=EOS,
+        bos_token=EOS,
+        pad_token=EOS,
+        unk_token=EOS,
         model_max_length=512,
     )
 
@@ -197,8 +421,16 @@ def _rows(token_docs: list[list[int]], eos: int, aligned: bool) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def train_default_model(out_dir: str | os.PathLike, steps: int = 1000, batch_size: int = 16, lr: float = 2e-4,
-                        seed: int = TRAIN_SEED, log=print, device: str = "cpu", aligned: bool = True) -> dict:
+def train_default_model(
+    out_dir: str | os.PathLike,
+    steps: int = 1000,
+    batch_size: int = 16,
+    lr: float = 2e-4,
+    seed: int = TRAIN_SEED,
+    log=print,
+    device: str = "cpu",
+    aligned: bool = True,
+) -> dict:
     """Train the default model (on CPU by default) and save it (safetensors + tokenizer) to `out_dir`.
 
     Returns training stats. Deterministic for a given machine: seeds, 2 threads, deterministic algorithms.
@@ -235,7 +467,7 @@ def train_default_model(out_dir: str | os.PathLike, steps: int = 1000, batch_siz
 
     losses = []
     for step in range(steps):
-        pick = (step * batch_size + torch.arange(batch_size))
+        pick = step * batch_size + torch.arange(batch_size)
         rows = copy_order[pick % len(copy_order)] if step < copy_steps else order[pick % len(order)]
         batch = data[rows].to(device)
         for group in opt.param_groups:
@@ -293,8 +525,12 @@ def default_model_path(train_if_missing: bool = True) -> Path:
     return _cache_dir()
 
 
-def load_default_model(dtype: torch.dtype | str = torch.float32, device: str | torch.device = "cpu",
-                       path: str | os.PathLike | None = None, attn_implementation: str | None = None):
+def load_default_model(
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    path: str | os.PathLike | None = None,
+    attn_implementation: str | None = None,
+):
     """Load the embedded default model (or a checkpoint dir at `path`) -> (model, tokenizer), eval mode.
 
     dtype: torch dtype or its name ("float32", "bfloat16", ...); device: where the weights go.

@@ -23,8 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import mla_patch.default_model as dm  # noqa: E402
-from mla_patch.default_model import (  # noqa: E402
+import mla_patch.default_model as dm
+from mla_patch.default_model import (
     DEFAULT_MODEL_DIR,
     EVAL_SEED,
     load_default_model,
@@ -38,6 +38,7 @@ N_EVAL_DOCS = 64
 
 def _copy_spans(doc: str, offsets: list[tuple[int, int]]):
     """Yield (first_tok, again_tok, n_tok) token index triples of each note/again pair (indices into offsets)."""
+
     def tok_at(char: int) -> int:
         return next(i for i, (s, e) in enumerate(offsets) if s <= char < e or s >= char)
 
@@ -59,8 +60,9 @@ def evaluate(model, tokenizer, docs: list[str]) -> dict:
     of a span, with the argmax on the very token to copy.
     """
     model.config._attn_implementation = "eager"  # attention probabilities for the peakedness stats
-    copy_ids = torch.tensor(sorted({tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" " + w))[0]
-                                    for w in dm._COPY_WORDS}))
+    copy_ids = torch.tensor(
+        sorted({tokenizer.convert_tokens_to_ids(tokenizer.tokenize(" " + w))[0] for w in dm._COPY_WORDS})
+    )
     nll_all, kinds = [], {"name": {}, "span": {}}
     for doc in docs:
         enc = tokenizer(doc, return_offsets_mapping=True, add_special_tokens=False)
@@ -93,10 +95,15 @@ def evaluate(model, tokenizer, docs: list[str]) -> dict:
                     k.setdefault(("hit", layer, h), []).append(float(row.argmax().item() in sources))
                     k.setdefault(("mass", layer, h), []).append(row[sorted(sources)].sum().item())
     model.config._attn_implementation = "sdpa"
-    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
-    report = {"eval_docs": len(docs), "eval_tokens": len(nll_all), "vocab_size": len(tokenizer),
-              "token_ppl": round(math.exp(mean(nll_all)), 4), "uniform_ppl": len(tokenizer),
-              "copy_words": len(copy_ids)}
+    mean = lambda xs: sum(xs) / max(len(xs), 1)
+    report = {
+        "eval_docs": len(docs),
+        "eval_tokens": len(nll_all),
+        "vocab_size": len(tokenizer),
+        "token_ppl": round(math.exp(mean(nll_all)), 4),
+        "uniform_ppl": len(tokenizer),
+        "copy_words": len(copy_ids),
+    }
     for kind, k in kinds.items():
         if not k:
             continue

@@ -16,15 +16,18 @@ def load_mla_tiny(**kwargs):
     return datasets.load_dataset("json", data_files={"test": str(DATA_FILE)})
 
 
-def load_mla_tiny_copy(**kwargs):
-    """One row per copy span: context = document up to `again : <first span word>`, target = the rest.
+COPY_TARGET_WORDS = 12  # one token each in the default model's vocabulary
 
-    Completing the span needs attention to its first occurrence, far back in the context.
+
+def load_mla_tiny_copy(**kwargs):
+    """One row per copy span: context = document up to `again : <first span word>`, target = the next
+    COPY_TARGET_WORDS words. Completing it needs attention to the span's first occurrence, far back.
     """
     rows = {"context": [], "target": []}
     for doc in load_mla_tiny()["test"]["text"]:
         for m in re.finditer(r"again : (\S+)((?: [a-z]+)*) \.", doc):
-            if m.group(2):
+            words = m.group(2).split()[:COPY_TARGET_WORDS]
+            if words:
                 rows["context"].append(doc[: m.end(1)])
-                rows["target"].append(m.group(2))
+                rows["target"].append(" " + " ".join(words))
     return datasets.DatasetDict({"test": datasets.Dataset.from_dict(rows)})
