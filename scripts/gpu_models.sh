@@ -29,8 +29,8 @@ for stage in $stages; do
     kernel)  # both dispatch paths of the kernel; a failing wgmma path is switched off for what follows
       log kernel
       timeout 150 python3 -m pytest -q --noconftest -p no:cacheprovider -m "not slow" tests/test_kernel.py \
-        -k "paths or dispatch or graph or compile or bad or edges" 2>&1 | tee "$OUT/kernel_tests.log" | tail -8
-      if ! tail -3 "$OUT/kernel_tests.log" | grep -q " passed" || grep -qE "[0-9]+ failed" "$OUT/kernel_tests.log"; then
+        -k "paths or dispatch or graph or compile or bad or edges" 2>&1 | tee /tmp/kernel_tests.log | tail -8
+      if ! tail -3 /tmp/kernel_tests.log | grep -q " passed" || grep -qE "[0-9]+ failed" /tmp/kernel_tests.log; then
         export MLA_PATCH_WGMMA=0; log "kernel tests did not all pass: MLA_PATCH_WGMMA=0 from here on"
       fi ;;
     kbench)
@@ -53,10 +53,10 @@ for stage in $stages; do
       timeout 330 python3 scripts/bench_generate.py --profile --out "$OUT" 2>&1 | tee "$OUT/bench_generate.log" | grep -vE "^\[transformers\]" | tail -70 ;;
     parity)
       log parity
-      timeout 150 python3 -m evals.parity --device cuda --dtype bfloat16 --backend kernel 2>&1 | tee "$OUT/parity_gpu.log" | tail -25 ;;
+      timeout 150 python3 -m evals.parity --device cuda --dtype bfloat16 --backend kernel --out "$OUT" 2>&1 | tail -25 ;;
     demo)
       log demo
-      timeout 90 python3 -m mla_patch.demo --device cuda 2>&1 | tee "$OUT/demo_gpu.log" | tail -14 ;;
+      timeout 90 python3 -m mla_patch.demo --device cuda 2>&1 | tail -14 ;;
   esac
 done
 log done
