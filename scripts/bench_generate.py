@@ -298,6 +298,7 @@ def main(argv=None):
     parser.add_argument("--memory-budget-gib", type=float, default=40.0,
                         help="KV + per-step transient budget for the largest-context estimate")
     parser.add_argument("--variants", default="stock,patched-torch,patched-kernel,patched-kernel-merged,patched-kernel-graph")
+    parser.add_argument("--no-ttft", action="store_true", help="skip the time-to-first-token prefills")
     parser.add_argument("--profile", action="store_true", help="profile one patched step per model (B=16, L=16K)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     args = parser.parse_args(argv)
@@ -317,8 +318,9 @@ def main(argv=None):
         model = build(name, device)
         print(f"built {name} in {time.perf_counter() - t0:.1f} s, "
               f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params", flush=True)
-        extra[f"{name}_ttft_ms"] = {f"B{b}xL{p}": time_to_first_token(model, b, p, device)
-                                    for b, p in ((1, 1024), (1, 4096), (8, 1024))}
+        if not args.no_ttft:
+            extra[f"{name}_ttft_ms"] = {f"B{b}xL{p}": time_to_first_token(model, b, p, device)
+                                        for b, p in ((1, 1024), (1, 4096), (8, 1024))}
         if args.profile and device.type == "cuda":
             mla_patch.patch(model, backend="kernel")
             try:

@@ -28,18 +28,18 @@ for stage in $stages; do
       python3 -c "import mla_patch; print(mla_patch.status())" | tee -a "$OUT/models.txt" ;;
     kernel)  # both dispatch paths of the kernel; a failing wgmma path is switched off for what follows
       log kernel
-      timeout 150 python3 -m pytest -q --noconftest -p no:cacheprovider -m "not slow" tests/test_kernel.py \
+      timeout 90 python3 -m pytest -q --noconftest -p no:cacheprovider -m "not slow" tests/test_kernel.py \
         -k "paths or dispatch or graph or compile or bad or edges" 2>&1 | tee /tmp/kernel_tests.log | tail -8
       if ! tail -3 /tmp/kernel_tests.log | grep -q " passed" || grep -qE "[0-9]+ failed" /tmp/kernel_tests.log; then
         export MLA_PATCH_WGMMA=0; log "kernel tests did not all pass: MLA_PATCH_WGMMA=0 from here on"
       fi ;;
     kbench)
       log kbench
-      timeout 120 python3 scripts/bench_kernel.py --out "$OUT" --heads 16,128 --batches 1,16,64 --no-ref 2>&1 | tail -30 ;;
+      timeout 60 python3 scripts/bench_kernel.py --out "$OUT" --heads ${KBENCH_HEADS:-128} --batches 1,16,64 --no-ref 2>&1 | tail -30 ;;
     graph)  # the CUDA-graph decode step against eager and stock at the target point
       log graph
-      timeout 150 python3 scripts/bench_generate.py --out "$OUT" --models v2-lite --batches 1,16 --contexts 16384 \
-        --variants stock,patched-kernel,patched-kernel-graph 2>&1 | grep -E "^\||skipped|built" | tail -12
+      timeout 75 python3 scripts/bench_generate.py --out "$OUT" --models v2-lite --batches 1,16 --contexts 16384 \
+        --variants stock,patched-kernel,patched-kernel-graph --no-ttft 2>&1 | grep -E "^\||skipped|built" | tail -12
       rm -f "$OUT/bench_generate.png" ;;  # the device returns at most 8 files
     tests)
       log tests
@@ -53,10 +53,10 @@ for stage in $stages; do
       timeout 330 python3 scripts/bench_generate.py --profile --out "$OUT" 2>&1 | tee "$OUT/bench_generate.log" | grep -vE "^\[transformers\]" | tail -70 ;;
     parity)
       log parity
-      timeout 150 python3 -m evals.parity --device cuda --dtype bfloat16 --backend kernel --out "$OUT" 2>&1 | tail -25 ;;
+      timeout 60 python3 -m evals.parity --device cuda --dtype bfloat16 --backend kernel --out "$OUT" 2>&1 | tail -25 ;;
     demo)
       log demo
-      timeout 90 python3 -m mla_patch.demo --device cuda 2>&1 | tail -14 ;;
+      timeout 40 python3 -m mla_patch.demo --device cuda 2>&1 | tail -14 ;;
   esac
 done
 log done
