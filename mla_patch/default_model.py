@@ -53,234 +53,29 @@ DEMO_PROMPTS = [
 # ---------------------------------------------------------------------------------------------------
 # Training text
 # ---------------------------------------------------------------------------------------------------
-_DET = ["the", "a", "one", "every", "that"]
-_ADJ = [
-    "old",
-    "young",
-    "small",
-    "tall",
-    "red",
-    "green",
-    "quiet",
-    "brave",
-    "tired",
-    "little",
-    "heavy",
-    "bright",
-    "dark",
-    "happy",
-    "cold",
-    "warm",
-]
-_NOUN = [
-    "farmer",
-    "doctor",
-    "girl",
-    "boy",
-    "child",
-    "baker",
-    "teacher",
-    "dog",
-    "cat",
-    "bird",
-    "fish",
-    "horse",
-    "mouse",
-    "king",
-    "queen",
-    "man",
-    "woman",
-    "key",
-    "box",
-    "door",
-    "window",
-    "tree",
-    "river",
-    "road",
-    "stone",
-    "candle",
-    "lamp",
-    "bread",
-    "apple",
-    "cake",
-    "book",
-    "letter",
-    "song",
-]
-_VERB = [
-    "finds",
-    "sees",
-    "carries",
-    "opens",
-    "paints",
-    "follows",
-    "likes",
-    "takes",
-    "holds",
-    "watches",
-    "helps",
-    "brings",
-]
-_PREP = ["near", "under", "behind", "beside", "above", "into"]
-# Words of copy spans: disjoint from the sentence lexicon, so an earlier match is a span, not a sentence.
+# Words as one string each, split: a compact, readable lexicon.
+_DET = "the a one every that".split()  # noqa: SIM905
+_ADJ = "old young small tall red green quiet brave tired little heavy bright dark happy cold warm".split()  # noqa: SIM905
+_NOUN = (  # noqa: SIM905
+    "farmer doctor girl boy child baker teacher dog cat bird fish horse mouse king queen man woman "
+    "key box door window tree river road stone candle lamp bread apple cake book letter song"
+).split()
+_VERB = "finds sees carries opens paints follows likes takes holds watches helps brings".split()  # noqa: SIM905
+_PREP = "near under behind beside above into".split()  # noqa: SIM905
+# Words of copy spans and names: disjoint from the sentence lexicon, so an earlier match is a span or a
+# name, never a sentence word.
 _COPY_WORDS = sorted(
-    {
-        "seven",
-        "three",
-        "nine",
-        "four",
-        "eight",
-        "north",
-        "south",
-        "east",
-        "west",
-        "music",
-        "paper",
-        "silver",
-        "winter",
-        "summer",
-        "cloud",
-        "rain",
-        "snow",
-        "sugar",
-        "salt",
-        "yellow",
-        "blue",
-        "purple",
-        "orange",
-        "glass",
-        "metal",
-        "wood",
-        "fire",
-        "water",
-        "iron",
-        "gold",
-        "copper",
-        "sand",
-        "milk",
-        "tea",
-        "rice",
-        "corn",
-        "bean",
-        "plum",
-        "pear",
-        "lemon",
-        "grape",
-        "melon",
-        "peach",
-        "cherry",
-        "onion",
-        "pepper",
-        "honey",
-        "butter",
-        "cheese",
-        "egg",
-        "soup",
-        "coffee",
-        "chair",
-        "table",
-        "bed",
-        "cup",
-        "plate",
-        "spoon",
-        "fork",
-        "knife",
-        "bottle",
-        "basket",
-        "rope",
-        "wheel",
-        "bell",
-        "drum",
-        "flute",
-        "piano",
-        "violin",
-        "ship",
-        "boat",
-        "train",
-        "truck",
-        "bike",
-        "plane",
-        "car",
-        "bus",
-        "wagon",
-        "tower",
-        "bridge",
-        "castle",
-        "garden",
-        "forest",
-        "island",
-        "valley",
-        "hill",
-        "lake",
-        "ocean",
-        "desert",
-        "field",
-        "market",
-        "school",
-        "church",
-        "office",
-        "bank",
-        "farm",
-        "shop",
-        "lion",
-        "tiger",
-        "bear",
-        "wolf",
-        "fox",
-        "deer",
-        "rabbit",
-        "goat",
-        "sheep",
-        "cow",
-        "pig",
-        "duck",
-        "goose",
-        "owl",
-        "eagle",
-        "frog",
-        "snake",
-        "spider",
-        "bee",
-        "ant",
-        "whale",
-        "shark",
-        "crab",
-        "tulip",
-        "rose",
-        "lily",
-        "daisy",
-        "oak",
-        "pine",
-        "maple",
-        "moon",
-        "sun",
-        "star",
-        "planet",
-        "comet",
-        "storm",
-        "wind",
-        "thunder",
-        "ice",
-        "frost",
-        "fog",
-        "dust",
-        "smoke",
-        "circle",
-        "square",
-        "triangle",
-        "line",
-        "dot",
-        "arrow",
-        "number",
-        "letter",
-        "word",
-        "page",
-        "ink",
-        "pencil",
-        "chalk",
-        "brush",
-        "paint",
-    }
+    set(
+        """seven three nine four eight north south east west music paper silver winter summer cloud rain snow
+    sugar salt yellow blue purple orange glass metal wood fire water iron gold copper sand milk tea rice
+    corn bean plum pear lemon grape melon peach cherry onion pepper honey butter cheese egg soup coffee
+    chair table bed cup plate spoon fork knife bottle basket rope wheel bell drum flute piano violin
+    ship boat train truck bike plane car bus wagon tower bridge castle garden forest island valley hill
+    lake ocean desert field market school church office bank farm shop lion tiger bear wolf fox deer
+    rabbit goat sheep cow pig duck goose owl eagle frog snake spider bee ant whale shark crab tulip rose
+    lily daisy oak pine maple moon sun star planet comet storm wind thunder ice frost fog dust smoke
+    circle square triangle line dot arrow number letter word page ink pencil chalk brush paint""".split()  # noqa: SIM905
+    )
     - set(_ADJ)
     - set(_NOUN)
     - set(_VERB)
@@ -543,5 +338,10 @@ def load_default_model(
     path = Path(path) if path is not None else default_model_path()
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (ValueError, KeyError):  # a release that does not know the saved tokenizer_class name
+        from transformers import PreTrainedTokenizerFast
+
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
     return model.to(device).eval(), tokenizer
