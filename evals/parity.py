@@ -158,7 +158,11 @@ def _markdown(report) -> str:
     ]
     for task, metrics in report["tasks"].items():
         for m, r in metrics.items():
-            lines.append(f"| {task} | {m} | {r['vanilla']:.8g} | {r['patched']:.8g} | {r['rel_diff']:.3e} |")
+            v, p = (
+                f"{r[k]:.8g}" + (f" ± {r[k + '_stderr']:.2g}" if k + "_stderr" in r else "")
+                for k in ("vanilla", "patched")
+            )
+            lines.append(f"| {task} | {m} | {v} | {p} | {r['rel_diff']:.3e} |")
     d = report["decode_check"]
     lines += [
         "",
@@ -230,9 +234,10 @@ def main(argv=None) -> int:
             if m in vanilla.get(task, {}) and isinstance(vanilla[task][m], (int, float)):
                 v, p = float(vanilla[task][m]), float(patched[task][m])
                 rows[m] = {"vanilla": v, "patched": p, "rel_diff": _rel(v, p)}
-                se = vanilla[task].get(f"{m}_stderr")
-                if isinstance(se, (int, float)):
-                    rows[m]["stderr"] = float(se)
+                for side, res in (("vanilla", vanilla), ("patched", patched)):
+                    se = res[task].get(f"{m}_stderr")
+                    if isinstance(se, (int, float)):
+                        rows[m][f"{side}_stderr"] = float(se)
         table[task] = rows
         ppl_rows = [rows[m]["rel_diff"] for m in PPL_METRICS if m in rows]
         if ppl_rows:
