@@ -31,13 +31,24 @@ def _timed_generate(model, inputs, max_new_tokens):
     return out, time.perf_counter() - start
 
 
-def _cache_bytes(cache) -> int:
-    total = 0
+def _output_cache(out):
+    # generate() names it `cache` from transformers 5.20 (`past_key_values` deprecated), before that only the latter.
+    return out["cache"] if "cache" in out.keys() else out.get("past_key_values")
+
+
+def _cache_bytes(cache) -> tuple[int, int]:
+    """(bytes allocated, bytes holding cached tokens) over all layers."""
+    allocated = used = 0
     for layer in getattr(cache, "layers", []):
-        for t in (getattr(layer, "buffer", None),) if hasattr(layer, "buffer") else (layer.keys, layer.values):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+        if getattr(layer, "buffer", None) is not None:  # LatentCache: preallocated, grown x2
+            allocated += layer.nbytes()
+            used += layer.nbytes() * layer.get_seq_length() // max(layer.capacity, 1)
+        else:
+            for t in (layer.keys, layer.values):
+                if isinstance(t, torch.Tensor):
+                    allocated += t.numel() * t.element_size()
+                    used += t.numel() * t.element_size()
+    return allocated, used
 
 
 def main(argv=None) -> int:
@@ -76,8 +87,10 @@ def main(argv=None) -> int:
     print(f"decode backend: {mla_patch.status()['decode_backend']}")
     for name, (out, seconds) in results.items():
         tokens = batch * args.max_new_tokens
+        cache = _output_cache(out)
+        allocated, used = _cache_bytes(cache)
         print(f"{name:>8}: {tokens / seconds:9.1f} tokens/s  ({seconds * 1e3:.1f} ms for {args.max_new_tokens} steps)"
-              f"  KV cache {_cache_bytes(out.past_key_values) / 1024:.1f} KiB ({type(out.past_key_values).__name__})")
+              f"  KV cache {type(cache).__name__}: {used / 1024:.1f} KiB of tokens, {allocated / 1024:.1f} KiB allocated")
     print(f"largest logit difference: {logit_diff:.3e}")
     print(f"greedy tokens identical: {same}")
     return 0 if same else 1
