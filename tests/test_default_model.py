@@ -62,3 +62,20 @@ def test_training_is_deterministic(tmp_path):
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
         tmp_path / "b" / "model.safetensors"
     ).read_bytes()
+
+
+def test_missing_assets_train_once_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(dm, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    monkeypatch.setenv("MLA_PATCH_CACHE", str(tmp_path / "cache"))
+    calls, real_train = [], dm.train_default_model
+
+    def quick_train(out_dir, log=print, **kw):
+        calls.append(out_dir)
+        return real_train(out_dir, steps=1, batch_size=2, log=log)
+
+    monkeypatch.setattr(dm, "train_default_model", quick_train)
+    with pytest.raises(FileNotFoundError):
+        dm.default_model_path(train_if_missing=False)
+    path = dm.default_model_path()
+    assert path == tmp_path / "cache" / dm.DEFAULT_MODEL_NAME and (path / "model.safetensors").exists()
+    assert dm.default_model_path() == path and len(calls) == 1  # cached: trained once
