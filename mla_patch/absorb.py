@@ -14,8 +14,28 @@ it saves two small matmuls per step and costs a lot of memory (see the README).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def weights_loaded(*linears: nn.Module):
+    """Materialize weights that accelerate keeps offloaded (meta until the module's own forward).
+
+    Decode reads kv_b_proj.weight directly instead of calling kv_b_proj, so an offload hook
+    (device_map with "cpu"/"disk", cpu_offload) never loads it on its own: run the hook's
+    pre_forward for the duration and its post_forward after, as the module's forward would.
+    """
+    hooked = [m for m in linears if m is not None and m.weight.is_meta and hasattr(m, "_hf_hook")]
+    for m in hooked:
+        m._hf_hook.pre_forward(m)
+    try:
+        yield
+    finally:
+        for m in hooked:
+            m._hf_hook.post_forward(m, None)
 
 
 def split_kv_b(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,7 +54,7 @@ def absorb_unsupported_reason(module: nn.Module) -> str | None:
         return f"kv_b_proj.weight has dtype {proj.weight.dtype}"
     if proj.bias is not None:
         return "kv_b_proj has a bias, which absorption does not carry"
-    if proj.weight.is_meta:
+    if proj.weight.is_meta and not hasattr(proj, "_hf_hook"):  # offloaded by accelerate is fine
         return "kv_b_proj.weight is still on the meta device"
     return None
 

@@ -20,7 +20,7 @@ import weakref
 import torch
 
 from . import ops
-from .absorb import absorb_unsupported_reason, merged_weights, split_kv_b
+from .absorb import absorb_unsupported_reason, merged_weights, split_kv_b, weights_loaded
 
 # Few new tokens on a cached prefix run absorbed. Absorbed cost grows with S (each new token
 # reads the whole latent cache for all heads); vanilla re-expands the whole cache through
@@ -152,7 +152,9 @@ class MlaAttentionMixin:
             _warn_once(f"decode runs the stock attention for {type(self).__name__}: {reason}")
             _count("vanilla_fallbacks")
             return super().forward(*args, **kwargs)
-        out = self._mla_absorbed_decode(hidden_states, bound["attention_mask"], cache, bound, kwargs)
+        read_directly = (self.kv_b_proj, self.q_proj or self.q_b_proj, self.o_proj) if self.mla_absorb == "merged" else (self.kv_b_proj,)
+        with weights_loaded(*read_directly):
+            out = self._mla_absorbed_decode(hidden_states, bound["attention_mask"], cache, bound, kwargs)
         if out is None:  # the mask was not a per-row range: the stock path handles any mask
             _warn_once("an attention mask that is not one contiguous range per row; using the stock attention")
             _count("vanilla_fallbacks")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import types
 
 import torch
 import transformers
@@ -111,6 +112,17 @@ def _prepare_cache_with_latent(self, generation_config, model_kwargs, *args, **k
     return result
 
 
+def _set_class(module, cls: type) -> None:
+    """Switch a module's class; also the forward accelerate's hooks saved (device_map, offload).
+
+    accelerate wraps `module.forward` and calls the forward bound at hook time, `module._old_forward`:
+    without rebinding it, a model dispatched before patch(model) would keep running the old class.
+    """
+    module.__class__ = cls
+    if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__:
+        module._old_forward = types.MethodType(cls.forward, module)
+
+
 def _install_generate_hook(cls: type) -> None:
     if cls not in _generate_hooks:
         _generate_hooks[cls] = cls.__dict__.get("_prepare_cache_for_generation")
@@ -158,7 +170,7 @@ def patch(model=None, *, backend: str = "auto", absorb: str = "per_head", famili
         original = _original_attention_class(family, modeling)
         for module in model.modules():
             if isinstance(module, original):
-                module.__class__ = _patched_class(family, original)
+                _set_class(module, _patched_class(family, original))
                 module.mla_backend, module.mla_absorb = backend, absorb
                 PATCHED_MODULES.add(module)
                 count += 1
@@ -183,7 +195,7 @@ def unpatch(model=None) -> None:
     modules = list(PATCHED_MODULES) + (list(model.modules()) if model is not None else [])
     for module in modules:
         if isinstance(module, MlaAttentionMixin):
-            module.__class__ = module._mla_original_class
+            _set_class(module, module._mla_original_class)
             for attr in ("mla_backend", "mla_absorb", "_mla_merged"):
                 module.__dict__.pop(attr, None)
     PATCHED_MODULES.clear()
