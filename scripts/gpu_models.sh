@@ -53,6 +53,9 @@ for stage in $stages; do
       timeout 330 python3 scripts/bench_generate.py --profile --out "$OUT" 2>&1 | tee "$OUT/bench_generate.log" | grep -vE "^\[transformers\]" | tail -70 ;;
     parity)
       log parity
+      if ! python3 -c "import lm_eval, datasets" 2>/dev/null && ls .carry/wheels/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps .carry/wheels/*.whl  # from scripts/fetch_gpu_wheels.sh
+      fi
       timeout 60 python3 -m evals.parity --device cuda --dtype bfloat16 --backend kernel --out "$OUT" 2>&1 | tail -25 ;;
     demo)
       log demo
