@@ -78,6 +78,17 @@ def build_model(config, dtype=torch.float64, seed=0, attn="sdpa"):
     return model
 
 
+def left_padded_prompt(seed, batch=3, length=11, pad=(0, 4, 7)):
+    """Random ids [batch, length] and their mask, row i left-padded by pad[i] (pad ids are 0)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row, p in enumerate(pad[:batch]):
+        mask[row, :p] = 0
+        ids[row, :p] = 0
+    return ids, mask
+
+
 @pytest.fixture(autouse=True)
 def _clean_patch_state():
     """Every test starts and ends unpatched, with fresh counters."""

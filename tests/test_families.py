@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import mla_patch
-from conftest import build_model, case_seed, rel_err
+from conftest import left_padded_prompt, build_model, case_seed, rel_err
 from mla_patch.families import FAMILIES, NOT_SERVED
 
 COMMON = dict(
@@ -114,13 +114,7 @@ def _installed(model_type: str) -> bool:
 
 
 def _prompt(seed, batch=3, length=9, pad=(0, 3, 6)):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 97, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row, p in enumerate(pad[:batch]):
-        mask[row, :p] = 0
-        ids[row, :p] = 0
-    return ids, mask
+    return left_padded_prompt(seed, batch, length, pad)
 
 
 def _build(model_type, dtype, attn, **extra):

@@ -24,7 +24,7 @@ except ImportError:
     given = None
 
 import mla_patch
-from conftest import build_model, case_seed, rel_err, tiny_config
+from conftest import left_padded_prompt, build_model, case_seed, rel_err, tiny_config
 from mla_patch import ops
 
 GEN = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
@@ -38,13 +38,7 @@ def _pair(family="deepseek_v3", dtype=torch.float64, seed=0, **overrides):
 
 
 def _prompt(seed, batch=3, length=9, pad=(0, 3, 6)):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 97, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row, p in enumerate(pad[:batch]):
-        mask[row, :p] = 0
-        ids[row, :p] = 0
-    return ids, mask
+    return left_padded_prompt(seed, batch, length, pad)
 
 
 def _cache_kwarg(model) -> str:

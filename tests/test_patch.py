@@ -9,7 +9,7 @@ import torch
 
 import mla_patch
 from mla_patch import CACHE_KWARG
-from conftest import build_model, case_seed, rel_err, tiny_config
+from conftest import left_padded_prompt, build_model, case_seed, rel_err, tiny_config
 
 CONFIGS = {
     "v2-lite-like": ("deepseek_v2", {}),
@@ -39,13 +39,7 @@ def _pair(name, dtype=torch.float64, attn="sdpa"):
 
 
 def _prompt(seed, batch=3, length=11, pad=(0, 4, 7)):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 97, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row, p in enumerate(pad[:batch]):
-        mask[row, :p] = 0
-        ids[row, :p] = 0
-    return ids, mask
+    return left_padded_prompt(seed, batch, length, pad)
 
 
 def _max_rel_step_error(scores_a, scores_b) -> float:
