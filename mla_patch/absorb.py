@@ -38,10 +38,21 @@ def weights_loaded(*linears: nn.Module):
             m._hf_hook.post_forward(m, None)
 
 
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    # Under transformers' tensor parallelism weights are DTensors; this rank computes with its shard.
+    return weight.to_local() if hasattr(weight, "to_local") else weight
+
+
+def local_heads(module: nn.Module) -> int:
+    """Heads this module computes: all of them, or this rank's slice under tensor parallelism
+    (kv_b_proj is split by output rows there, while `num_heads` keeps the global count)."""
+    return _local(module.kv_b_proj.weight).shape[0] // (module.qk_nope_head_dim + module.v_head_dim)
+
+
 def split_kv_b(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """Views of kv_b_proj.weight: W_UK [H, nope, R] and W_UV [H, v, R]."""
-    weight = module.kv_b_proj.weight
-    per_head = weight.view(module.num_heads, module.qk_nope_head_dim + module.v_head_dim, module.kv_lora_rank)
+    """Views of kv_b_proj.weight: W_UK [H, nope, R] and W_UV [H, v, R] (H = local heads)."""
+    weight = _local(module.kv_b_proj.weight)
+    per_head = weight.view(local_heads(module), module.qk_nope_head_dim + module.v_head_dim, module.kv_lora_rank)
     return per_head[:, : module.qk_nope_head_dim], per_head[:, module.qk_nope_head_dim :]
 
 
@@ -74,7 +85,7 @@ def merged_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     cached = getattr(module, "_mla_merged", None)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
-    heads, nope, v = module.num_heads, module.qk_nope_head_dim, module.v_head_dim
+    heads, nope, v = local_heads(module), module.qk_nope_head_dim, module.v_head_dim
     w_uk, w_uv = split_kv_b(module)
     with torch.no_grad():
         w_uq = q_weight.view(heads, module.qk_head_dim, -1)[:, :nope]  # [H, nope, q_in]

@@ -20,7 +20,7 @@ import weakref
 import torch
 
 from . import ops
-from .absorb import absorb_unsupported_reason, merged_weights, split_kv_b, weights_loaded
+from .absorb import absorb_unsupported_reason, local_heads, merged_weights, split_kv_b, weights_loaded
 
 # Few new tokens on a cached prefix run absorbed. Absorbed cost grows with S (each new token
 # reads the whole latent cache for all heads); vanilla re-expands the whole cache through
@@ -183,7 +183,7 @@ class MlaAttentionMixin:
 
     def _mla_absorbed_decode(self, hidden_states, attention_mask, cache, bound, kwargs):
         batch, num_new, _ = hidden_states.shape
-        heads, nope, rope_dim, rank = self.num_heads, self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
+        heads, nope, rope_dim, rank = local_heads(self), self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         ranges = None
         if attention_mask is not None:
             ranges = masked_ranges(attention_mask, num_new)
