@@ -80,8 +80,9 @@ def merged_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     Built once and rebuilt only when a source weight changes (dtype, device, or an in-place update).
     They are plain attributes, not buffers, so state_dict and checkpoints are unchanged.
     """
-    q_weight = module.q_proj.weight if module.q_lora_rank is None else module.q_b_proj.weight
-    key = _weights_key(q_weight, module.kv_b_proj.weight, module.o_proj.weight)
+    q_weight = _local(module.q_proj.weight if module.q_lora_rank is None else module.q_b_proj.weight)
+    o_weight = _local(module.o_proj.weight)
+    key = _weights_key(q_weight, _local(module.kv_b_proj.weight), o_weight)
     cached = getattr(module, "_mla_merged", None)
     if cached is not None and cached[0] == key:
         return cached[1], cached[2]
@@ -92,7 +93,7 @@ def merged_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         # Products in at least float32, stored in the weights' dtype.
         acc = torch.float64 if q_weight.dtype == torch.float64 else torch.float32
         w_qk = torch.matmul(w_uq.transpose(1, 2).to(acc), w_uk.to(acc)).to(q_weight.dtype)  # [H, q_in, R]
-        w_o = module.o_proj.weight.view(-1, heads, v).permute(1, 2, 0)  # [H, v, hidden]
+        w_o = o_weight.view(-1, heads, v).permute(1, 2, 0)  # [H, v, hidden]
         w_uvo = torch.matmul(w_uv.transpose(1, 2).to(acc), w_o.to(acc)).to(q_weight.dtype)  # [H, R, hidden]
     module._mla_merged = (key, w_qk, w_uvo)
     return w_qk, w_uvo

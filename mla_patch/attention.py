@@ -191,6 +191,10 @@ class MlaAttentionMixin:
                 return None
 
         merged = self.mla_absorb == "merged"
+        if merged and hasattr(self.o_proj.weight, "to_local"):
+            # Tensor parallel: W_UV.W_O would skip o_proj's all-reduce across ranks; per-head keeps it.
+            _warn_once("absorb='merged' under tensor parallelism runs per-head")
+            merged = False
         if self.q_lora_rank is None:
             q_in = hidden_states
             q = self.q_proj(hidden_states)
