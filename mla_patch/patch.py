@@ -25,7 +25,7 @@ from transformers.generation.utils import GenerationMixin
 
 from . import ops
 from .attention import PATCHED_MODULES, MlaAttentionMixin
-from .cache import LatentCache
+from .cache import CACHE_KWARG, LatentCache
 from .families import FAMILIES, NOT_SERVED
 
 logger = logging.getLogger("mla_patch")
@@ -33,7 +33,6 @@ logger = logging.getLogger("mla_patch")
 BACKENDS = ("auto", "kernel", "torch")
 ABSORB_MODES = ("per_head", "merged")
 SUPPORTED_TRANSFORMERS = ((5, 17), (6, 0))  # [min, max)
-_CACHE_KWARGS = ("cache", "past_key_values")  # 5.20+ / 5.17 name of generate's cache kwarg
 
 _patched_classes: dict[str, type] = {}  # model_type -> Mla<Attention> subclass
 _class_patches: dict[str, tuple] = {}  # model_type -> (modeling module, original class)
@@ -101,14 +100,13 @@ def _original_attention_class(family, modeling) -> type:
 
 
 def _prepare_cache_with_latent(self, generation_config, model_kwargs, *args, **kwargs):
-    before = {name: model_kwargs.get(name) for name in _CACHE_KWARGS}
+    before = model_kwargs.get(CACHE_KWARG)
     result = GenerationMixin._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
-    for name in _CACHE_KWARGS:
-        made = model_kwargs.get(name)
-        # Only a DynamicCache that generate() itself just made; a user's cache is left alone.
-        if before[name] is None and type(made) is DynamicCache and not getattr(made, "offloading", False):
-            if any(isinstance(m, MlaAttentionMixin) for m in self.modules()):
-                model_kwargs[name] = LatentCache(config=self.config)
+    made = model_kwargs.get(CACHE_KWARG)
+    # Only a DynamicCache that generate() itself just made; a user's cache is left alone.
+    if before is None and type(made) is DynamicCache and not getattr(made, "offloading", False):
+        if any(isinstance(m, MlaAttentionMixin) for m in self.modules()):
+            model_kwargs[CACHE_KWARG] = LatentCache(config=self.config)
     return result
 
 
