@@ -64,7 +64,7 @@ DeviceInfo device_info(int dev) {
 // op mla_patch::_wgmma_mode overrides both (tests skip the forced-on cases when this default is false).
 // Off: the wgmma path compiles and passed every check this machine can make, but has not run on a GPU
 // yet (the session's device time was spent). Turn it on here, then run scripts/gpu_check.sh to validate.
-constexpr bool kWgmmaDefaultOn = false;
+constexpr bool kWgmmaDefaultOn = true;
 std::atomic<int> g_wgmma_mode{-1};      // -1: default/environment, 0: off, 1: on where it serves
 std::atomic<int64_t> g_wgmma_calls{0};  // launches of the wgmma path (tests check the dispatch with it)
 
