@@ -118,6 +118,7 @@ class _Timer:
 
 
 def time_decode(model, cache, batch, context, steps, device, graph=False):
+    """Median ms of one decode step; with graph=True also the replay's logits rel err against eager."""
     ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, 1), device=device)
     pos = torch.full((batch, 1), context, device=device)
     with torch.no_grad():
@@ -130,21 +131,33 @@ def time_decode(model, cache, batch, context, steps, device, graph=False):
             _rewind(cache)
             if i >= 2:
                 times.append(timer.ms)
-    return _median_ms(times)
+    return _median_ms(times), None
 
 
 def _time_graph(model, cache, ids, pos, steps):
-    """Capture one decode step on a StaticCache (its length is a device tensor) and replay it."""
+    """Capture one decode step on a StaticCache (its length is a device tensor) and replay it.
+
+    Capture records the cache's length increment without running it, so no rewind follows the
+    capture; each replay runs it and is rewound. The first replay is checked against an eager step.
+    """
+    def step():
+        return model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
+
+    eager = step().logits.float()
+    _rewind(cache)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
         for _ in range(2):  # warm-up outside the graph
-            model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
+            step()
             _rewind(cache)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
+        captured = step().logits
+    graph.replay()
+    torch.cuda.synchronize()
+    check = ((captured.float() - eager).norm() / eager.norm()).item()
     _rewind(cache)
     times = []
     for _ in range(steps):
@@ -156,7 +169,7 @@ def _time_graph(model, cache, ids, pos, steps):
         _rewind(cache)
         times.append(start.elapsed_time(end))
     del graph
-    return _median_ms(times)
+    return _median_ms(times), check
 
 
 def variant_cache(variant, model, batch, context):
@@ -197,14 +210,14 @@ def run_point(model, name, variant, batch, context, steps, device):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     before_step = torch.cuda.memory_allocated() if cuda else 0
-    ms = time_decode(model, cache, batch, context, steps, device, graph=variant.endswith("graph"))
+    ms, graph_vs_eager = time_decode(model, cache, batch, context, steps, device, graph=variant.endswith("graph"))
     transient = torch.cuda.max_memory_allocated() - before_step if cuda else 0
     del cache
     gc.collect()
     layers = model.config.num_hidden_layers
     return dict(model=name, variant=variant, batch=batch, context=context, ms_per_step=ms,
                 tokens_per_s=batch * 1e3 / ms, kv_bytes_per_token_per_layer=cache_bytes / (batch * context * layers),
-                step_transient_bytes=transient)
+                step_transient_bytes=transient, graph_vs_eager_rel_err=graph_vs_eager)
 
 
 def profile_step(model, name, batch, context, device):
@@ -352,7 +365,9 @@ def main(argv=None):
                     rows.append(row)
                     print(f"{name:8s} {variant:22s} B={batch:3d} L={context:6d} {row['ms_per_step']:9.2f} ms/step "
                           f"{row['tokens_per_s']:9.1f} tok/s  KV {row['kv_bytes_per_token_per_layer']:7.0f} B/tok/layer "
-                          f"step transient {row['step_transient_bytes'] / 2**20:9.1f} MiB", flush=True)
+                          f"step transient {row['step_transient_bytes'] / 2**20:9.1f} MiB"
+                          + (f"  graph vs eager rel err {row['graph_vs_eager_rel_err']:.1e}"
+                             if row["graph_vs_eager_rel_err"] is not None else ""), flush=True)
         mla_patch.unpatch(model)
         del model
         gc.collect()
@@ -380,13 +395,14 @@ def main(argv=None):
     with open(os.path.join(args.out, "bench_generate.json"), "w") as f:
         json.dump(result, f, indent=1)
     plot(rows, os.path.join(args.out, "bench_generate.png"))
-    print("\n| model | variant | B | L | ms/step | tok/s | x stock | KV B/tok/layer | step transient MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| model | variant | B | L | ms/step | tok/s | x stock | KV B/tok/layer | step transient MiB | graph vs eager |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         sp = f"{r['speedup_vs_stock']:.1f}" if r["speedup_vs_stock"] else "-"
         print(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['context']} | {r['ms_per_step']:.2f} | "
               f"{r['tokens_per_s']:.1f} | {sp} | {r['kv_bytes_per_token_per_layer']:.0f} | "
-              f"{r['step_transient_bytes'] / 2**20:.1f} |")
+              f"{r['step_transient_bytes'] / 2**20:.1f} | "
+              f"{'-' if r['graph_vs_eager_rel_err'] is None else format(r['graph_vs_eager_rel_err'], '.1e')} |")
     for s in skipped:
         print("skipped:", s)
     print("ttft:", {k: v for k, v in extra.items()})

@@ -95,7 +95,7 @@ def main(argv=None):
         cache = bench_generate._fill(cache_cls, model, args.batch, args.context, first)
         if variant == "patched":  # each layer's latent on its own layer's device
             result["cache_devices"] = sorted({str(layer.buffer.device) for layer in cache.layers})
-        ms = bench_generate.time_decode(model, cache, args.batch, args.context, args.steps, first)
+        ms, _ = bench_generate.time_decode(model, cache, args.batch, args.context, args.steps, first)
         result[f"{variant}_ms_per_step"] = ms
         result[f"{variant}_tokens_per_s"] = args.batch * 1e3 / ms
         print(f"{variant:8s} {ms:8.2f} ms/step  {args.batch * 1e3 / ms:9.1f} tok/s", flush=True)

@@ -61,29 +61,31 @@ def _teacher_forced_logits(model, ids, mask, continuation):
     return torch.stack(logits, dim=1).float()
 
 
-@pytest.mark.parametrize("family,rank,rope,heads", [("deepseek_v2", 512, 64, 16), ("deepseek_v3", 256, 32, 40)])
+@pytest.mark.parametrize("family,rank,rope,heads", [("deepseek_v2", 512, 64, 16), ("deepseek_v3", 256, 32, 40),
+                                                     ("deepseek_v3", 512, 64, 128)])
 def test_kernel_backend_matches_reference_backend(family, rank, rope, heads):
+    """Teacher-forced bf16 step logits of each backend against the float32 model: the kernel may add
+    no error beyond the reference backend's own bf16 error.
+
+    Dense MLPs: in a MoE layer a bf16 rounding difference can flip a routing choice, and the flipped
+    expert then dominates the logits' difference (H100: 1.7e-2 stock vs 4.6e-2 for the reference
+    backend and 6.6e-2 for the kernel at 40 heads, all three 1.4e-2 with dense MLPs).
+    """
     _require_kernel()
-    base = _gpu_model(family, rank, rope, heads)
-    models = {}
+    base = _gpu_model(family, rank, rope, heads, first_k_dense_replace=2)
+    oracle = copy.deepcopy(base).float()
+    mla_patch.patch(oracle, backend="torch")
+    ids, mask = _prompt(case_seed("gpu", family, heads))
+    continuation = oracle.generate(input_ids=ids, attention_mask=mask, max_new_tokens=24, do_sample=False)[:, ids.shape[1]:]
+    want = _teacher_forced_logits(oracle, ids, mask, continuation)
+    errors = {}
     for backend in ("torch", "kernel"):
-        models[backend] = copy.deepcopy(base)
-        mla_patch.patch(models[backend], backend=backend)
-    ids, mask = _prompt(case_seed("gpu", family))
-    kwargs = dict(max_new_tokens=24, do_sample=False)
-    ref_seq = models["torch"].generate(input_ids=ids, attention_mask=mask, **kwargs)
-    ker_seq = models["kernel"].generate(input_ids=ids, attention_mask=mask, **kwargs)
-    continuation = ref_seq[:, ids.shape[1]:]
-    # Teacher-forced on the same tokens, so every step's logits are comparable.
-    ref = _teacher_forced_logits(models["torch"], ids, mask, continuation)
-    ker = _teacher_forced_logits(models["kernel"], ids, mask, continuation)
-    worst = rel_err(ker, ref)
-    agree = (ker_seq == ref_seq).float().mean().item()
-    print(f"{family} R={rank} H={heads}: step-logit rel err kernel vs reference {worst:.2e}, greedy agreement {agree:.1%}")
-    assert worst < 2e-2
-    assert agree > 0.9, f"greedy tokens agree on only {agree:.1%}"
-    stock = _teacher_forced_logits(base, ids, mask, continuation)
-    assert rel_err(ker, stock) < 3e-2
+        model = copy.deepcopy(base)
+        mla_patch.patch(model, backend=backend)
+        errors[backend] = rel_err(_teacher_forced_logits(model, ids, mask, continuation), want)
+    print(f"{family} R={rank} H={heads}: bf16 step-logit rel err vs float32: kernel {errors['kernel']:.2e}, "
+          f"reference backend {errors['torch']:.2e}")
+    assert errors["kernel"] <= 1.5 * errors["torch"] + 2e-3
 
 
 def test_static_cache_compiled_generate_uses_the_kernel():
@@ -125,7 +127,14 @@ def test_cuda_graph_capture_of_a_patched_decode_step():
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             captured = model(input_ids=token, position_ids=position, **{CACHE_KWARG: cache}, use_cache=True).logits
-        _rewind(cache)
+        # Capture records the cache's length increment without running it: no rewind here.
+        captured.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-    assert rel_err(captured.float(), eager.float()) < 1e-3
+        first = captured.clone()
+        _rewind(cache)
+        captured.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+    assert rel_err(first.float(), eager.float()) < 1e-3
+    assert torch.equal(captured, first), "a second replay of the same step differs"
