@@ -62,20 +62,32 @@ DeviceInfo device_info(int dev) {
 // kWgmmaDefaultOn is the switch: false sends every call to the portable mma.sync kernel. The environment
 // variable MLA_PATCH_WGMMA ("0" off, anything else on) overrides it, read once per process; the test-only
 // op mla_patch::_wgmma_mode overrides both (tests skip the forced-on cases when this default is false).
-// Off: the wgmma path compiles and passed every check this machine can make, but has not run on a GPU
-// yet (the session's device time was spent). Turn it on here, then run scripts/gpu_check.sh to validate.
+// On since its first GPU run (H100, 2026-11-25: 216 kernel tests passed; 1.6-1.8x the mma.sync kernel at
+// H = 128 from 16K cached rows a call). false here switches it off for every call.
 constexpr bool kWgmmaDefaultOn = true;
+// Left to itself the dispatch takes wgmma only from this many cached rows a call (B x cache length): below
+// it (B = 1 at L <= 4K) the wgmma kernel's fixed cost, staging 64 query rows of 576 columns, loses to
+// mma.sync (H100, H = 128: 26.3 vs 20.5 us at B = 1, 4K; even at 16K rows, 37.4 vs 38.3 us). Forced on
+// (_wgmma_mode(1) or MLA_PATCH_WGMMA=1), it serves every call it can.
+constexpr int64_t kWgmmaDefaultMinRows = 16384;
 std::atomic<int> g_wgmma_mode{-1};      // -1: default/environment, 0: off, 1: on where it serves
 std::atomic<int64_t> g_wgmma_calls{0};  // launches of the wgmma path (tests check the dispatch with it)
 
-bool wgmma_enabled() {
+// -1 default (kWgmmaDefaultOn and the row threshold), 0 off, 1 on wherever it serves.
+int wgmma_setting() {
   const int mode = g_wgmma_mode.load();
-  if (mode >= 0) return mode == 1;
-  static const bool env_on = [] {
+  if (mode >= 0) return mode;
+  static const int env_mode = [] {
     const char* e = std::getenv("MLA_PATCH_WGMMA");
-    return e == nullptr || *e == '\0' ? kWgmmaDefaultOn : std::strcmp(e, "0") != 0;
+    if (e == nullptr || *e == '\0') return kWgmmaDefaultOn ? -1 : 0;
+    return std::strcmp(e, "0") != 0 ? 1 : 0;
   }();
-  return env_on;
+  return env_mode;
+}
+
+bool wgmma_enabled(int64_t cached_rows) {
+  const int setting = wgmma_setting();
+  return setting == 1 || (setting == -1 && cached_rows >= kWgmmaDefaultMinRows);
 }
 
 // Whether the loaded binary has the sm_90a body of the wgmma kernel (a build without 90a has a stub).
@@ -174,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   TORCH_CHECK(static_cast<size_t>(info.smem_optin) >= smem_needed, "mla_decode: the kernel needs ", num(smem_needed),
               " bytes of shared memory per block, this GPU allows ", num(info.smem_optin));
   const bool bf16 = dtype == at::kBFloat16;
-  const bool use_wgmma = S * H >= kMlaWgmmaMinRows && info.cc_major == 9 && info.cc_minor == 0 && wgmma_enabled() &&
+  const bool use_wgmma = S * H >= kMlaWgmmaMinRows && info.cc_major == 9 && info.cc_minor == 0 && wgmma_enabled(B * T) &&
                          static_cast<size_t>(info.smem_optin) >= mla_wgmma_smem_bytes(static_cast<int>(R), static_cast<int>(P)) &&
                          wgmma_built(device.index(), bf16, R);
   const int num_splits =
