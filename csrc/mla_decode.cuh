@@ -367,10 +367,9 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
     }
     __syncthreads();  // [Y]
 
-    // ---- QK of tile it+1 (when there is one) and O = O * alpha + P V of tile it
-    const bool has_next = it + 1 < n_tiles;
-    const T* kv = s_kv + (it % STAGES) * N * ROW;
-    qk_partial(has_next ? s_kv + ((it + 1) % STAGES) * N * ROW : kv, has_next);
+    // ---- O *= alpha (skipped by warps whose rows all kept their max), then QK of tile it+1
+    // (when there is one) and O += P V of tile it. The skip branch comes first so that the QK and
+    // PV mma streams form one basic block the scheduler can interleave.
 #pragma unroll
     for (int i = 0; i < MF; ++i) {
       const float a0 = s_alpha[i * 16 + gq], a1 = s_alpha[i * 16 + gq + 8];
@@ -383,6 +382,9 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
         o[i][j][3] *= a1;
       }
     }
+    const bool has_next = it + 1 < n_tiles;
+    const T* kv = s_kv + (it % STAGES) * N * ROW;
+    qk_partial(has_next ? s_kv + ((it + 1) % STAGES) * N * ROW : kv, has_next);
 #pragma unroll
     for (int ks = 0; ks < N / 16; ++ks) {
       uint32_t pa[MF][4];
@@ -446,23 +448,29 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   }
 }
 
-// LSE combine of the split partials. Grid: one block per (b, query row); R / 4 threads, 4 columns
-// each. The split lse values are reduced by the whole block (one split a thread), the weights go to
-// shared memory, then each thread sums its 4 columns over the splits with loads 8 deep in flight.
+// LSE combine of the split partials. Grid: one block per (b, query row); R / 4 column threads
+// (4 columns each) times JG split groups. The split lse values are reduced by the whole block, the
+// weights go to shared memory; thread (group jg, column c) sums splits jg, jg + JG, ... with loads
+// 8 deep in flight, and the JG partial sums meet in shared memory. (Few rows and many splits, as at
+// batch 1, leave few blocks: the split groups keep enough loads in flight to hide L2 latency.)
 // Empty splits (lse = -inf, rows never written) get weight 0 and their loaded values are discarded
 // by a select, never multiplied (they may be NaN).
+constexpr int kCombineGroups = 4;
+
 template <MlaDtype DT, int R>
-__global__ void __launch_bounds__(R / 4) mla_combine_kernel(const MlaDecodeParams p) {
+__global__ void __launch_bounds__(R / 4 * kCombineGroups) mla_combine_kernel(const MlaDecodeParams p) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
-  constexpr int NT = R / 4, NW = NT / 32;
+  constexpr int NC = R / 4, JG = kCombineGroups, NT = NC * JG, NW = NT / 32;
   __shared__ float s_w[kMlaMaxSplits];
   __shared__ float s_red[2][NW];
+  __shared__ float4 s_acc[JG - 1][NC];
   const int MT = p.S * p.H;
   const int b = blockIdx.x / MT, g = blockIdx.x % MT;
   const int ns = p.num_splits;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int c = tid % NC, jg = tid / NC;
   const float* lp = p.lse_partial + static_cast<size_t>(b) * ns * MT + g;
   float mx = -INFINITY;
   for (int j = tid; j < ns; j += NT) mx = fmaxf(mx, lp[static_cast<size_t>(j) * MT]);
@@ -488,11 +496,11 @@ __global__ void __launch_bounds__(R / 4) mla_combine_kernel(const MlaDecodeParam
 #pragma unroll
   for (int w = 0; w < NW; ++w) wsum += s_red[1][w];
 
-  const float* op = p.o_partial + (static_cast<size_t>(b) * ns * MT + g) * R + tid * 4;
   const size_t split_stride = static_cast<size_t>(MT) * R;
+  const float* op = p.o_partial + (static_cast<size_t>(b) * ns * MT + g) * R + c * 4;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
-  for (int j = 0; j < ns; ++j) {
+  for (int j = jg; j < ns; j += JG) {
     const float w = s_w[j];
     const float4 v = *reinterpret_cast<const float4*>(op + j * split_stride);
     acc.x += w > 0.f ? w * v.x : 0.f;
@@ -500,14 +508,33 @@ __global__ void __launch_bounds__(R / 4) mla_combine_kernel(const MlaDecodeParam
     acc.z += w > 0.f ? w * v.z : 0.f;
     acc.w += w > 0.f ? w * v.w : 0.f;
   }
+  if (jg > 0) s_acc[jg - 1][c] = acc;
+  __syncthreads();
+  if (jg != 0) return;
+#pragma unroll
+  for (int k = 0; k < JG - 1; ++k) {
+    const float4 v = s_acc[k][c];
+    acc.x += v.x;
+    acc.y += v.y;
+    acc.z += v.z;
+    acc.w += v.w;
+  }
   const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-  T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(b) * MT + g) * R + tid * 4;
+  T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(b) * MT + g) * R + c * 4;
   T2 lo = Tr::pack(acc.x * inv, acc.y * inv), hi = Tr::pack(acc.z * inv, acc.w * inv);
   uint2 packed;
   packed.x = *reinterpret_cast<uint32_t*>(&lo);
   packed.y = *reinterpret_cast<uint32_t*>(&hi);
   *reinterpret_cast<uint2*>(out) = packed;
   if (tid == 0) p.lse[static_cast<size_t>(b) * MT + g] = wsum > 0.f ? mx + __logf(wsum) : -INFINITY;
+}
+
+// Both decode kernels (mma.sync and wgmma) finish a split launch with this, so the combine's block
+// shape is stated once.
+template <MlaDtype DT, int R>
+cudaError_t launch_mla_combine(const MlaDecodeParams& p, cudaStream_t stream) {
+  mla_combine_kernel<DT, R><<<p.B * p.S * p.H, R / 4 * kCombineGroups, 0, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace mla
@@ -556,6 +583,5 @@ cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream
                : mla::launch_variant<DT, R, P, 32, kMlaMinStages>(params, stream, dev);
   }
   if (err != cudaSuccess || params.num_splits == 1) return err;
-  mla::mla_combine_kernel<DT, R><<<params.B * params.S * params.H, R / 4, 0, stream>>>(params);
-  return cudaGetLastError();
+  return mla::launch_mla_combine<DT, R>(params, stream);
 }

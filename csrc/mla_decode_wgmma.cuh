@@ -434,8 +434,7 @@ cudaError_t launch_mla_decode_wgmma(const MlaDecodeParams& params, cudaStream_t 
   kernel<<<grid, 256, smem, stream>>>(params);
   err = cudaGetLastError();
   if (err != cudaSuccess || params.num_splits == 1) return err;
-  mla::mla_combine_kernel<DT, R><<<params.B * params.S * params.H, R / 4, 0, stream>>>(params);
-  return cudaGetLastError();
+  return mla::launch_mla_combine<DT, R>(params, stream);
 }
 
 template <MlaDtype DT, int R, int P>
