@@ -455,17 +455,15 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
 // batch 1, leave few blocks: the split groups keep enough loads in flight to hide L2 latency.)
 // Empty splits (lse = -inf, rows never written) get weight 0 and their loaded values are discarded
 // by a select, never multiplied (they may be NaN).
-constexpr int kCombineGroups = 4;
-
-template <MlaDtype DT, int R>
-__global__ void __launch_bounds__(R / 4 * kCombineGroups) mla_combine_kernel(const MlaDecodeParams p) {
+template <MlaDtype DT, int R, int JG>
+__global__ void __launch_bounds__(R / 4 * JG) mla_combine_kernel(const MlaDecodeParams p) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
-  constexpr int NC = R / 4, JG = kCombineGroups, NT = NC * JG, NW = NT / 32;
+  constexpr int NC = R / 4, NT = NC * JG, NW = NT / 32;
   __shared__ float s_w[kMlaMaxSplits];
   __shared__ float s_red[2][NW];
-  __shared__ float4 s_acc[JG - 1][NC];
+  __shared__ float4 s_acc[JG > 1 ? JG - 1 : 1][NC];
   const int MT = p.S * p.H;
   const int b = blockIdx.x / MT, g = blockIdx.x % MT;
   const int ns = p.num_splits;
@@ -530,10 +528,19 @@ __global__ void __launch_bounds__(R / 4 * kCombineGroups) mla_combine_kernel(con
 }
 
 // Both decode kernels (mma.sync and wgmma) finish a split launch with this, so the combine's block
-// shape is stated once.
+// shape is stated once. Split groups pay off only when there are few blocks (H100: 4 groups took
+// B = 1 from 16.1 to 15.5 us at H = 128, 1K, but B = 16 from 34.7 to 40.8 us at H = 128, 1K, and
+// B = 64 from 40.5 to 44.1 us at H = 16, 1K); one group from this many (b, query row) blocks on.
+constexpr int kCombineGroupedMaxRows = 128;
+
 template <MlaDtype DT, int R>
 cudaError_t launch_mla_combine(const MlaDecodeParams& p, cudaStream_t stream) {
-  mla_combine_kernel<DT, R><<<p.B * p.S * p.H, R / 4 * kCombineGroups, 0, stream>>>(p);
+  const int rows = p.B * p.S * p.H;
+  if (rows <= kCombineGroupedMaxRows) {
+    mla_combine_kernel<DT, R, 4><<<rows, R / 4 * 4, 0, stream>>>(p);
+  } else {
+    mla_combine_kernel<DT, R, 1><<<rows, R / 4, 0, stream>>>(p);
+  }
   return cudaGetLastError();
 }
 
