@@ -114,13 +114,16 @@ def masked_ranges(attention_mask: torch.Tensor, num_new: int):
         return _range_memo[2]
     kv_start, kv_end, ok = _ranges_from_allowed(_allowed_rows(attention_mask, num_new))
     result = (kv_start, kv_end)
+    if compiling:
+        return result
     capturing = attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not compiling and not capturing:
-        # One host sync per step (memoized across layers): a mask with holes would be
-        # silently misread by a range-based kernel, so check it when we can afford to.
-        if not bool(ok):
-            result = None
-        _range_memo = (weakref.ref(attention_mask), key, result)
+    if not capturing and not bool(ok):
+        # One host sync per step (memoized across layers): a mask with holes would be silently
+        # misread by a range-based kernel, so check it when we can afford to (not inside a graph).
+        result = None
+    # Memoized under graph capture too: the ranges are tensors of the graph's pool, and recomputing
+    # them in every layer added ~15 small kernels a layer to the captured step.
+    _range_memo = (weakref.ref(attention_mask), key, result)
     return result
 
 
