@@ -30,6 +30,7 @@ import datetime as _dt
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,9 @@ def _rel(a, b) -> float:
 
 
 def _commit() -> str:
+    # MLA_PATCH_COMMIT names the code where git cannot (a copied working tree with a stale .git).
+    if os.environ.get("MLA_PATCH_COMMIT"):
+        return os.environ["MLA_PATCH_COMMIT"]
     try:
         return subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

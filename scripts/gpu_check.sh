@@ -19,7 +19,7 @@ mode=${1:-all}
 t0=$(date +%s)
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.draw,temperature.gpu --format=csv
   python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
-  nvcc --version | tail -1; git rev-parse --short HEAD 2>/dev/null; git status --short csrc 2>/dev/null; } >"$OUT/gpu.txt" 2>&1
+  nvcc --version | tail -1; echo "commit ${MLA_PATCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null)}"; git status --short csrc 2>/dev/null; } >"$OUT/gpu.txt" 2>&1
 cat "$OUT/gpu.txt"
 
 if [ "$mode" != "--bench-only" ] || ! ls mla_patch/_C*.so >/dev/null 2>&1; then
