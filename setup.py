@@ -51,11 +51,15 @@ def _cuda_extension():
         f"--threads={os.environ.get('MLA_PATCH_NVCC_THREADS', '4')}",
         *_gencode_flags(archs),
     ]
+    cxx_flags = ["-O3"]
+    if os.environ.get("MLA_PATCH_DIAG"):  # timing-diagnostic kernel variants (scripts/bench_wgmma_diag.py)
+        nvcc_flags.append("-DMLA_PATCH_DIAG")
+        cxx_flags.append("-DMLA_PATCH_DIAG")
     ext = CUDAExtension(
         name="mla_patch._C",
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
     )
     return ext, {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 

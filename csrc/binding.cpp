@@ -114,6 +114,31 @@ int64_t wgmma_calls_op() { return g_wgmma_calls.load(); }
 
 int64_t wgmma_default_op() { return kWgmmaDefaultOn ? 1 : 0; }
 
+#ifdef MLA_PATCH_DIAG
+// Timing diagnostics of the wgmma kernel (bf16, R = 512 only): which stages to leave out (see DIAG in
+// mla_decode_wgmma.cuh). Results are wrong while it is non-zero. Only in a build with MLA_PATCH_DIAG.
+std::atomic<int> g_wgmma_diag{0};
+int64_t wgmma_diag_op(int64_t diag) {
+  TORCH_CHECK(diag == 0 || diag == 1 || diag == 2 || diag == 3 || diag == 4 || diag == 6,
+              "mla_decode: _wgmma_diag takes 0, 1, 2, 3, 4 or 6");
+  return g_wgmma_diag.exchange(static_cast<int>(diag));
+}
+cudaError_t launch_wgmma_bf16_r512(const MlaDecodeParams& p, cudaStream_t stream) {
+  switch (g_wgmma_diag.load()) {
+    case 1: return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64, 1>(p, stream);
+    case 2: return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64, 2>(p, stream);
+    case 3: return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64, 3>(p, stream);
+    case 4: return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64, 4>(p, stream);
+    case 6: return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64, 6>(p, stream);
+    default: return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64>(p, stream);
+  }
+}
+#else
+cudaError_t launch_wgmma_bf16_r512(const MlaDecodeParams& p, cudaStream_t stream) {
+  return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64>(p, stream);
+}
+#endif
+
 void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, "mla_decode: ", name, " must have ", num(dim), " dims, got shape ", dims_str(t.sizes()));
   TORCH_CHECK(t.is_cuda(), "mla_decode: ", name, " must be a CUDA tensor, got ", t.device().str());
@@ -232,8 +257,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   if (use_wgmma) {
     g_wgmma_calls.fetch_add(1);
     if (R == 512) {
-      err = bf16 ? launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64>(p, stream)
-                 : launch_mla_decode_wgmma<MlaDtype::kFP16, 512, 64>(p, stream);
+      err = bf16 ? launch_wgmma_bf16_r512(p, stream) : launch_mla_decode_wgmma<MlaDtype::kFP16, 512, 64>(p, stream);
     } else {
       err = bf16 ? launch_mla_decode_wgmma<MlaDtype::kBF16, 256, 32>(p, stream)
                  : launch_mla_decode_wgmma<MlaDtype::kFP16, 256, 32>(p, stream);
@@ -270,6 +294,9 @@ TORCH_LIBRARY(mla_patch, m) {
   m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
   m.def("_wgmma_calls() -> int", &wgmma_calls_op);
   m.def("_wgmma_default() -> int", &wgmma_default_op);
+#ifdef MLA_PATCH_DIAG
+  m.def("_wgmma_diag(int diag) -> int", &wgmma_diag_op);
+#endif
 }
 
 TORCH_LIBRARY_IMPL(mla_patch, CUDA, m) { m.impl("mla_decode", &mla_decode_cuda); }

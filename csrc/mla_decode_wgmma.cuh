@@ -90,7 +90,10 @@ __device__ __forceinline__ void wgmma_pv(float (&o)[NV / 2], const uint32_t (&a)
   }
 }
 
-template <MlaDtype DT, int R, int P>
+// DIAG (timing diagnostics only, built with MLA_PATCH_DIAG; results are wrong): bit 0 drops the cache
+// loads of the main loop, bit 1 the partial-score exchange and its barrier, bit 2 the loop's wgmmas.
+// Timing what is left shows what each stage costs (docs/KERNEL.md).
+template <MlaDtype DT, int R, int P, int DIAG = 0>
 __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecodeParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Tr = DtypeTraits<DT>;
@@ -232,14 +235,16 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
   auto softmax = [&](float (&sacc)[16], int tile, float (&p0)[8], float (&p1)[8], float& a0, float& a1) {
     float4* mine = xchg + wg * 4 * 128 + wtid;
     const float4* other = xchg + (1 - wg) * 4 * 128 + wtid;
+    if constexpr (!(DIAG & 2)) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) mine[q * 128] = make_float4(sacc[4 * q], sacc[4 * q + 1], sacc[4 * q + 2], sacc[4 * q + 3]);
-    __syncthreads();
+      for (int q = 0; q < 4; ++q) mine[q * 128] = make_float4(sacc[4 * q], sacc[4 * q + 1], sacc[4 * q + 2], sacc[4 * q + 3]);
+      __syncthreads();
+    }
     float x0[8], x1[8];
     const int t0 = cb + tile * N + 2 * tq;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const float4 v = other[q * 128];
+      const float4 v = (DIAG & 2) ? make_float4(0.f, 0.f, 0.f, 0.f) : other[q * 128];
       // Fragment q: row r0 columns 8q + 2tq + {0, 1}, row r1 the same columns. a + b == b + a, so both
       // warpgroups get bit-identical scores.
       const float s00 = sacc[4 * q] + v.x, s01 = sacc[4 * q + 1] + v.y;
@@ -334,12 +339,12 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
     fence_operand(o);
     fence_operand(pa);
     wgmma_fence();
-    qk(sacc, (it + 1) % STAGES);
+    if constexpr (!(DIAG & 4)) qk(sacc, (it + 1) % STAGES);
     wgmma_commit();
-    pv(o, pa, it % STAGES);
+    if constexpr (!(DIAG & 4)) pv(o, pa, it % STAGES);
     wgmma_commit();
     // Prefetch tile it+2 into the stage of tile it-1 (neither wgmma in flight reads it) while they run.
-    if (it + STAGES - 1 < n_tiles) load_tile(it + STAGES - 1, (it + STAGES - 1) % STAGES);
+    if (!(DIAG & 1) && it + STAGES - 1 < n_tiles) load_tile(it + STAGES - 1, (it + STAGES - 1) % STAGES);
     cp_async_commit();
     wgmma_wait<1>();  // QK(it+1) done, PV(it) may still run
     fence_operand(sacc);
@@ -416,13 +421,13 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
 
 }  // namespace mla
 
-template <MlaDtype DT, int R, int P>
+template <MlaDtype DT, int R, int P, int DIAG>
 cudaError_t launch_mla_decode_wgmma(const MlaDecodeParams& params, cudaStream_t stream) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   constexpr size_t smem = mla_wgmma_smem_bytes(R, P);
-  auto kernel = mla::mla_decode_wgmma_kernel<DT, R, P>;
+  auto kernel = mla::mla_decode_wgmma_kernel<DT, R, P, DIAG>;
   static bool smem_set[64] = {};
   if (dev < 0 || dev >= 64 || !smem_set[dev]) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));

@@ -100,8 +100,9 @@ inline int mla_wgmma_num_splits(int B, int S, int H, int T, int num_sms) {
 }
 
 // Host launcher of the wgmma path (main kernel, then the same LSE combine), and whether the loaded
-// binary holds its sm_90a body. Instantiated in mla_decode_wgmma_<dtype>_r<R>.cu.
-template <MlaDtype DT, int R, int P>
+// binary holds its sm_90a body. Instantiated in mla_decode_wgmma_<dtype>_r<R>.cu. DIAG != 0: timing
+// diagnostics of mla_decode_wgmma.cuh, built only with MLA_PATCH_DIAG.
+template <MlaDtype DT, int R, int P, int DIAG = 0>
 cudaError_t launch_mla_decode_wgmma(const MlaDecodeParams& params, cudaStream_t stream);
 template <MlaDtype DT, int R, int P>
 bool mla_wgmma_built();
