@@ -107,17 +107,15 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
   constexpr int Q_BYTES = NB * Q_BLK, KV_BYTES = NB * KV_BLK;
   constexpr int STAGES = kMlaWgmmaStages;
   constexpr int CHUNKS = D / 8;
-  static_assert(N == 32 && M == 64 && KSTEPS % 2 == 0 && (NV == 128 || NV == 256) && STAGES >= 2,
+  static_assert(N == 32 && M == 64 && KSTEPS % 2 == 0 && (NV == 128 || NV == 256) && STAGES >= 3,
                 "layout assumes 64 query rows, 32-row tiles, R in {256, 512}");
-  static_assert(mla_wgmma_smem_bytes(R, P) == 1024 + Q_BYTES + STAGES * KV_BYTES + 2 * 4 * 128 * 16 + 256 * 8,
-                "smem size");
+  static_assert(mla_wgmma_smem_bytes(R, P) == 1024 + Q_BYTES + STAGES * KV_BYTES + 128 * 64, "smem size");
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
   const uint32_t s_q = (raw_addr + 1023) & ~1023u;
   const uint32_t s_kv = s_q + Q_BYTES;
-  float4* xchg = reinterpret_cast<float4*>(smem_raw + (s_q - raw_addr) + Q_BYTES + STAGES * KV_BYTES);
-  float2* scratch = reinterpret_cast<float2*>(xchg + 2 * 4 * 128);  // [256], see the loop
+  float4* xchg = reinterpret_cast<float4*>(smem_raw + (s_q - raw_addr) + Q_BYTES + STAGES * KV_BYTES);  // [128][4]
 
   const int tid = threadIdx.x, wg = tid >> 7, wtid = tid & 127, lane = tid & 31;
   const int gq = lane >> 2, tq = lane & 3;
@@ -231,29 +229,18 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
   const float scale_log2 = p.sm_scale * kLog2e;
   float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // running max (log2) and this thread's sums
 
-  // Sums the two warpgroups' partial scores of `tile`, online softmax; P (fp32) into p0 (row r0), p1 (r1).
-  auto softmax = [&](float (&sacc)[16], int tile, float (&p0)[8], float (&p1)[8], float& a0, float& a1) {
-    float4* mine = xchg + wg * 4 * 128 + wtid;
-    const float4* other = xchg + (1 - wg) * 4 * 128 + wtid;
-    if constexpr (!(DIAG & 2)) {
-#pragma unroll
-      for (int q = 0; q < 4; ++q) mine[q * 128] = make_float4(sacc[4 * q], sacc[4 * q + 1], sacc[4 * q + 2], sacc[4 * q + 3]);
-      __syncthreads();
-    }
+  // Online softmax of `tile` (warpgroup 1 only) on its full scores sacc; P (fp32) into p0 (row r0), p1 (r1).
+  auto softmax = [&](const float (&sacc)[16], int tile, float (&p0)[8], float (&p1)[8], float& a0, float& a1) {
     float x0[8], x1[8];
     const int t0 = cb + tile * N + 2 * tq;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const float4 v = (DIAG & 2) ? make_float4(0.f, 0.f, 0.f, 0.f) : other[q * 128];
-      // Fragment q: row r0 columns 8q + 2tq + {0, 1}, row r1 the same columns. a + b == b + a, so both
-      // warpgroups get bit-identical scores.
-      const float s00 = sacc[4 * q] + v.x, s01 = sacc[4 * q + 1] + v.y;
-      const float s10 = sacc[4 * q + 2] + v.z, s11 = sacc[4 * q + 3] + v.w;
+      // Fragment q: row r0 columns 8q + 2tq + {0, 1}, row r1 the same columns.
       const int t = t0 + 8 * q;
-      x0[2 * q] = t < vis0 ? s00 * scale_log2 : -INFINITY;
-      x0[2 * q + 1] = t + 1 < vis0 ? s01 * scale_log2 : -INFINITY;
-      x1[2 * q] = t < vis1 ? s10 * scale_log2 : -INFINITY;
-      x1[2 * q + 1] = t + 1 < vis1 ? s11 * scale_log2 : -INFINITY;
+      x0[2 * q] = t < vis0 ? sacc[4 * q] * scale_log2 : -INFINITY;
+      x0[2 * q + 1] = t + 1 < vis0 ? sacc[4 * q + 1] * scale_log2 : -INFINITY;
+      x1[2 * q] = t < vis1 ? sacc[4 * q + 2] * scale_log2 : -INFINITY;
+      x1[2 * q + 1] = t + 1 < vis1 ? sacc[4 * q + 3] * scale_log2 : -INFINITY;
     }
     float mx0 = x0[0], mx1 = x1[0];
 #pragma unroll
@@ -286,9 +273,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
   };
 
   // P into the A fragments of the two PV k-steps (keys 16 ks..): {row r0, keys 2tq..}, {r1, 2tq..},
-  // {r0, 8+2tq..}, {r1, 8+2tq..}. Done only after the previous PV has completed: a register written while
-  // a wgmma that reads it is in flight makes ptxas serialize every wgmma of the kernel (C7513), and it
-  // coalesces copies, so the fp32 P is kept apart until then.
+  // {r0, 8+2tq..}, {r1, 8+2tq..}.
   auto pack_p = [&](uint32_t (&pa)[2][4], const float (&p0)[8], const float (&p1)[8]) {
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks) {
@@ -298,6 +283,61 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
       pa[ks][1] = *reinterpret_cast<uint32_t*>(&v1);
       pa[ks][2] = *reinterpret_cast<uint32_t*>(&v2);
       pa[ks][3] = *reinterpret_cast<uint32_t*>(&v3);
+    }
+  };
+
+  // The exchange slot of this thread's fragment positions (thread t of either warpgroup holds the same
+  // ones): 64 bytes, used in turn for warpgroup 0's partial scores (16 floats, read by warpgroup 1),
+  // then the packed P of the tile (bytes 0-31) and its row rescale factors (32-39), read by warpgroup 0.
+  float4* slot = xchg + wtid * 4;
+  // Warpgroup 0's half of the QK k-steps goes to warpgroup 1, which owns the softmax.
+  auto send_partial = [&](const float (&sacc)[16]) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) slot[q] = make_float4(sacc[4 * q], sacc[4 * q + 1], sacc[4 * q + 2], sacc[4 * q + 3]);
+  };
+  // Into new registers: writing sacc, an operand of the next QK, while PV is in flight would make ptxas
+  // serialize every wgmma of the kernel (C7513).
+  auto add_partial = [&](const float (&sacc)[16], float (&full)[16]) {
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const float4 v = (DIAG & 2) ? make_float4(0.f, 0.f, 0.f, 0.f) : slot[q];
+      full[4 * q] = sacc[4 * q] + v.x;
+      full[4 * q + 1] = sacc[4 * q + 1] + v.y;
+      full[4 * q + 2] = sacc[4 * q + 2] + v.z;
+      full[4 * q + 3] = sacc[4 * q + 3] + v.w;
+    }
+  };
+  auto send_p = [&](const float (&p0)[8], const float (&p1)[8], float a0, float a1) {
+    uint32_t packed[2][4];
+    pack_p(packed, p0, p1);
+    slot[0] = make_float4(__uint_as_float(packed[0][0]), __uint_as_float(packed[0][1]), __uint_as_float(packed[0][2]),
+                          __uint_as_float(packed[0][3]));
+    slot[1] = make_float4(__uint_as_float(packed[1][0]), __uint_as_float(packed[1][1]), __uint_as_float(packed[1][2]),
+                          __uint_as_float(packed[1][3]));
+    reinterpret_cast<float2*>(slot + 2)[0] = make_float2(a0, a1);
+  };
+  auto receive_p = [&](uint32_t (&pa)[2][4], float& a0, float& a1) {
+#pragma unroll
+    for (int ks = 0; ks < 2; ++ks) {
+      const float4 v = slot[ks];
+      pa[ks][0] = __float_as_uint(v.x);
+      pa[ks][1] = __float_as_uint(v.y);
+      pa[ks][2] = __float_as_uint(v.z);
+      pa[ks][3] = __float_as_uint(v.w);
+    }
+    const float2 a = reinterpret_cast<const float2*>(slot + 2)[0];
+    a0 = a.x;
+    a1 = a.y;
+  };
+  auto rescale_o = [&](float (&o)[NV / 2], float a0, float a1) {
+    if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
+#pragma unroll
+      for (int j = 0; j < NV / 8; ++j) {
+        o[4 * j] *= a0;
+        o[4 * j + 1] *= a0;
+        o[4 * j + 2] *= a1;
+        o[4 * j + 3] *= a1;
+      }
     }
   };
 
@@ -320,20 +360,32 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
   wgmma_commit();
   wgmma_wait<0>();
   fence_operand(sacc);
-  {
-    float a0, a1;  // O is zero: nothing to rescale
-    softmax(sacc, 0, p0, p1, a0, a1);
+  if constexpr (!(DIAG & 2)) {
+    if (wg == 0) send_partial(sacc);
+    __syncthreads();
+  }
+  if (wg == 1) {
+    float full[16], a0, a1;  // O is zero: nothing to rescale
+    add_partial(sacc, full);
+    softmax(full, 0, p0, p1, a0, a1);
+    send_p(p0, p1, 1.f, 1.f);
     pack_p(pa, p0, p1);
   }
 
   // Every tile but the last: QK(it+1) beside PV(it). The last tile's PV follows the loop (peeled, so
-  // the loop issues the same wgmma sequence every time).
+  // the loop issues the same wgmma sequence every time). Warpgroup 1 runs the softmax of every tile;
+  // warpgroup 0 gets P and the rescale factors through its exchange slot after the barrier [X].
   for (int it = 0; it + 1 < n_tiles; ++it) {
-    // [X] Tile it+1 (the newest group) has landed and is visible to the async proxy; every thread is
-    // past the exchange reads of the last softmax and past PV(it-1), so the stage of tile it-1 is free.
-    cp_async_wait<0>();
+    // [X] Tile it+1 has landed (tile it+2 may still be in flight) and is visible to the async proxy;
+    // every thread is past PV(it-1), so the stage of tile it-1 is free; P(it) is in the slots.
+    cp_async_wait<STAGES - 3>();
     fence_proxy_async();
     __syncthreads();
+    if (wg == 0) {
+      float a0, a1;
+      receive_p(pa, a0, a1);
+      rescale_o(o, a0, a1);
+    }
 
     fence_operand(sacc);
     fence_operand(o);
@@ -343,32 +395,39 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
     wgmma_commit();
     if constexpr (!(DIAG & 4)) pv(o, pa, it % STAGES);
     wgmma_commit();
-    // Prefetch tile it+2 into the stage of tile it-1 (neither wgmma in flight reads it) while they run.
+    // Prefetch tile it+3 into the stage of tile it-1 (neither wgmma in flight reads it) while they run.
     if (!(DIAG & 1) && it + STAGES - 1 < n_tiles) load_tile(it + STAGES - 1, (it + STAGES - 1) % STAGES);
     cp_async_commit();
     wgmma_wait<1>();  // QK(it+1) done, PV(it) may still run
     fence_operand(sacc);
-    float a0, a1;
-    softmax(sacc, it + 1, p0, p1, a0, a1);
-    // ptxas hoists the PV wait up to the last shared-memory access before it (the exchange loads), which
-    // would run the exponentials after PV(it) instead of under it; this store of the running sums (which
-    // depend on every exponential) keeps the wait below the softmax. Its slot is written and never read.
-    scratch[tid] = make_float2(l0, l1);
+    if constexpr (!(DIAG & 2)) {
+      if (wg == 0) send_partial(sacc);  // its slot's P(it) was read above
+      __syncthreads();
+    }
+    float a0 = 1.f, a1 = 1.f;
+    if (wg == 1) {
+      float full[16];
+      add_partial(sacc, full);
+      softmax(full, it + 1, p0, p1, a0, a1);
+      // The slot store depends on every exponential, so ptxas cannot hoist the PV wait above them.
+      send_p(p0, p1, a0, a1);
+    }
+    // One wait for both warpgroups: a wait in each branch leaves ptxas unsure where PV's stage ends.
     wgmma_wait<0>();
     fence_operand(o);
     fence_operand(pa);
-    pack_p(pa, p0, p1);
-    if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
-#pragma unroll
-      for (int j = 0; j < NV / 8; ++j) {
-        o[4 * j] *= a0;
-        o[4 * j + 1] *= a0;
-        o[4 * j + 2] *= a1;
-        o[4 * j + 3] *= a1;
-      }
+    if (wg == 1) {
+      pack_p(pa, p0, p1);
+      rescale_o(o, a0, a1);
     }
   }
-  // Last tile: its stage landed before its QK; P is in pa.
+  // Last tile: its stage landed before its QK; warpgroup 1's P is in pa, warpgroup 0 reads it.
+  __syncthreads();
+  if (wg == 0) {
+    float a0, a1;
+    receive_p(pa, a0, a1);
+    rescale_o(o, a0, a1);
+  }
   fence_operand(o);
   fence_operand(pa);
   wgmma_fence();
@@ -378,20 +437,32 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
   fence_operand(o);
   cp_async_wait<0>();
 
-  // ---- epilogue: both warpgroups hold the same m and l; each writes its R/2 columns.
+  // ---- epilogue: warpgroup 1 holds m and l; warpgroup 0 gets 1/l through bytes 48-55 of its slot (P
+  // and the factors, bytes 0-39, may still be read). Each writes its R/2 columns.
+  float inv0 = 0.f, inv1 = 0.f;
+  if (wg == 1) {
 #pragma unroll
-  for (int off = 1; off < 4; off <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    for (int off = 1; off < 4; off <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+    }
+    inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
+    inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+    reinterpret_cast<float2*>(slot + 3)[0] = make_float2(inv0, inv1);
+    if (tq == 0) {
+      const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : -INFINITY;
+      const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : -INFINITY;
+      float* dst = nsplit == 1 ? p.lse + static_cast<size_t>(b) * MT
+                               : p.lse_partial + (static_cast<size_t>(b) * nsplit + split) * MT;
+      if (g0 < MT) dst[g0] = lse0;
+      if (g1 < MT) dst[g1] = lse1;
+    }
   }
-  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-  if (wg == 0 && tq == 0) {
-    const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : -INFINITY;
-    const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : -INFINITY;
-    float* dst = nsplit == 1 ? p.lse + static_cast<size_t>(b) * MT
-                             : p.lse_partial + (static_cast<size_t>(b) * nsplit + split) * MT;
-    if (g0 < MT) dst[g0] = lse0;
-    if (g1 < MT) dst[g1] = lse1;
+  __syncthreads();
+  if (wg == 0) {
+    const float2 inv = reinterpret_cast<const float2*>(slot + 3)[0];
+    inv0 = inv.x;
+    inv1 = inv.y;
   }
   const int col = wg * NV + 2 * tq;
 #pragma unroll

@@ -85,14 +85,14 @@ cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream
 // ---- sm_90a wgmma path (mla_decode_wgmma.cuh, kernel v5): 64 query rows a CTA, two warpgroups,
 // 32-row cache tiles in kMlaWgmmaStages stages, 128-byte swizzled [64-column block][row][64] layout.
 constexpr int kMlaWgmmaMTile = 64;
-constexpr int kMlaWgmmaStages = 3;
+constexpr int kMlaWgmmaStages = 4;
 constexpr int kMlaWgmmaMinRows = 64;  // S*H from which binding.cpp takes this path
 constexpr int mla_wgmma_col_blocks(int R, int P) { return (R + P + 63) / 64; }
-// 1 KB alignment slack + Q [blocks][64][128 B] + stages x [blocks][32][128 B] + score exchange 16 KB
-// + 2 KB scratch.
+// 1 KB alignment slack + Q [blocks][64][128 B] + stages x [blocks][32][128 B] + the warpgroups' exchange
+// slots [128][64 B] (R = 512: 230,400 B of the H100's 232,448).
 constexpr size_t mla_wgmma_smem_bytes(int R, int P) {
   return 1024 + static_cast<size_t>(mla_wgmma_col_blocks(R, P)) * 128 * (kMlaWgmmaMTile + kMlaWgmmaStages * kMlaNTile) +
-         2 * 4 * 128 * 16 + 256 * 8;
+         128 * 64;
 }
 // One CTA per SM as in mla_decode_kernel, with 64-row M tiles.
 inline int mla_wgmma_num_splits(int B, int S, int H, int T, int num_sms) {
