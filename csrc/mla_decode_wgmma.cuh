@@ -287,20 +287,21 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
   };
 
   // The exchange slot of this thread's fragment positions (thread t of either warpgroup holds the same
-  // ones): 64 bytes, used in turn for warpgroup 0's partial scores (16 floats, read by warpgroup 1),
-  // then the packed P of the tile (bytes 0-31) and its row rescale factors (32-39), read by warpgroup 0.
-  float4* slot = xchg + wtid * 4;
+  // ones): four 16-byte entries, used in turn for warpgroup 0's partial scores (16 floats, read by
+  // warpgroup 1), then the packed P of the tile (entries 0-1) and its row rescale factors (entry 2),
+  // read by warpgroup 0.
+  float4* slot = xchg + wtid;  // entry q at slot[q * 128]: a warp's accesses are consecutive, no bank conflicts
   // Warpgroup 0's half of the QK k-steps goes to warpgroup 1, which owns the softmax.
   auto send_partial = [&](const float (&sacc)[16]) {
 #pragma unroll
-    for (int q = 0; q < 4; ++q) slot[q] = make_float4(sacc[4 * q], sacc[4 * q + 1], sacc[4 * q + 2], sacc[4 * q + 3]);
+    for (int q = 0; q < 4; ++q) slot[q * 128] = make_float4(sacc[4 * q], sacc[4 * q + 1], sacc[4 * q + 2], sacc[4 * q + 3]);
   };
   // Into new registers: writing sacc, an operand of the next QK, while PV is in flight would make ptxas
   // serialize every wgmma of the kernel (C7513).
   auto add_partial = [&](const float (&sacc)[16], float (&full)[16]) {
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const float4 v = (DIAG & 2) ? make_float4(0.f, 0.f, 0.f, 0.f) : slot[q];
+      const float4 v = (DIAG & 2) ? make_float4(0.f, 0.f, 0.f, 0.f) : slot[q * 128];
       full[4 * q] = sacc[4 * q] + v.x;
       full[4 * q + 1] = sacc[4 * q + 1] + v.y;
       full[4 * q + 2] = sacc[4 * q + 2] + v.z;
@@ -312,20 +313,20 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
     pack_p(packed, p0, p1);
     slot[0] = make_float4(__uint_as_float(packed[0][0]), __uint_as_float(packed[0][1]), __uint_as_float(packed[0][2]),
                           __uint_as_float(packed[0][3]));
-    slot[1] = make_float4(__uint_as_float(packed[1][0]), __uint_as_float(packed[1][1]), __uint_as_float(packed[1][2]),
+    slot[128] = make_float4(__uint_as_float(packed[1][0]), __uint_as_float(packed[1][1]), __uint_as_float(packed[1][2]),
                           __uint_as_float(packed[1][3]));
-    reinterpret_cast<float2*>(slot + 2)[0] = make_float2(a0, a1);
+    reinterpret_cast<float2*>(slot + 2 * 128)[0] = make_float2(a0, a1);
   };
   auto receive_p = [&](uint32_t (&pa)[2][4], float& a0, float& a1) {
 #pragma unroll
     for (int ks = 0; ks < 2; ++ks) {
-      const float4 v = slot[ks];
+      const float4 v = slot[ks * 128];
       pa[ks][0] = __float_as_uint(v.x);
       pa[ks][1] = __float_as_uint(v.y);
       pa[ks][2] = __float_as_uint(v.z);
       pa[ks][3] = __float_as_uint(v.w);
     }
-    const float2 a = reinterpret_cast<const float2*>(slot + 2)[0];
+    const float2 a = reinterpret_cast<const float2*>(slot + 2 * 128)[0];
     a0 = a.x;
     a1 = a.y;
   };
@@ -437,8 +438,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
   fence_operand(o);
   cp_async_wait<0>();
 
-  // ---- epilogue: warpgroup 1 holds m and l; warpgroup 0 gets 1/l through bytes 48-55 of its slot (P
-  // and the factors, bytes 0-39, may still be read). Each writes its R/2 columns.
+  // ---- epilogue: warpgroup 1 holds m and l; warpgroup 0 gets 1/l through entry 3 of its slot (P and
+  // the factors, entries 0-2, may still be read). Each writes its R/2 columns.
   float inv0 = 0.f, inv1 = 0.f;
   if (wg == 1) {
 #pragma unroll
@@ -448,7 +449,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
     }
     inv0 = l0 > 0.f ? 1.f / l0 : 0.f;
     inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
-    reinterpret_cast<float2*>(slot + 3)[0] = make_float2(inv0, inv1);
+    reinterpret_cast<float2*>(slot + 3 * 128)[0] = make_float2(inv0, inv1);
     if (tq == 0) {
       const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : -INFINITY;
       const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : -INFINITY;
@@ -460,7 +461,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_wgmma_kernel(const MlaDecod
   }
   __syncthreads();
   if (wg == 0) {
-    const float2 inv = reinterpret_cast<const float2*>(slot + 3)[0];
+    const float2 inv = reinterpret_cast<const float2*>(slot + 3 * 128)[0];
     inv0 = inv.x;
     inv1 = inv.y;
   }
