@@ -1,27 +1,28 @@
-// sm_90a path of the absorbed MLA decode (kernel v5): wgmma with 64 query rows a CTA.
+// sm_90a path of the absorbed MLA decode (kernel v6): wgmma with 64 query rows a CTA.
 // Same contract and split-KV convention as mla_decode_kernel (mla_decode.cuh), whose LSE combine it
-// reuses; chosen by binding.cpp on compute capability 9.0 when S*H >= 64.
+// reuses; chosen by binding.cpp on compute capability 9.0 when S*H >= 64 (and, by default, from 16K
+// cached rows a call).
 //
 // Grid: x = 64-row tile of the S*H query rows (fastest: H = 128 has 2, adjacent, so the second read
 // of each cache tile is an L2 hit), y = KV split, z = sequence. Block: 256 threads = 2 warpgroups.
 // Per 32-row cache tile i (the CTA's rows [cb, ce) cut as in mla_decode_kernel):
 //   QK: warpgroup w computes partial scores of all 64 query rows against the 32 cache rows over half of
 //       the 576 (288) columns, the 16-column k-steps 2j + w: wgmma m64n32k16, A = Q and B = K both from
-//       shared memory.
-//       The two partials are summed through shared memory (thread t of each warpgroup holds the same
-//       fragment positions, so each adds the other's 16 values): both then hold the full scores.
-//   softmax: both warpgroups run the same online softmax (log2 domain, lazy rescale as in v3) on the
-//       same scores, so they agree on the running max; P goes to registers in the wgmma A-fragment
-//       layout (the accumulator layout of QK is that layout).
+//       shared memory. Thread t of each warpgroup holds the same fragment positions.
+//   softmax: warpgroup 0 sends its partial scores to warpgroup 1 through thread t's exchange slot;
+//       warpgroup 1 adds them and runs the online softmax (log2 domain, lazy rescale as in v3), keeps P
+//       in registers in the wgmma A-fragment layout (the accumulator layout of QK is that layout) and
+//       sends the packed P and the row rescale factors back through the same slot.
 //   PV: warpgroup w owns output columns [w R/2, (w+1) R/2) for all 64 rows: wgmma m64n(R/2)k16,
 //       A = P from registers, B = V = the tile's latent columns, MN-major (transposed) from shared memory.
-// Pipeline: at [X] tile i+1 has landed; QK(i+1) and PV(i) are issued back to back, then the copy of
-// tile i+2 (into the stage of tile i-1), and softmax(i+1) runs on the CUDA cores while PV(i) runs on
-// the tensor cores. Barriers a tile: [X] and the partial-score exchange.
+// Pipeline: at [X] tile i+1 has landed (tile i+2 may be in flight) and warpgroup 0 takes P(i) from its
+// slot; QK(i+1) and PV(i) are issued back to back, then the copy of tile i+3 (into the stage of tile
+// i-1), and softmax(i+1) runs on warpgroup 1's CUDA cores while PV(i) runs on the tensor cores.
+// Barriers a tile: [X] and the partial-score hand-over.
 // Shared memory (1024-aligned, 128-byte swizzle: 16-byte chunk c of row r sits at chunk c ^ (r % 8)
 // of its 128-byte row, the layout wgmma's swizzle mode reads): Q [NB blocks][64 rows][64 cols],
-// STAGES cache tiles [NB][32 rows][64 cols] filled by cp.async (zero-fill outside [cb, ce), so NaN
-// rows never reach a product), the partial-score exchange [2][4][128] float4, a 2 KB scratch.
+// 4 cache tiles [NB][32 rows][64 cols] filled by cp.async (zero-fill outside [cb, ce), so NaN rows
+// never reach a product), the exchange slots [4][128] float4 (R = 512: 230,400 of 232,448 bytes).
 #pragma once
 
 #include "mla_decode.cuh"

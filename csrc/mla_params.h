@@ -82,7 +82,7 @@ constexpr size_t mla_decode_smem_bytes(int R, int P, int m_tile, int stages) {
 template <MlaDtype DT, int R, int P>
 cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream);
 
-// ---- sm_90a wgmma path (mla_decode_wgmma.cuh, kernel v5): 64 query rows a CTA, two warpgroups,
+// ---- sm_90a wgmma path (mla_decode_wgmma.cuh, kernel v6): 64 query rows a CTA, two warpgroups,
 // 32-row cache tiles in kMlaWgmmaStages stages, 128-byte swizzled [64-column block][row][64] layout.
 constexpr int kMlaWgmmaMTile = 64;
 constexpr int kMlaWgmmaStages = 4;
