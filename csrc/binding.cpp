@@ -58,7 +58,7 @@ DeviceInfo device_info(int dev) {
   return info;
 }
 
-// ---- The sm_90a wgmma path (csrc/mla_decode_wgmma.cuh, kernel v5) for S*H >= 64 on compute capability 9.0.
+// ---- The sm_90a wgmma path (csrc/mla_decode_wgmma.cuh, kernel v6) for S*H >= 64 on compute capability 9.0.
 // kWgmmaDefaultOn is the switch: false sends every call to the portable mma.sync kernel. The environment
 // variable MLA_PATCH_WGMMA ("0" off, anything else on) overrides it, read once per process; the test-only
 // op mla_patch::_wgmma_mode overrides both (tests skip the forced-on cases when this default is false).
