@@ -464,11 +464,6 @@ __global__ void __launch_bounds__(R / 4 * JG) mla_combine_kernel(const MlaDecode
   __shared__ float s_w[kMlaMaxSplits];
   __shared__ float s_red[2][NW];
   __shared__ float4 s_acc[JG > 1 ? JG - 1 : 1][NC];
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Launched with programmatic dependent launch on sm_90: wait here until the decode kernel has
-  // finished and its partials are visible (its launch overlapped the decode kernel's tail).
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
   const int MT = p.S * p.H;
   const int b = blockIdx.x / MT, g = blockIdx.x % MT;
   const int ns = p.num_splits;
@@ -538,39 +533,15 @@ __global__ void __launch_bounds__(R / 4 * JG) mla_combine_kernel(const MlaDecode
 // B = 64 from 40.5 to 44.1 us at H = 16, 1K); one group from this many (b, query row) blocks on.
 constexpr int kCombineGroupedMaxRows = 128;
 
-// On compute capability 9.0+ the combine is launched as a programmatic dependent of the decode kernel
-// (its launch overlaps the decode kernel's tail; griddepcontrol.wait in the kernel keeps the order),
-// which takes the second launch's latency off batch-1 calls. Elsewhere, a plain launch.
-template <typename Kernel>
-cudaError_t launch_combine_grid(Kernel kernel, int rows, int threads, const MlaDecodeParams& p, cudaStream_t stream) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  static int cc_major[64] = {};
-  int major = dev >= 0 && dev < 64 ? cc_major[dev] : 0;
-  if (major == 0) {
-    err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    if (err != cudaSuccess) return err;
-    if (dev >= 0 && dev < 64) cc_major[dev] = major;
-  }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(rows);
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = major >= 9 ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, p);
-}
-
 template <MlaDtype DT, int R>
 cudaError_t launch_mla_combine(const MlaDecodeParams& p, cudaStream_t stream) {
   const int rows = p.B * p.S * p.H;
-  if (rows <= kCombineGroupedMaxRows) return launch_combine_grid(mla_combine_kernel<DT, R, 4>, rows, R / 4 * 4, p, stream);
-  return launch_combine_grid(mla_combine_kernel<DT, R, 1>, rows, R / 4, p, stream);
+  if (rows <= kCombineGroupedMaxRows) {
+    mla_combine_kernel<DT, R, 4><<<rows, R / 4 * 4, 0, stream>>>(p);
+  } else {
+    mla_combine_kernel<DT, R, 1><<<rows, R / 4, 0, stream>>>(p);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace mla
