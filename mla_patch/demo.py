@@ -36,7 +36,7 @@ def _timed_generate(model, inputs, max_new_tokens):
     return out, time.perf_counter() - start
 
 
-def _teacher_forced_logits(model, inputs, sequences, cache):
+def teacher_forced_logits(model, inputs, sequences, cache):
     """Step logits [B, steps, V] of `model` fed `sequences`' new tokens one decode step at a time."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -63,12 +63,12 @@ def _parity(stock, patched, inputs, want) -> tuple[bool, str]:
     from transformers import DynamicCache
 
     stock_logits = torch.stack(want.logits, dim=1).float()
-    got = _teacher_forced_logits(patched, inputs, want.sequences, mla_patch.LatentCache(config=patched.config))
+    got = teacher_forced_logits(patched, inputs, want.sequences, mla_patch.LatentCache(config=patched.config))
     err = _rel(got, stock_logits)
     if stock.dtype in (torch.float32, torch.float64):
         return err < 1e-4, f"patched vs stock step logits (teacher-forced): rel err {err:.2e} (bar 1e-4)"
     full = copy.deepcopy(stock).float()  # the dtype's own error: stock against its float32 self
-    exact = _teacher_forced_logits(full, inputs, want.sequences, DynamicCache(config=full.config))
+    exact = teacher_forced_logits(full, inputs, want.sequences, DynamicCache(config=full.config))
     own = _rel(stock_logits, exact)
     bar = 2 * own + 1e-4
     return err <= bar, (f"patched vs stock step logits (teacher-forced): rel err {err:.2e}; stock {stock.dtype} vs "

@@ -12,6 +12,7 @@ import torch
 
 import mla_patch
 from mla_patch import CACHE_KWARG
+from mla_patch.demo import teacher_forced_logits
 from conftest import build_model, case_seed, rel_err, tiny_config
 
 pytestmark = pytest.mark.cuda
@@ -47,18 +48,9 @@ def _prompt(seed, batch=4, length=40):
 
 def _teacher_forced_logits(model, ids, mask, continuation):
     """Logits of each step when `continuation` is fed one token at a time (prefill, then decode)."""
-    cache = mla_patch.LatentCache(config=model.config)
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **{CACHE_KWARG: cache})
-        logits = [out.logits[:, -1]]
-        for t in range(continuation.shape[1] - 1):
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            positions = positions[:, -1:] + 1
-            out = model(input_ids=continuation[:, t : t + 1], attention_mask=mask, position_ids=positions,
-                        use_cache=True, **{CACHE_KWARG: cache})
-            logits.append(out.logits[:, -1])
-    return torch.stack(logits, dim=1).float()
+    sequences = torch.cat([ids, continuation], dim=1)
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    return teacher_forced_logits(model, inputs, sequences, mla_patch.LatentCache(config=model.config))
 
 
 @pytest.mark.parametrize("family,rank,rope,heads", [("deepseek_v2", 512, 64, 16), ("deepseek_v3", 256, 32, 40),
