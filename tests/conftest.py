@@ -89,6 +89,19 @@ def left_padded_prompt(seed, batch=3, length=11, pad=(0, 4, 7)):
     return ids, mask
 
 
+@pytest.fixture
+def wrong_decode_scale(monkeypatch):
+    """Injects a fault: the absorbed decode attends with 1.5x the softmax scale."""
+    import mla_patch
+
+    original = mla_patch.ops.mla_decode
+
+    def wrong_scale(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale, **kw):
+        return original(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale * 1.5, **kw)
+
+    monkeypatch.setattr(mla_patch.ops, "mla_decode", wrong_scale)
+
+
 @pytest.fixture(autouse=True)
 def _clean_patch_state():
     """Every test starts and ends unpatched, with fresh counters."""
