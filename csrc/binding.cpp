@@ -62,12 +62,13 @@ DeviceInfo device_info(int dev) {
 // kWgmmaDefaultOn is the switch: false sends every call to the portable mma.sync kernel. The environment
 // variable MLA_PATCH_WGMMA ("0" off, anything else on) overrides it, read once per process; the test-only
 // op mla_patch::_wgmma_mode overrides both (tests skip the forced-on cases when this default is false).
-// On since its first GPU run (H100, 2026-11-25: 216 kernel tests passed; 1.6-1.8x the mma.sync kernel at
-// H = 128 from 16K cached rows a call). false here switches it off for every call.
+// On since its first GPU run (H100, 2026-11-25: 216 kernel tests passed; v5 1.6-1.8x, v6 2x the mma.sync
+// kernel at H = 128 from 16K cached rows a call). false here switches it off for every call.
 constexpr bool kWgmmaDefaultOn = true;
 // Left to itself the dispatch takes wgmma only from this many cached rows a call (B x cache length): below
 // it (B = 1 at L <= 4K) the wgmma kernel's fixed cost, staging 64 query rows of 576 columns, loses to
-// mma.sync (H100, H = 128: 26.3 vs 20.5 us at B = 1, 4K; even at 16K rows, 37.4 vs 38.3 us). Forced on
+// mma.sync (H100, H = 128, measured with v5: 26.3 vs 20.5 us at B = 1, 4K; even at 16K rows, 37.4 vs
+// 38.3 us; v6 at 16K rows: 33.0 vs 37.6 us, below it not re-measured). Forced on
 // (_wgmma_mode(1) or MLA_PATCH_WGMMA=1), it serves every call it can.
 constexpr int64_t kWgmmaDefaultMinRows = 16384;
 std::atomic<int> g_wgmma_mode{-1};      // -1: default/environment, 0: off, 1: on where it serves
