@@ -58,62 +58,89 @@ DeviceInfo device_info(int dev) {
   return info;
 }
 
-// ---- The sm_90a wgmma path (csrc/mla_decode_wgmma.cuh, kernel v6) for S*H >= 64 on compute capability 9.0.
-// kWgmmaDefaultOn is the switch: false sends every call to the portable mma.sync kernel. The environment
-// variable MLA_PATCH_WGMMA ("0" off, anything else on) overrides it, read once per process; the test-only
-// op mla_patch::_wgmma_mode overrides both (tests skip the forced-on cases when this default is false).
-// On since its first GPU run (H100, 2026-11-25: 216 kernel tests passed; v5 1.6-1.8x, v6 2x the mma.sync
-// kernel at H = 128 from 16K cached rows a call). false here switches it off for every call.
-constexpr bool kWgmmaDefaultOn = true;
-// Left to itself the dispatch takes wgmma only from this many cached rows a call (B x cache length): below
-// it (B = 1 at L <= 4K) the wgmma kernel's fixed cost, staging 64 query rows of 576 columns, loses to
-// mma.sync (H100, H = 128, measured with v5: 26.3 vs 20.5 us at B = 1, 4K; even at 16K rows, 37.4 vs
-// 38.3 us; v6 at 16K rows: 33.0 vs 37.6 us, below it not re-measured). Forced on
-// (_wgmma_mode(1) or MLA_PATCH_WGMMA=1), it serves every call it can.
-constexpr int64_t kWgmmaDefaultMinRows = 16384;
-std::atomic<int> g_wgmma_mode{-1};      // -1: default/environment, 0: off, 1: on where it serves
-std::atomic<int64_t> g_wgmma_calls{0};  // launches of the wgmma path (tests check the dispatch with it)
+// ---- Which kernel serves a call. The portable mma.sync kernel (v4, every GPU) or, on compute capability 9.0
+// when the binary holds their sm_90a bodies, the seesaw wgmma kernel (v7, csrc/mla_decode_seesaw.cuh) or the
+// previous wgmma kernel (v6, csrc/mla_decode_wgmma.cuh, kept for side-by-side measurement).
+// Mode: -1 default (below), 0 mma.sync everywhere, 1 v7 wherever it serves (any S*H), 2 v6 wherever it
+// serves (S*H >= 64), 3 v7's LEAN measurement variant (bf16, R = 512; elsewhere v7). The environment
+// variable MLA_PATCH_WGMMA ("0".."3") sets it, read once per process; the test-only op
+// mla_patch::_wgmma_mode overrides both.
+enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1, kPathWgmmaV6 = 2, kPathSeesawLean = 3 };
+// Default: v7 for S*H >= 64 from this many cached rows a call (B x cache length); mma.sync elsewhere.
+// (v6's threshold, measured on the H100: below it mma.sync won at batch 1; v7 not yet re-measured.)
+constexpr int64_t kSeesawDefaultMinRows = 16384;
+constexpr int64_t kSeesawDefaultMinQueryRows = 64;
+std::atomic<int> g_wgmma_mode{-1};
+std::atomic<int> g_last_path{-1};  // the kernel the last call launched (tests and the benchmark read it)
 
-// -1 default (kWgmmaDefaultOn and the row threshold), 0 off, 1 on wherever it serves.
 int wgmma_setting() {
   const int mode = g_wgmma_mode.load();
   if (mode >= 0) return mode;
   static const int env_mode = [] {
     const char* e = std::getenv("MLA_PATCH_WGMMA");
-    if (e == nullptr || *e == '\0') return kWgmmaDefaultOn ? -1 : 0;
-    return std::strcmp(e, "0") != 0 ? 1 : 0;
+    if (e == nullptr || *e == '\0') return -1;
+    for (int m = 0; m <= 3; ++m) {
+      if (std::strcmp(e, std::to_string(m).c_str()) == 0) return m;
+    }
+    return 1;
   }();
   return env_mode;
 }
 
-bool wgmma_enabled(int64_t cached_rows) {
-  const int setting = wgmma_setting();
-  return setting == 1 || (setting == -1 && cached_rows >= kWgmmaDefaultMinRows);
-}
-
-// Whether the loaded binary has the sm_90a body of the wgmma kernel (a build without 90a has a stub).
-bool wgmma_built(int dev, bool bf16, int64_t R) {
-  static int cache[64][4] = {};  // 0 unknown, 1 yes, 2 no
-  const int k = (bf16 ? 0 : 2) + (R == 512 ? 0 : 1);
-  if (dev >= 0 && dev < 64 && cache[dev][k] != 0) return cache[dev][k] == 1;
+// Whether the loaded binary has the sm_90a body of kernel `path` (a build without 90a has trap stubs).
+bool sm90_built(int dev, int path, bool bf16, int64_t R) {
+  static int cache[64][2][4] = {};  // 0 unknown, 1 yes, 2 no
+  const int k = (bf16 ? 0 : 2) + (R == 512 ? 0 : 1), v = path == kPathSeesaw ? 0 : 1;
+  if (dev >= 0 && dev < 64 && cache[dev][v][k] != 0) return cache[dev][v][k] == 1;
   bool ok;
-  if (R == 512) {
+  if (path == kPathSeesaw) {
+    if (R == 512) {
+      ok = bf16 ? mla_seesaw_built<MlaDtype::kBF16, 512, 64>() : mla_seesaw_built<MlaDtype::kFP16, 512, 64>();
+    } else {
+      ok = bf16 ? mla_seesaw_built<MlaDtype::kBF16, 256, 32>() : mla_seesaw_built<MlaDtype::kFP16, 256, 32>();
+    }
+  } else if (R == 512) {
     ok = bf16 ? mla_wgmma_built<MlaDtype::kBF16, 512, 64>() : mla_wgmma_built<MlaDtype::kFP16, 512, 64>();
   } else {
     ok = bf16 ? mla_wgmma_built<MlaDtype::kBF16, 256, 32>() : mla_wgmma_built<MlaDtype::kFP16, 256, 32>();
   }
-  if (dev >= 0 && dev < 64) cache[dev][k] = ok ? 1 : 2;
+  if (dev >= 0 && dev < 64) cache[dev][v][k] = ok ? 1 : 2;
   return ok;
 }
 
+int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P, int64_t B, int64_t S, int64_t H,
+                int64_t T) {
+  if (info.cc_major != 9 || info.cc_minor != 0) return kPathMma;
+  const int setting = wgmma_setting();
+  int path;
+  if (setting == 0) {
+    return kPathMma;
+  } else if (setting == 1) {
+    path = kPathSeesaw;
+  } else if (setting == 2) {
+    path = S * H >= kMlaWgmmaMinRows ? kPathWgmmaV6 : kPathMma;
+  } else if (setting == 3) {
+    path = bf16 && R == 512 ? kPathSeesawLean : kPathSeesaw;
+  } else {
+    path = S * H >= kSeesawDefaultMinQueryRows && B * T >= kSeesawDefaultMinRows ? kPathSeesaw : kPathMma;
+  }
+  if (path == kPathMma) return path;
+  const bool v6 = path == kPathWgmmaV6;
+  const size_t smem = v6 ? mla_wgmma_smem_bytes(static_cast<int>(R), static_cast<int>(P))
+                         : mla_seesaw_smem_bytes(static_cast<int>(R), static_cast<int>(P));
+  if (static_cast<size_t>(info.smem_optin) < smem || !sm90_built(dev, v6 ? kPathWgmmaV6 : kPathSeesaw, bf16, R)) {
+    return kPathMma;
+  }
+  return path;
+}
+
 int64_t wgmma_mode_op(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _wgmma_mode takes -1 (default), 0 (off) or 1 (on)");
+  TORCH_CHECK(mode >= -1 && mode <= 3,
+              "mla_decode: _wgmma_mode takes -1 (default), 0 (mma.sync), 1 (v7), 2 (v6) or 3 (v7 lean)");
   return g_wgmma_mode.exchange(static_cast<int>(mode));
 }
 
-int64_t wgmma_calls_op() { return g_wgmma_calls.load(); }
-
-int64_t wgmma_default_op() { return kWgmmaDefaultOn ? 1 : 0; }
+int64_t last_path_op() { return g_last_path.load(); }
 
 #ifdef MLA_PATCH_DIAG
 // Timing diagnostics of the wgmma kernel (bf16, R = 512 only): which stages to leave out (see DIAG in
@@ -212,12 +239,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   TORCH_CHECK(static_cast<size_t>(info.smem_optin) >= smem_needed, "mla_decode: the kernel needs ", num(smem_needed),
               " bytes of shared memory per block, this GPU allows ", num(info.smem_optin));
   const bool bf16 = dtype == at::kBFloat16;
-  const bool use_wgmma = S * H >= kMlaWgmmaMinRows && info.cc_major == 9 && info.cc_minor == 0 && wgmma_enabled(B * T) &&
-                         static_cast<size_t>(info.smem_optin) >= mla_wgmma_smem_bytes(static_cast<int>(R), static_cast<int>(P)) &&
-                         wgmma_built(device.index(), bf16, R);
-  const int num_splits =
-      use_wgmma ? mla_wgmma_num_splits(static_cast<int>(B), static_cast<int>(S), static_cast<int>(H), static_cast<int>(T), num_sms)
-                : mla_decode_num_splits(static_cast<int>(B), static_cast<int>(S), static_cast<int>(H), static_cast<int>(T), num_sms);
+  const int path = choose_path(info, device.index(), bf16, R, P, B, S, H, T);
+  const int b32 = static_cast<int>(B), s32 = static_cast<int>(S), h32 = static_cast<int>(H), t32 = static_cast<int>(T);
+  const int num_splits = path == kPathMma       ? mla_decode_num_splits(b32, s32, h32, t32, num_sms)
+                         : path == kPathWgmmaV6 ? mla_wgmma_num_splits(b32, s32, h32, t32, num_sms)
+                                                : mla_seesaw_num_splits(b32, s32, h32, t32, num_sms);
   at::Tensor o_partial, lse_partial;
   if (num_splits > 1) {
     auto f32 = q_latent.options().dtype(at::kFloat);
@@ -255,8 +281,18 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   cudaError_t err;
-  if (use_wgmma) {
-    g_wgmma_calls.fetch_add(1);
+  g_last_path.store(path);
+  if (path == kPathSeesawLean) {
+    err = launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64, true>(p, stream);
+  } else if (path == kPathSeesaw) {
+    if (R == 512) {
+      err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64>(p, stream)
+                 : launch_mla_decode_seesaw<MlaDtype::kFP16, 512, 64>(p, stream);
+    } else {
+      err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 256, 32>(p, stream)
+                 : launch_mla_decode_seesaw<MlaDtype::kFP16, 256, 32>(p, stream);
+    }
+  } else if (path == kPathWgmmaV6) {
     if (R == 512) {
       err = bf16 ? launch_wgmma_bf16_r512(p, stream) : launch_mla_decode_wgmma<MlaDtype::kFP16, 512, 64>(p, stream);
     } else {
@@ -291,10 +327,9 @@ TORCH_LIBRARY(mla_patch, m) {
   m.def(
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor c_kv, Tensor k_pe, Tensor kv_start, Tensor kv_end, "
       "float sm_scale) -> (Tensor, Tensor)");
-  // Test hooks of the sm_90a dispatch: set the mode (returns the previous one), count the launches.
+  // Test hooks of the dispatch: set the mode (returns the previous one), the kernel of the last call.
   m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
-  m.def("_wgmma_calls() -> int", &wgmma_calls_op);
-  m.def("_wgmma_default() -> int", &wgmma_default_op);
+  m.def("_last_path() -> int", &last_path_op);
 #ifdef MLA_PATCH_DIAG
   m.def("_wgmma_diag(int diag) -> int", &wgmma_diag_op);
 #endif

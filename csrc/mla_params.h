@@ -106,3 +106,32 @@ template <MlaDtype DT, int R, int P, int DIAG = 0>
 cudaError_t launch_mla_decode_wgmma(const MlaDecodeParams& params, cudaStream_t stream);
 template <MlaDtype DT, int R, int P>
 bool mla_wgmma_built();
+
+// ---- sm_90a seesaw path (mla_decode_seesaw.cuh, kernel v7): 64 query rows a CTA, two warpgroups that each
+// own one 64-row cache tile of every pair (QK over all R+P columns, its own softmax) and one half of the
+// output columns (PV over both tiles of the pair), two tile buffers reloaded part by part as they free up.
+constexpr int kMlaSeesawMTile = 64;
+constexpr int kMlaSeesawNTile = 64;
+// 1 KB alignment slack + Q and two cache tiles, each [blocks][64 rows][128 B] + exchange slots (4 x 1 KB)
+// + 4 mbarriers (R = 512: 226,368 B of the H100/H200's 232,448).
+constexpr size_t mla_seesaw_smem_bytes(int R, int P) {
+  return 1024 + static_cast<size_t>(3) * mla_wgmma_col_blocks(R, P) * kMlaSeesawNTile * 128 + 4 * 1024 + 4 * 8;
+}
+// One CTA per SM; each split gets at least one pair of tiles (128 rows) of capacity.
+inline int mla_seesaw_num_splits(int B, int S, int H, int T, int num_sms) {
+  const long m_tiles = (static_cast<long>(S) * H + kMlaSeesawMTile - 1) / kMlaSeesawMTile;
+  const long base = static_cast<long>(B) * m_tiles;
+  if (base <= 0 || T <= 0) return 1;
+  long splits = num_sms / base;
+  const long by_len = (T + 2 * kMlaSeesawNTile - 1) / (2 * kMlaSeesawNTile);
+  if (splits > by_len) splits = by_len;
+  if (splits > kMlaMaxSplits) splits = kMlaMaxSplits;
+  return splits < 1 ? 1 : static_cast<int>(splits);
+}
+// Host launcher (main kernel, then the shared LSE combine) and whether the binary holds the sm_90a body.
+// Instantiated in mla_decode_seesaw_<dtype>_r<R>.cu.
+// LEAN: a measurement variant without the proxy fences and warpgroup barriers (mla_decode_seesaw.cuh).
+template <MlaDtype DT, int R, int P, bool LEAN = false>
+cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream);
+template <MlaDtype DT, int R, int P>
+bool mla_seesaw_built();

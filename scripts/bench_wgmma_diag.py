@@ -29,7 +29,7 @@ def main() -> None:
     op = torch.ops.mla_patch
     if not hasattr(op, "_wgmma_diag"):
         sys.exit("this build has no diagnostic variants: rebuild with MLA_PATCH_DIAG=1")
-    op._wgmma_mode(1)
+    op._wgmma_mode(2)  # v6, the kernel the diagnostics were built for
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     clock_ghz = 1.755  # H100 SXM boost under load (nvidia-smi max 1980; ncu saw 1.78)
     gen = torch.Generator(device="cuda").manual_seed(0)

@@ -1,41 +1,47 @@
-"""One call of the sm_90a wgmma path (kernel v5) against the float64 reference, before the test suite.
+"""A few calls of the sm_90a seesaw kernel (v7) against the float64 reference, before the test suite.
 
 A hang or a crash here costs seconds under `timeout`, not the whole test run; scripts/gpu_check.sh
-then switches the path off (MLA_PATCH_WGMMA=0) and leaves its forced-on tests out.
-Exit status 0: it ran and matched; 1: wrong or NaN; 2: the path did not run (not an H100 / not built).
+then sends the rest of the run to the previous kernels (MLA_PATCH_WGMMA=2: v6 where it serves) and
+leaves the v7 tests out.
+Exit status 0: it ran and matched; 1: wrong or NaN; 2: the kernel did not run (not sm_90 / not built).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 
 import torch
 
 from mla_patch import ops
 from mla_patch.reference import mla_decode_ref
 
+V7 = 1
+
 
 def main() -> int:
     assert ops.has_kernel(), ops.extension_error()
     op = torch.ops.mla_patch
-    op._wgmma_mode(1)
+    op._wgmma_mode(V7)
     g = torch.Generator(device="cuda").manual_seed(7)
     worst = 0.0
-    for R, P, H, S, B, L in [(512, 64, 128, 1, 2, 1000), (256, 32, 64, 2, 3, 300)]:
+    cases = [(512, 64, 128, 1, 2, 1000), (512, 64, 16, 1, 3, 4100), (256, 32, 64, 2, 3, 300), (512, 64, 128, 1, 1, 70000)]
+    for R, P, H, S, B, L in cases:
         q = torch.randn(B, S, H, R + P, generator=g, device="cuda").bfloat16()
         buf = torch.randn(B, L, R + P, generator=g, device="cuda").bfloat16()
         start = torch.tensor([0, 17, 0][:B], dtype=torch.int32, device="cuda")
         end = torch.tensor([L, L - 3, 1][:B], dtype=torch.int32, device="cuda")
-        calls = op._wgmma_calls()
+        t0 = time.perf_counter()
         out, lse = op.mla_decode(q[..., :R], q[..., R:], buf[..., :R], buf[..., R:], start, end, 0.07)
         torch.cuda.synchronize()
-        if op._wgmma_calls() == calls:
-            print(f"wgmma path did not run for R={R} H={H} S={S}")
+        ms = (time.perf_counter() - t0) * 1e3
+        if op._last_path() != V7:
+            print(f"v7 did not run for R={R} H={H} S={S} (kernel {op._last_path()})")
             return 2
         ref, _ = mla_decode_ref(q[..., :R].double(), q[..., R:].double(), buf[..., :R].double(),
                                 buf[..., R:].double(), start, end, 0.07)
         err = ((out.double() - ref).norm() / ref.norm()).item()
-        print(f"wgmma R={R} P={P} H={H} S={S} B={B} L={L}: rel err {err:.2e}, NaN {bool(out.isnan().any())}")
+        print(f"v7 R={R} P={P} H={H} S={S} B={B} L={L}: rel err {err:.2e}, NaN {bool(out.isnan().any())}, {ms:.1f} ms")
         worst = max(worst, err if err == err else float("inf"))
     return 0 if worst < 1e-2 else 1
 

@@ -191,41 +191,38 @@ def test_long_context(H, S):
     )
 
 
-# ---- The sm_90a wgmma path (kernel v5, S*H >= 64 on compute capability 9.0) and the mma.sync path,
-# each forced through the test hook torch.ops.mla_patch._wgmma_mode (1 on, 0 off, -1 default).
+# ---- The kernels behind the dispatch, each forced through the test hook torch.ops.mla_patch._wgmma_mode:
+# 0 the portable mma.sync kernel (v4), 1 the sm_90a seesaw kernel (v7, any S*H), 2 the sm_90a wgmma kernel
+# v6 (S*H >= 64; kept for side-by-side measurement). _last_path() names the kernel the last call launched.
 IS_SM90 = torch.cuda.get_device_capability() == (9, 0)
-PATHS = ["wgmma", "mma"]
-# kWgmmaDefaultOn in csrc/binding.cpp: when it is switched off, the forced-on cases are skipped.
-WGMMA_DEFAULT_ON = bool(torch.ops.mla_patch._wgmma_default())
+PATHS = ["v7", "mma"]
+MODES = {"mma": 0, "v7": 1, "v6": 2}
 
 
-def _skip_unless_wgmma():
-    if not IS_SM90:
-        pytest.skip("the wgmma path needs compute capability 9.0")
-    if not WGMMA_DEFAULT_ON:
-        pytest.skip("the wgmma path is switched off in this build (kWgmmaDefaultOn)")
+def _skip_unless_sm90(path):
+    if path != "mma" and not IS_SM90:
+        pytest.skip(f"the {path} kernel needs compute capability 9.0")
 
 
 def _check_path(path, inputs, tag):
-    """check_case with the dispatch forced to `path`; asserts the wgmma path ran exactly when asked."""
-    if path == "wgmma":
-        _skip_unless_wgmma()
+    """check_case with the dispatch forced to `path`; asserts that kernel is the one that ran."""
+    _skip_unless_sm90(path)
     op = torch.ops.mla_patch
-    prev = op._wgmma_mode(1 if path == "wgmma" else 0)
+    prev = op._wgmma_mode(MODES[path])
     try:
-        calls = op._wgmma_calls()
         check_case(inputs, f"{path} {tag}")
-        ran = op._wgmma_calls() - calls
+        ran = op._last_path()
     finally:
         op._wgmma_mode(prev)
     S, H = inputs[0].shape[1], inputs[0].shape[2]
-    assert ran == (1 if path == "wgmma" and S * H >= 64 else 0), f"{path} {tag}: wgmma launches {ran}"
+    want = {"mma": 0, "v7": 1, "v6": 2 if S * H >= 64 else 0}[path]
+    assert ran == want, f"{path} {tag}: launched kernel {ran}, expected {want}"
 
 
 @pytest.mark.parametrize("layout", ["packed", "separate"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("S", [1, 2])
-@pytest.mark.parametrize("H", [64, 128])
+@pytest.mark.parametrize("H", [16, 40, 64, 128])
 @pytest.mark.parametrize("dims", DIMS, ids=lambda d: f"R{d[0]}P{d[1]}")
 @pytest.mark.parametrize("path", PATHS)
 def test_paths_sweep(path, dims, H, S, dtype, layout):
@@ -240,21 +237,22 @@ def test_paths_sweep(path, dims, H, S, dtype, layout):
 
 
 @pytest.mark.parametrize("layout", ["packed", "separate"])
-@pytest.mark.parametrize("H, S", [(64, 1), (128, 1), (128, 2), (40, 2)])
-@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("H, S", [(16, 1), (64, 1), (128, 1), (128, 2), (40, 2)])
+@pytest.mark.parametrize("path", PATHS + ["v6"])
 def test_paths_tile_edges(path, H, S, layout):
-    """Lengths around the 32-row tile and the split boundaries, a batch large enough for no split too."""
+    """Lengths around the 32- and 64-row tiles, pairs of tiles and split boundaries, a batch large enough for
+    no split too."""
     seed = _seed("paths-edges", H, S, layout)
-    lens = [1, 2, 31, 32, 33, 63, 64, 65, 95, 96, 97, 127, 128, 129, 255, 256, 257, 1000, 4095, 4096, 0]
+    lens = [1, 2, 31, 32, 33, 63, 64, 65, 95, 96, 97, 127, 128, 129, 191, 192, 193, 255, 256, 257, 1000, 4095, 4096, 0]
     tag = f"edges H={H} S={S} {layout} lens={lens} seed={seed}"
     _check_path(path, make_case(len(lens), S, H, 512, 64, 4096, lens, torch.bfloat16, layout, seed), tag)
 
 
-@pytest.mark.parametrize("H", [64, 128])
+@pytest.mark.parametrize("H", [16, 64, 128])
 @pytest.mark.parametrize("path", PATHS)
 def test_paths_batch_one(path, H):
     """Batch 1 (many splits, the combine) at a few lengths, and short sequences in a long buffer."""
-    for L in (1, 31, 32, 33, 1000, 4096):
+    for L in (1, 31, 32, 33, 64, 65, 128, 129, 1000, 4096):
         seed = _seed("paths-b1", H, L)
         _check_path(path, make_case(1, 1, H, 512, 64, 4096, [L], torch.bfloat16, "packed", seed), f"B=1 H={H} L={L} seed={seed}")
     seed = _seed("paths-sparse", H)
@@ -275,12 +273,12 @@ def test_paths_growing_scores(path, dtype):
 
 
 def test_paths_strided_queries():
-    """Queries as views of one [B, S, H, R+P] buffer through the wgmma path."""
+    """Queries as views of one [B, S, H, R+P] buffer through the v7 kernel."""
     B, S, H, R, P, T = 3, 1, 128, 512, 64, 700
     seed = _seed("paths-strided")
     q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(B, S, H, R, P, T, [700, 3, 450], torch.bfloat16, "packed", seed)
     qbuf = torch.cat([q_latent, q_pe], dim=-1)
-    _check_path("wgmma", (qbuf[..., :R], qbuf[..., R:], c_kv, k_pe, kv_start, kv_end), f"strided seed={seed}")
+    _check_path("v7", (qbuf[..., :R], qbuf[..., R:], c_kv, k_pe, kv_start, kv_end), f"strided seed={seed}")
 
 
 @pytest.mark.slow
@@ -288,7 +286,7 @@ def test_paths_strided_queries():
 @pytest.mark.parametrize("path", PATHS)
 def test_paths_long_context(path, S):
     """128K tokens at batch 1 and a ragged batch of long sequences, 128 heads (test_long_context runs
-    the default dispatch, the wgmma path on an H100, at S = 1 and 2)."""
+    the default dispatch at S = 1 and 2)."""
     seed = _seed("paths-long", S)
     T = 131072
     _check_path(path, make_case(1, S, 128, 512, 64, T, [T], torch.bfloat16, "packed", seed), f"long B=1 S={S} seed={seed}")
@@ -297,14 +295,16 @@ def test_paths_long_context(path, S):
                 f"long B=3 S={S} lens={lens} seed={seed + 1}")
 
 
-def test_paths_agree():
-    """The two paths agree closely on one H=128 case (both near the float64 reference)."""
-    _skip_unless_wgmma()
+@pytest.mark.parametrize("path", ["v7", "v6"])
+def test_paths_agree(path):
+    """The sm_90a kernels agree closely with the mma.sync kernel on one H=128 case (all near float64)."""
+    _skip_unless_sm90(path)
     inputs = make_case(4, 1, 128, 512, 64, 2048, [2048, 1, 900, 0], torch.bfloat16, "packed", _seed("agree"))
     op = torch.ops.mla_patch
-    prev = op._wgmma_mode(1)
+    prev = op._wgmma_mode(MODES[path])
     try:
         out1, lse1 = run_kernel(*inputs)
+        assert op._last_path() == MODES[path]
         op._wgmma_mode(0)
         out0, lse0 = run_kernel(*inputs)
     finally:

@@ -1,0 +1,550 @@
+// sm_90a path of the absorbed MLA decode, kernel v7 ("seesaw"): wgmma with 64 query rows a CTA and
+// 64-row cache tiles taken in pairs. Same contract and split-KV convention as mla_decode_kernel
+// (mla_decode.cuh), whose LSE combine it reuses.
+//
+// Why: v6 cut QK of every 32-row tile across both warpgroups, summed the halves through shared memory and
+// ran one softmax, so each tile was a serial chain (QK on both, exchange, softmax, PV) and QK re-read
+// the 72 KB query tile for every 32 cache rows (m64n32k16: 192 B of operands a clock against 128 B/clk
+// of shared-memory bandwidth). Here each warpgroup computes whole 64-row tiles (m64n64k16: 128 B/clk)
+// with its own softmax, and the two warpgroups take turns on the tensor cores (the schedule DeepSeek's
+// FlashMLA calls "seesaw"; this is our own take on it).
+//
+// Grid: x = 64-row tile of the S*H query rows (H = 128 has 2, adjacent, so the second read of each cache
+// tile is an L2 hit), y = KV split, z = sequence. Block: 256 threads = warpgroups 0 and 1.
+// The CTA's rows [cb, ce) are cut into 64-row tiles; tile t goes to buffer t % 2 and warpgroup t % 2.
+// Pairs (tiles 2k, 2k + 1) share one running row max m (the lazy rescale of v3: m moves only when a
+// tile's max exceeds it by 8 in log2). Warpgroup w owns output columns [w R/2, (w+1) R/2) of all 64
+// query rows (128 fp32 accumulators a thread for R = 512). Per pair, with a = tile 2k, b = tile 2k+1:
+//   wg0: S_a = Q K_a^T (36 k-steps) | softmax: m_a = max(m, rowmax S_a), P_a -> slots, m_a -> slot A
+//        | O_L *= 2^(m - m_a); O_L += P_a V_a,L | (wait for wg1) O_L *= 2^(m_a - m_b); O_L += P_b V_b,L
+//   wg1: S_b = Q K_b^T | (wait for m_a, P_a) softmax: m_b = max(m_a, rowmax S_b), P_b -> slots, m_b
+//        | O_R *= 2^(m - m_b); O_R += P_b V_b,R; O_R += (P_a 2^(m_a - m_b)) V_a,R
+// so wg0's softmax runs under wg1's QK and wg1's softmax under wg0's first PV. Both PVs take P from
+// registers (wgmma RS); the other warpgroup's P arrives through per-thread slots in the rope block of
+// its tile (free once that tile's QK is done): thread t of either warpgroup holds the same fragment
+// positions, so slot t needs no relayout.
+// Loads: cp.async (16-byte chunks, zero-filled outside [cb, ce), so NaN rows never reach a product)
+// completing on mbarriers. Each buffer has two parts: "self" = the V columns of its own warpgroup,
+// read only by that warpgroup, and "cross" = the other V half plus the rope block (P slots), last read
+// by the other warpgroup's PV. Warpgroup w reloads the columns [w R/2, (w+1) R/2) of a buffer (and, for
+// the other buffer, its rope block) as soon as its PV over that buffer is done, so the next pair's
+// loads are in flight while the current pair computes; QK issues its self part before it waits for the
+// cross part, which lands last. A missing partner of an odd last tile is a zero tile (fully masked).
+// Shared memory (1024-aligned; 128-byte swizzle: 16-byte chunk c of a 128-byte row r at chunk c ^ (r % 8),
+// the layout wgmma reads): Q [NB][64][64], buffer 0 and 1 [NB][64][64] (NB = R/64 latent blocks + one rope
+// block), m slots A and B [128] float2, l slots [2][128] float2, 4 mbarriers.
+#pragma once
+
+#include "mla_decode_wgmma.cuh"
+
+namespace mla {
+
+__device__ __forceinline__ void mbar_init(uint32_t addr, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(addr), "r"(count) : "memory");
+}
+// A wait that never ends is a bug (a load that was never issued): trap after ~2^26 polls (seconds), so it
+// shows as a launch failure instead of a hung GPU.
+__device__ __forceinline__ void mbar_wait(uint32_t addr, uint32_t parity) {
+  uint32_t done = 0;
+  for (uint32_t polls = 0; !done; ++polls) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+    if (polls == (1u << 26)) __trap();
+  }
+}
+// The mbarrier's pending count drops by one when every earlier cp.async of this thread has landed.
+__device__ __forceinline__ void cp_async_mbar_arrive(uint32_t addr) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(addr) : "memory");
+}
+__device__ __forceinline__ void named_bar_sync(int id, int count) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+__device__ __forceinline__ void named_bar_arrive(int id, int count) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
+}
+
+// Named barriers (0 is __syncthreads): A = wg0's P_a and m_a are in their slots (wg0 arrives, wg1 waits),
+// B = wg1's P_b and m_b (wg1 arrives, wg0 waits), WG0/WG1 = one warpgroup alone, END = the l exchange.
+enum SeesawBarrier : int { kBarA = 1, kBarB = 2, kBarWg0 = 3, kBarWg1 = 4, kBarEnd = 5 };
+
+// Everything both warpgroups' programs need: set up once by the kernel.
+struct SeesawCtx {
+  uint32_t s_q, s_buf[2], s_mbar;  // shared addresses; mbarrier (u, part) at s_mbar + 8 (2u + part)
+  unsigned char* smem;             // generic pointer of shared address 0 offset (smem + addr - base)
+  uint32_t smem_base;
+  float2 *slot_ma, *slot_mb, *slot_l;  // [128], [128], [2][128]
+  int cb, ce, n_pairs;
+  int vis0, vis1;  // rows of this thread's fragments see cache rows [cb, vis)
+  int g0, g1;      // their query rows (>= MT: padding)
+  int b, split, MT, nsplit, row0;
+  float scale_log2;
+};
+
+// 1 = the 128 threads of warpgroup w; the self part of buffer u is reloaded by warpgroup u, the cross
+// part of buffer u by warpgroup 1 - u.
+enum SeesawPart : int { kSelf = 0, kCross = 1 };
+
+// LEAN (measurement variant): no proxy fence after an mbarrier wait and no warpgroup barrier before a reload
+// (CUTLASS's cp.async + wgmma pipelines do without both; kept as a variant until measured).
+template <MlaDtype DT, int R, int P, int W, bool LEAN>
+__device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const SeesawCtx& c) {
+  using Tr = DtypeTraits<DT>;
+  using T = typename Tr::T;
+  constexpr int N = kMlaSeesawNTile;
+  constexpr int LB = R / 64, HALF = LB / 2, NV = R / 2;
+  constexpr int BLK = N * 128;  // bytes of one 64-column block of a tile (and of the Q tile)
+  constexpr int KS_ROPE = P / 16;
+  constexpr int OTHER = 1 - W;
+  const int wt = threadIdx.x & 127, lane = threadIdx.x & 31, tq = lane & 3;
+  const int tiles_total = 2 * c.n_pairs;
+
+  const T* c_kv = static_cast<const T*>(p.c_kv) + static_cast<long long>(c.b) * p.c_kv_sb;
+  const T* k_pe = static_cast<const T*>(p.k_pe) + static_cast<long long>(c.b) * p.k_pe_sb;
+  auto mbar = [&](int u, int part) { return c.s_mbar + 8 * (2 * u + part); };
+
+  // Copy of latent blocks [W HALF, (W+1) HALF) of `tile` into buffer u (and its rope block when
+  // `rope`), by this warpgroup's 128 threads, completing on mbarrier `bar`. Both parts this warpgroup
+  // ever loads start at block W HALF: its own buffer's self part, and the other buffer's cross part.
+  constexpr int LCH = HALF * 8, LROWS = 128 / LCH, LPASS = N / LROWS;   // latent: chunks a row, rows a pass
+  constexpr int PCH = P / 8, PROWS = 128 / PCH, PPASS = N / PROWS;      // rope
+  static_assert(128 % LCH == 0 && 128 % PCH == 0 && N % LROWS == 0 && N % PROWS == 0, "copy layout");
+  const int l_row = wt / LCH, l_cc = wt % LCH;
+  const int r_row = wt / PCH, r_cc = wt % PCH;
+  const uint32_t l_dst = (W * HALF + l_cc / 8) * BLK + l_row * 128;
+  const uint32_t r_dst = LB * BLK + r_row * 128;
+  auto load_part = [&](int tile, int u, bool rope, uint32_t bar) {
+    const int base = c.cb + tile * N;
+    const uint32_t buf = c.s_buf[u];
+    const T* src = c_kv + static_cast<long long>(base + l_row) * p.c_kv_st + W * HALF * 64 + l_cc * 8;
+#pragma unroll
+    for (int k = 0; k < LPASS; ++k) {
+      const int r = l_row + k * LROWS;
+      const bool valid = base + r < c.ce;
+      cp_async_16(buf + l_dst + k * LROWS * 128 + (((l_cc & 7) ^ (r & 7)) << 4),
+                  valid ? src + static_cast<long long>(k) * LROWS * p.c_kv_st : c_kv, valid);
+    }
+    if (rope) {
+      const T* rsrc = k_pe + static_cast<long long>(base + r_row) * p.k_pe_st + r_cc * 8;
+#pragma unroll
+      for (int k = 0; k < PPASS; ++k) {
+        const int r = r_row + k * PROWS;
+        const bool valid = base + r < c.ce;
+        cp_async_16(buf + r_dst + k * PROWS * 128 + ((r_cc ^ (r & 7)) << 4),
+                    valid ? rsrc + static_cast<long long>(k) * PROWS * p.k_pe_st : k_pe, valid);
+      }
+    }
+    cp_async_mbar_arrive(bar);
+  };
+
+  // QK of this warpgroup's tile in buffer W: the self blocks first, then (once landed) the cross blocks
+  // and the rope block. Q and the tile share the block layout, so one byte offset serves both operands.
+  const uint32_t q_lo = smem_desc_lo(c.s_q, 16), k_lo = smem_desc_lo(c.s_buf[W], 16);
+  float s[32];
+  auto qk = [&](uint32_t parity) {
+    mbar_wait(mbar(W, kSelf), parity);
+    if constexpr (!LEAN) fence_proxy_async();
+    fence_operand(s);
+    wgmma_fence();
+#pragma unroll
+    for (int j = 0; j < HALF * 4; ++j) {
+      const uint32_t off = ((W * HALF + j / 4) * BLK + (j % 4) * 32) >> 4;
+      wgmma_ss_m64n64<DT>(s, smem_desc_kmajor(q_lo + off), smem_desc_kmajor(k_lo + off), j > 0 ? 1 : 0);
+    }
+    mbar_wait(mbar(W, kCross), parity);
+    if constexpr (!LEAN) fence_proxy_async();
+    wgmma_fence();  // after the wait loop's branches (ptxas would inject one, C7519)
+#pragma unroll
+    for (int j = 0; j < HALF * 4; ++j) {
+      const uint32_t off = ((OTHER * HALF + j / 4) * BLK + (j % 4) * 32) >> 4;
+      wgmma_ss_m64n64<DT>(s, smem_desc_kmajor(q_lo + off), smem_desc_kmajor(k_lo + off), 1);
+    }
+#pragma unroll
+    for (int j = 0; j < KS_ROPE; ++j) {
+      const uint32_t off = (LB * BLK + j * 32) >> 4;
+      wgmma_ss_m64n64<DT>(s, smem_desc_kmajor(q_lo + off), smem_desc_kmajor(k_lo + off), 1);
+    }
+    wgmma_commit();
+  };
+
+  float o[NV / 2];
+#pragma unroll
+  for (int e = 0; e < NV / 2; ++e) o[e] = 0.f;
+  // PV: V rows 16 ks.. of buffer u, output columns of blocks [W HALF, (W+1) HALF); P from registers.
+  auto pv = [&](const uint32_t (&pa)[4][4], int u) {
+    const uint32_t vb = c.s_buf[u] + W * HALF * BLK;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) wgmma_pv<DT, NV>(o, pa[ks], smem_desc(vb + ks * 16 * 128, BLK, 1024));
+  };
+
+  // Online softmax of `tile` in place (s becomes P in fp32), against the running max `base` of the
+  // fragments' two rows; returns the new max (lazy: it moves only past base + 8) and adds the row sums.
+  auto softmax = [&](int tile, float base0, float base1, float& mn0, float& mn1, float& sum0, float& sum1) {
+    const int t0 = c.cb + tile * N + 2 * tq;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      // Fragment q: row r0 columns 8q + 2tq + {0, 1}, row r1 the same columns.
+      const int t = t0 + 8 * q;
+      s[4 * q] = t < c.vis0 ? s[4 * q] * c.scale_log2 : -INFINITY;
+      s[4 * q + 1] = t + 1 < c.vis0 ? s[4 * q + 1] * c.scale_log2 : -INFINITY;
+      s[4 * q + 2] = t < c.vis1 ? s[4 * q + 2] * c.scale_log2 : -INFINITY;
+      s[4 * q + 3] = t + 1 < c.vis1 ? s[4 * q + 3] * c.scale_log2 : -INFINITY;
+    }
+    float mx0 = fmaxf(s[0], s[1]), mx1 = fmaxf(s[2], s[3]);
+#pragma unroll
+    for (int q = 1; q < 8; ++q) {
+      mx0 = fmaxf(mx0, fmaxf(s[4 * q], s[4 * q + 1]));
+      mx1 = fmaxf(mx1, fmaxf(s[4 * q + 2], s[4 * q + 3]));
+    }
+#pragma unroll
+    for (int off = 1; off < 4; off <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    mn0 = mx0 > base0 + 8.f ? mx0 : base0;
+    mn1 = mx1 > base1 + 8.f ? mx1 : base1;
+    const float mu0 = mn0 == -INFINITY ? 0.f : mn0, mu1 = mn1 == -INFINITY ? 0.f : mn1;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      s[4 * q] = exp2f(s[4 * q] - mu0);
+      s[4 * q + 1] = exp2f(s[4 * q + 1] - mu0);
+      s[4 * q + 2] = exp2f(s[4 * q + 2] - mu1);
+      s[4 * q + 3] = exp2f(s[4 * q + 3] - mu1);
+      sum0 += s[4 * q] + s[4 * q + 1];
+      sum1 += s[4 * q + 2] + s[4 * q + 3];
+    }
+  };
+  // Factor that takes values relative to max `from` to max `to` (to >= from; 0 from -inf).
+  auto rescale_factor = [](float from, float to) { return to == from ? 1.f : exp2f(from - (to == -INFINITY ? 0.f : to)); };
+  // P into the A fragments of the four PV k-steps (keys 16 ks..): {row r0, keys 2tq..}, {r1, 2tq..},
+  // {r0, 8+2tq..}, {r1, 8+2tq..}.
+  auto pack_p = [&](uint32_t (&pa)[4][4]) {
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        auto v = Tr::pack(s[8 * ks + 2 * j], s[8 * ks + 2 * j + 1]);
+        pa[ks][j] = *reinterpret_cast<uint32_t*>(&v);
+      }
+    }
+  };
+  auto rescale_o = [&](float a0, float a1) {
+    if (__any_sync(0xffffffffu, a0 != 1.f || a1 != 1.f)) {
+#pragma unroll
+      for (int j = 0; j < NV / 8; ++j) {
+        o[4 * j] *= a0;
+        o[4 * j + 1] *= a0;
+        o[4 * j + 2] *= a1;
+        o[4 * j + 3] *= a1;
+      }
+    }
+  };
+  // Slot q of thread t in the rope block of buffer u at (q 128 + t) 16 bytes: a warp's accesses are
+  // consecutive 16-byte words, no bank conflicts.
+  auto p_slots = [&](int u) { return reinterpret_cast<uint4*>(c.smem + (c.s_buf[u] + LB * BLK - c.smem_base)) + wt; };
+  auto send_p = [&](const uint32_t (&pa)[4][4], int u) {
+    uint4* slot = p_slots(u);
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) slot[ks * 128] = make_uint4(pa[ks][0], pa[ks][1], pa[ks][2], pa[ks][3]);
+  };
+  auto receive_p = [&](uint32_t (&pb)[4][4], int u) {
+    const uint4* slot = p_slots(u);
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      const uint4 v = slot[ks * 128];
+      pb[ks][0] = v.x;
+      pb[ks][1] = v.y;
+      pb[ks][2] = v.z;
+      pb[ks][3] = v.w;
+    }
+  };
+
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // running max (log2) and this thread's sums
+  uint32_t pa[4][4], pb[4][4];
+  constexpr int kBarMine = W == 0 ? kBarWg0 : kBarWg1;
+
+  // Prologue loads: the self part of this warpgroup's first tile, the cross part of the other one's.
+  load_part(W, W, false, mbar(W, kSelf));
+  load_part(OTHER, OTHER, true, mbar(OTHER, kCross));
+
+  for (int k = 0; k < c.n_pairs; ++k) {
+    const int tile = 2 * k + W;
+    qk(static_cast<uint32_t>(k & 1));
+    wgmma_wait<0>();
+    fence_operand(s);
+    float mn0, mn1, sum0 = 0.f, sum1 = 0.f;
+    if constexpr (W == 0) {
+      softmax(tile, m0, m1, mn0, mn1, sum0, sum1);
+      pack_p(pa);
+      send_p(pa, 0);
+      c.slot_ma[wt] = make_float2(mn0, mn1);
+      named_bar_arrive(kBarA, 256);
+      const float a0 = rescale_factor(m0, mn0), a1 = rescale_factor(m1, mn1);
+      rescale_o(a0, a1);
+      l0 = l0 * a0 + sum0;
+      l1 = l1 * a1 + sum1;
+      m0 = mn0;
+      m1 = mn1;
+      fence_operand(o);
+      fence_operand(pa);
+      wgmma_fence();
+      pv(pa, 0);
+      wgmma_commit();
+      // wg1's P_b and m_b (its softmax ran under the PV above).
+      named_bar_sync(kBarB, 256);
+      const float2 mb = c.slot_mb[wt];
+      receive_p(pb, 1);
+      wgmma_wait<0>();
+      fence_operand(o);
+      fence_operand(pa);
+      if constexpr (!LEAN) named_bar_sync(kBarMine, 128);  // all of this warpgroup is past its PV over buffer 0
+      if (tile + 2 < tiles_total) load_part(tile + 2, 0, false, mbar(0, kSelf));
+      const float b0 = rescale_factor(m0, mb.x), b1 = rescale_factor(m1, mb.y);
+      rescale_o(b0, b1);
+      l0 *= b0;
+      l1 *= b1;
+      m0 = mb.x;
+      m1 = mb.y;
+      fence_operand(o);
+      fence_operand(pb);
+      wgmma_fence();
+      pv(pb, 1);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operand(o);
+      fence_operand(pb);
+      if constexpr (!LEAN) named_bar_sync(kBarMine, 128);  // buffer 1's V half of this warpgroup and its P slots are read
+      if (tile + 3 < tiles_total) load_part(tile + 3, 1, true, mbar(1, kCross));
+    } else {
+      // wg0's m_a and P_a: the softmax continues from m_a.
+      named_bar_sync(kBarA, 256);
+      const float2 ma = c.slot_ma[wt];
+      receive_p(pb, 0);
+      softmax(tile, ma.x, ma.y, mn0, mn1, sum0, sum1);
+      pack_p(pa);
+      send_p(pa, 1);
+      c.slot_mb[wt] = make_float2(mn0, mn1);
+      named_bar_arrive(kBarB, 256);
+      const float a0 = rescale_factor(m0, ma.x), a1 = rescale_factor(m1, ma.y);
+      const float b0 = rescale_factor(ma.x, mn0), b1 = rescale_factor(ma.y, mn1);
+      rescale_o(a0 * b0, a1 * b1);
+      l0 = l0 * (a0 * b0) + sum0;
+      l1 = l1 * (a1 * b1) + sum1;
+      m0 = mn0;
+      m1 = mn1;
+      // P_a was relative to m_a: bring it to m_b (rarely needed, the max seldom moves).
+      if (b0 != 1.f || b1 != 1.f) {
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+#pragma unroll
+          for (int j = 0; j < 4; ++j) {
+            const float f = (j & 1) ? b1 : b0;
+            const float2 v = Tr::unpack(pb[ks][j]);
+            auto w = Tr::pack(v.x * f, v.y * f);
+            pb[ks][j] = *reinterpret_cast<uint32_t*>(&w);
+          }
+        }
+      }
+      fence_operand(o);
+      fence_operand(pa);
+      fence_operand(pb);
+      wgmma_fence();
+      pv(pa, 1);
+      wgmma_commit();
+      pv(pb, 0);
+      wgmma_commit();
+      wgmma_wait<1>();  // the PV over buffer 1 is done (the one over buffer 0 may still run)
+      fence_operand(pa);
+      if constexpr (!LEAN) named_bar_sync(kBarMine, 128);
+      if (tile + 2 < tiles_total) load_part(tile + 2, 1, false, mbar(1, kSelf));
+      wgmma_wait<0>();
+      fence_operand(o);
+      fence_operand(pb);
+      if constexpr (!LEAN) named_bar_sync(kBarMine, 128);  // buffer 0's V half of this warpgroup and wg0's P slots are read
+      if (tile + 1 < tiles_total) load_part(tile + 1, 0, true, mbar(0, kCross));
+    }
+  }
+
+  // ---- epilogue: the row sums of both warpgroups (same fragment positions in slot t), then each
+  // warpgroup normalizes and writes its R/2 columns.
+#pragma unroll
+  for (int off = 1; off < 4; off <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, off);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, off);
+  }
+  c.slot_l[W * 128 + wt] = make_float2(l0, l1);
+  named_bar_sync(kBarEnd, 256);
+  const float2 lo = c.slot_l[OTHER * 128 + wt];
+  l0 += lo.x;
+  l1 += lo.y;
+  const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
+  const int nsplit = c.nsplit, MT = c.MT;
+  if (W == 0 && tq == 0) {
+    const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : -INFINITY;
+    const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : -INFINITY;
+    float* dst = nsplit == 1 ? p.lse + static_cast<size_t>(c.b) * MT
+                             : p.lse_partial + (static_cast<size_t>(c.b) * nsplit + c.split) * MT;
+    if (c.g0 < MT) dst[c.g0] = lse0;
+    if (c.g1 < MT) dst[c.g1] = lse1;
+  }
+  const int col = W * NV + 2 * tq;
+#pragma unroll
+  for (int hi = 0; hi < 2; ++hi) {
+    const int g = hi ? c.g1 : c.g0;
+    if (g >= MT) continue;
+    const float inv = hi ? inv1 : inv0;
+    if (nsplit == 1) {
+      T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(c.b) * MT + g) * R + col;
+#pragma unroll
+      for (int j = 0; j < NV / 8; ++j) {
+        *reinterpret_cast<typename Tr::T2*>(out + j * 8) = Tr::pack(o[4 * j + 2 * hi] * inv, o[4 * j + 2 * hi + 1] * inv);
+      }
+    } else {
+      float* out = p.o_partial + ((static_cast<size_t>(c.b) * nsplit + c.split) * MT + g) * R + col;
+#pragma unroll
+      for (int j = 0; j < NV / 8; ++j) {
+        *reinterpret_cast<float2*>(out + j * 8) = make_float2(o[4 * j + 2 * hi] * inv, o[4 * j + 2 * hi + 1] * inv);
+      }
+    }
+  }
+}
+
+template <MlaDtype DT, int R, int P, bool LEAN = false>
+__global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using T = typename DtypeTraits<DT>::T;
+  constexpr int M = kMlaSeesawMTile, N = kMlaSeesawNTile, D = R + P;
+  constexpr int NB = mla_wgmma_col_blocks(R, P);
+  constexpr int BLK = N * 128, TILE = NB * BLK, CHUNKS = D / 8;
+  static_assert(M == 64 && N == 64 && (R == 512 || R == 256) && P % 16 == 0 && P <= 64 && NB == R / 64 + 1,
+                "layout assumes 64-row tiles, R in {256, 512}, one rope block");
+  static_assert(mla_seesaw_smem_bytes(R, P) == 1024 + 3 * TILE + 4 * 1024 + 32, "smem size");
+
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
+  const uint32_t raw_addr = smem_addr(smem_raw);
+  SeesawCtx c;
+  c.smem_base = raw_addr;
+  c.smem = smem_raw;
+  c.s_q = (raw_addr + 1023) & ~1023u;
+  c.s_buf[0] = c.s_q + TILE;
+  c.s_buf[1] = c.s_q + 2 * TILE;
+  const uint32_t s_slots = c.s_q + 3 * TILE;
+  c.slot_ma = reinterpret_cast<float2*>(smem_raw + (s_slots - raw_addr));
+  c.slot_mb = c.slot_ma + 128;
+  c.slot_l = c.slot_ma + 256;
+  c.s_mbar = s_slots + 4 * 1024;
+
+  const int tid = threadIdx.x, wt = tid & 127, lane = tid & 31;
+  // Warp-uniform in the compiler's eyes (a shuffle from lane 0): wgmma in a branch it thinks divergent
+  // makes ptxas serialize every wgmma of the kernel (C7520).
+  const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+  const int gq = lane >> 2;
+  const int r0 = (wt >> 5) * 16 + gq, r1 = r0 + 8;  // CTA-local query rows of this thread's fragments
+  c.b = blockIdx.z;
+  c.split = blockIdx.y;
+  c.MT = p.S * p.H;
+  c.row0 = blockIdx.x * M;
+  c.nsplit = p.num_splits;
+  const int b = c.b, MT = c.MT, row0 = c.row0, nsplit = c.nsplit;
+
+  // This CTA's rows: the visible range cut into num_splits chunks of whole pairs of tiles.
+  const int start = max(p.kv_start[b], 0);
+  const int end = min(p.kv_end[b], p.T);
+  const int len = max(end - start, 0);
+  const int per = ceil_div(ceil_div(len, nsplit), 2 * N) * 2 * N;
+  const long long cb_l = static_cast<long long>(start) + static_cast<long long>(c.split) * per;
+  c.cb = static_cast<int>(cb_l < end ? cb_l : end);
+  c.ce = static_cast<int>(min(cb_l + per, static_cast<long long>(end)));
+  const int n_tiles = c.ce > c.cb ? ceil_div(c.ce - c.cb, N) : 0;
+  c.n_pairs = ceil_div(n_tiles, 2);
+
+  if (n_tiles == 0) {
+    if (nsplit == 1) {
+      T* out = static_cast<T*>(p.out_latent);
+      for (int i = tid; i < M * (R / 8); i += 256) {
+        const int r = i / (R / 8), cc = i % (R / 8);
+        if (row0 + r < MT) {
+          *reinterpret_cast<uint4*>(out + (static_cast<size_t>(b) * MT + row0 + r) * R + cc * 8) = make_uint4(0, 0, 0, 0);
+        }
+      }
+      if (tid < M && row0 + tid < MT) p.lse[static_cast<size_t>(b) * MT + row0 + tid] = -INFINITY;
+    } else if (tid < M && row0 + tid < MT) {
+      p.lse_partial[(static_cast<size_t>(b) * nsplit + c.split) * MT + row0 + tid] = -INFINITY;
+    }
+    return;
+  }
+
+  // Rows of this thread's fragments may see cache rows [cb, vis): causal among the S new tokens.
+  c.g0 = row0 + r0;
+  c.g1 = row0 + r1;
+  c.vis0 = c.g0 < MT ? min(end - (p.S - 1 - c.g0 / p.H), c.ce) : c.cb;
+  c.vis1 = c.g1 < MT ? min(end - (p.S - 1 - c.g1 / p.H), c.ce) : c.cb;
+  c.scale_log2 = p.sm_scale * kLog2e;
+
+  if (tid == 0) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) mbar_init(c.s_mbar + 8 * i, 128);
+  }
+  // Q tile (rows past S*H zero-filled), swizzled, by all 256 threads.
+  const T* q_lat = static_cast<const T*>(p.q_latent);
+  const T* q_pe = static_cast<const T*>(p.q_pe);
+  for (int i = tid; i < M * CHUNKS; i += 256) {
+    const int r = i / CHUNKS, cc = i % CHUNKS;
+    const int g = row0 + r;
+    const bool valid = g < MT;
+    const int s = valid ? g / p.H : 0, h = valid ? g % p.H : 0;
+    const T* src = cc < R / 8 ? q_lat + b * p.q_latent_sb + s * p.q_latent_ss + h * p.q_latent_sh + cc * 8
+                              : q_pe + b * p.q_pe_sb + s * p.q_pe_ss + h * p.q_pe_sh + (cc - R / 8) * 8;
+    cp_async_16(c.s_q + (cc >> 3) * BLK + r * 128 + (((cc & 7) ^ (r & 7)) << 4), valid ? src : q_lat, valid);
+  }
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async();
+  __syncthreads();  // Q landed and visible to the tensor cores; the mbarriers are initialized
+
+  if (wg == 0) {
+    seesaw_warpgroup<DT, R, P, 0, LEAN>(p, c);
+  } else {
+    seesaw_warpgroup<DT, R, P, 1, LEAN>(p, c);
+  }
+#else
+  // Built without sm_90a: never dispatched (binding.cpp checks the loaded binary); fail loudly if it is.
+  __trap();
+#endif
+}
+
+}  // namespace mla
+
+template <MlaDtype DT, int R, int P, bool LEAN>
+cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
+  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, LEAN>;
+  static bool smem_set[64] = {};
+  if (dev < 0 || dev >= 64 || !smem_set[dev]) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+    if (dev >= 0 && dev < 64) smem_set[dev] = true;
+  }
+  const int MT = params.S * params.H;
+  const dim3 grid(mla::ceil_div(MT, kMlaSeesawMTile), params.num_splits, params.B);
+  kernel<<<grid, 256, smem, stream>>>(params);
+  err = cudaGetLastError();
+  if (err != cudaSuccess || params.num_splits == 1) return err;
+  return mla::launch_mla_combine<DT, R>(params, stream);
+}
+
+template <MlaDtype DT, int R, int P>
+bool mla_seesaw_built() {
+  // The sm_90a body exists only in an sm_90a cubin; a build without it has the trap stub.
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, mla::mla_decode_seesaw_kernel<DT, R, P>) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return attr.binaryVersion == 90 && attr.numRegs >= 64;
+}
