@@ -9,8 +9,10 @@ packed cache layout, scale 1/sqrt(192):
   FLOPs = 2*B*H*S*L*(R+P) + 2*B*H*S*L*R;
   % of the copy bandwidth measured in the same run.
 The PyTorch reference op (mla_patch.reference) is timed on the same inputs (events, no graph).
-Each row records the dispatch path (the sm_90a wgmma kernel or the mma.sync kernel); where it is wgmma,
-the mma.sync kernel is timed on the same sets too (mma_us), unless --no-mma-compare.
+Each row records the kernel the default dispatch ran, and times every other kernel on the same sets
+(--kernels, forced through the test hook: v7 = the sm_90a seesaw kernel, v7lean = its measurement variant,
+v6 = the previous sm_90a kernel, mma = the portable mma.sync kernel), each checked against the mma.sync
+kernel's output on the first set (relative error, so a fast wrong variant shows).
 FlashInfer's MLA decode is timed when `flashinfer` imports (it is not on the device image).
 Writes bench_kernel.json and bench_kernel.png under --out.
 """
@@ -96,6 +98,41 @@ def time_events(fn, iters=3):
     return times[len(times) // 2]
 
 
+# torch.ops.mla_patch._last_path() values and the _wgmma_mode that forces each kernel.
+KERNEL_NAMES = {0: "mma", 1: "v7", 2: "v6", 3: "v7lean"}
+KERNEL_MODES = {name: mode for mode, name in KERNEL_NAMES.items()}
+
+
+def time_kernels(fns, first_set, default_path, query_rows, wanted, copy_gbs, cache_bytes):
+    """Times each kernel in `wanted` (comma list) other than the default one on the same sets; checks each
+    against the mma.sync kernel's output on the first set. Returns {name_us, name_pct, name_err}."""
+    op = torch.ops.mla_patch
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    out = {}
+    prev = op._wgmma_mode(0)
+    try:
+        want, _ = op.mla_decode(*first_set, SCALE)
+        if default_path != "mma":
+            op._wgmma_mode(prev)
+            got, _ = op.mla_decode(*first_set, SCALE)
+            out["err"] = ((got.double() - want.double()).norm() / want.double().norm()).item()
+        for name in [k for k in wanted.split(",") if k]:
+            if name == default_path or (name != "mma" and not sm90) or (name == "v6" and query_rows < 64):
+                continue
+            op._wgmma_mode(KERNEL_MODES[name])
+            got, _ = op.mla_decode(*first_set, SCALE)
+            if KERNEL_NAMES[op._last_path()] != name:
+                continue  # this kernel does not serve the shape (v7lean outside bf16 R=512)
+            us = time_graph(fns)
+            out[name + "_us"] = us
+            out[name + "_pct"] = 100 * cache_bytes / (us * 1e-6) / 1e9 / copy_gbs
+            if name != "mma":
+                out[name + "_err"] = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    finally:
+        op._wgmma_mode(prev)
+    return out
+
+
 def try_flashinfer():
     try:
         import flashinfer  # noqa: F401
@@ -113,8 +150,8 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--profile-one", default="", metavar="H,B,L",
                     help="only call the op 5 times on one config (for ncu), no timing")
-    ap.add_argument("--no-mma-compare", action="store_true",
-                    help="where the sm_90a wgmma path runs, skip timing the mma.sync kernel on the same sets")
+    ap.add_argument("--kernels", default="v7,v7lean,v6,mma",
+                    help="kernels also timed on every cell's sets (sm_90a ones only on compute capability 9.0)")
     ap.add_argument("--ref-max-bytes", type=float, default=2.5e9, help="skip the reference above this cache size")
     args = ap.parse_args()
     assert ops.has_kernel(), ops.extension_error()
@@ -157,23 +194,13 @@ def main() -> None:
         sets = [make_set(B, S, H, L, gen=gen) for _ in range(n_sets)]
         op = torch.ops.mla_patch.mla_decode
         fns = [lambda s=s: op(*s, SCALE) for s in sets]
-        calls = torch.ops.mla_patch._wgmma_calls()
         us = time_graph(fns)
-        path = "wgmma" if torch.ops.mla_patch._wgmma_calls() > calls else "mma"
-        mma_us = None
-        if path == "wgmma" and not args.no_mma_compare:
-            # The same sets through the mma.sync kernel (v4), for the side-by-side in one run.
-            prev = torch.ops.mla_patch._wgmma_mode(0)
-            try:
-                mma_us = time_graph(fns)
-            finally:
-                torch.ops.mla_patch._wgmma_mode(prev)
+        path = KERNEL_NAMES[torch.ops.mla_patch._last_path()]
+        alt = time_kernels(fns, sets[0], path, H * S, args.kernels, copy_gbs, cache_bytes)
         flops = 2 * B * H * S * L * (R + P) + 2 * B * H * S * L * R
         row = dict(H=H, B=B, L=L, S=S, n_sets=n_sets, us=us, gbs=cache_bytes / (us * 1e-6) / 1e9,
                    tflops=flops / (us * 1e-6) / 1e12, path=path)
-        if mma_us is not None:
-            row["mma_us"] = mma_us
-            row["mma_pct_copy"] = 100 * cache_bytes / (mma_us * 1e-6) / 1e9 / copy_gbs
+        row.update(alt)
         row["pct_copy"] = 100 * row["gbs"] / copy_gbs
         if L in LS:
             peer = PEERS.get(H, {}).get(B)
@@ -197,23 +224,27 @@ def main() -> None:
         torch.cuda.empty_cache()
         ref = f"{row['ref_us']:9.0f}" if row.get("ref_us") else "        -"
         peer = f"{row['peer_us']:7.1f} {row['peer_pct']:5.0f}%" if "peer_us" in row else "      -      -"
-        mma = f" | mma.sync {mma_us:7.1f} us {row['mma_pct_copy']:5.1f}%" if mma_us is not None else ""
+        mma = "".join(f" | {k} {row[k + '_us']:7.1f} us {row[k + '_pct']:5.1f}% (err {row.get(k + '_err', 0):.1e})"
+                      for k in KERNEL_NAMES.values() if k + "_us" in row)
+        err = f" (err {row['err']:.1e})" if "err" in row else ""
         print(f"H={H:3d} B={B:3d} L={L:6d}  {us:8.1f} us  {row['gbs']:6.0f} GB/s  {row['tflops']:5.0f} TFLOP/s  "
-              f"{row['pct_copy']:5.1f}% copy [{path}] | peer {peer} | ref {ref} us{mma}", flush=True)
+              f"{row['pct_copy']:5.1f}% copy [{path}{err}] | H100 peer {peer} | ref {ref} us{mma}", flush=True)
 
     res = dict(ceilings=ceil, commit=commit, flashinfer=fi if isinstance(fi, str) else "imported", rows=rows,
                date=time.strftime("%Y-%m-%d", time.gmtime()))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_kernel.json"), "w") as f:
         json.dump(res, f, indent=1)
-    print("\n| H | B | L | path | us | GB/s | TFLOP/s | % copy | peer % (us) | ref us | mma.sync us (% copy) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    names = [k for k in KERNEL_NAMES.values() if any(k + "_us" in r for r in rows)]
+    print("\n| H | B | L | path | us | GB/s | TFLOP/s | % copy | H100 peer % (us) | ref us | "
+          + " | ".join(f"{k} us (% copy)" for k in names) + " |")
+    print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(names))
     for r in rows:
         peer = f"{r['peer_pct']:.0f} ({r['peer_us']:.1f})" if "peer_us" in r else "-"
         ref = f"{r['ref_us']:.0f}" if r.get("ref_us") else "-"
-        mma = f"{r['mma_us']:.1f} ({r['mma_pct_copy']:.0f})" if "mma_us" in r else "-"
+        alts = " | ".join(f"{r[k + '_us']:.1f} ({r[k + '_pct']:.0f})" if k + "_us" in r else "-" for k in names)
         print(f"| {r['H']} | {r['B']} | {r['L']} | {r['path']} | {r['us']:.1f} | {r['gbs']:.0f} | {r['tflops']:.0f} | "
-              f"{r['pct_copy']:.0f} | {peer} | {ref} | {mma} |")
+              f"{r['pct_copy']:.0f} | {peer} | {ref} | {alts} |")
     try:
         import matplotlib
 
