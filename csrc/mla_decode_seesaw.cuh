@@ -67,8 +67,9 @@ __device__ __forceinline__ void named_bar_arrive(int id, int count) {
 }
 
 // Named barriers (0 is __syncthreads): A = wg0's P_a and m_a are in their slots (wg0 arrives, wg1 waits),
-// B = wg1's P_b and m_b (wg1 arrives, wg0 waits), WG0/WG1 = one warpgroup alone, END = the l exchange.
-enum SeesawBarrier : int { kBarA = 1, kBarB = 2, kBarWg0 = 3, kBarWg1 = 4, kBarEnd = 5 };
+// B = wg1's P_b and m_b (wg1 arrives, wg0 waits), WG0/WG1 = one warpgroup alone, END = the l exchange (both
+// loops done), Q = the query tile landed, OUT = the normalized output staged in shared memory.
+enum SeesawBarrier : int { kBarA = 1, kBarB = 2, kBarWg0 = 3, kBarWg1 = 4, kBarEnd = 5, kBarQ = 6, kBarOut = 7 };
 
 // Everything both warpgroups' programs need: set up once by the kernel.
 struct SeesawCtx {
@@ -265,9 +266,13 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   uint32_t pa[4][4], pb[4][4];
   constexpr int kBarMine = W == 0 ? kBarWg0 : kBarWg1;
 
-  // Prologue loads: the self part of this warpgroup's first tile, the cross part of the other one's.
+  // Prologue loads: the self part of this warpgroup's first tile, the cross part of the other one's, in
+  // flight with the Q tile (its cp.async group was committed by the kernel; these are in no group).
   load_part(W, W, false, mbar(W, kSelf));
   load_part(OTHER, OTHER, true, mbar(OTHER, kCross));
+  cp_async_wait<0>();
+  fence_proxy_async();
+  named_bar_sync(kBarQ, 256);  // every thread's part of Q landed and is visible to the tensor cores
 
   for (int k = 0; k < c.n_pairs; ++k) {
     const int tile = 2 * k + W;
@@ -389,23 +394,52 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
     if (c.g0 < MT) dst[c.g0] = lse0;
     if (c.g1 < MT) dst[c.g1] = lse1;
   }
-  const int col = W * NV + 2 * tq;
+  // The normalized rows go through shared memory (the Q tile and buffer 0, free once both loops are done),
+  // so global stores are whole 16-byte chunks of consecutive columns: the fragments hold 8-byte pieces of
+  // 8 rows. Rows are padded by 16 (bf16) / 32 (fp32) bytes, so the fragment writes hit 32 banks.
+  const int r0 = (wt >> 5) * 16 + (lane >> 2), col = W * NV + 2 * tq;
+  if (nsplit == 1) {
+    constexpr int ROWB = R * 2 + 16;
+    unsigned char* stage = c.smem + (c.s_q - c.smem_base);
 #pragma unroll
-  for (int hi = 0; hi < 2; ++hi) {
-    const int g = hi ? c.g1 : c.g0;
-    if (g >= MT) continue;
-    const float inv = hi ? inv1 : inv0;
-    if (nsplit == 1) {
-      T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(c.b) * MT + g) * R + col;
+    for (int hi = 0; hi < 2; ++hi) {
+      const float inv = hi ? inv1 : inv0;
+      unsigned char* row = stage + (r0 + 8 * hi) * ROWB + col * 2;
 #pragma unroll
       for (int j = 0; j < NV / 8; ++j) {
-        *reinterpret_cast<typename Tr::T2*>(out + j * 8) = Tr::pack(o[4 * j + 2 * hi] * inv, o[4 * j + 2 * hi + 1] * inv);
+        *reinterpret_cast<typename Tr::T2*>(row + j * 16) = Tr::pack(o[4 * j + 2 * hi] * inv, o[4 * j + 2 * hi + 1] * inv);
       }
-    } else {
-      float* out = p.o_partial + ((static_cast<size_t>(c.b) * nsplit + c.split) * MT + g) * R + col;
+    }
+    named_bar_sync(kBarOut, 256);
+    T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(c.b) * MT + c.row0) * R;
+    constexpr int CPR = R / 8;  // 16-byte chunks a row
+    for (int i = threadIdx.x; i < kMlaSeesawMTile * CPR; i += 256) {
+      const int r = i / CPR, cc = i % CPR;
+      if (c.row0 + r < MT) {
+        *reinterpret_cast<uint4*>(out + static_cast<size_t>(r) * R + cc * 8) =
+            *reinterpret_cast<const uint4*>(stage + r * ROWB + cc * 16);
+      }
+    }
+  } else {
+    constexpr int ROWB = R * 4 + 32;
+    unsigned char* stage = c.smem + (c.s_q - c.smem_base);
+#pragma unroll
+    for (int hi = 0; hi < 2; ++hi) {
+      const float inv = hi ? inv1 : inv0;
+      unsigned char* row = stage + (r0 + 8 * hi) * ROWB + col * 4;
 #pragma unroll
       for (int j = 0; j < NV / 8; ++j) {
-        *reinterpret_cast<float2*>(out + j * 8) = make_float2(o[4 * j + 2 * hi] * inv, o[4 * j + 2 * hi + 1] * inv);
+        *reinterpret_cast<float2*>(row + j * 32) = make_float2(o[4 * j + 2 * hi] * inv, o[4 * j + 2 * hi + 1] * inv);
+      }
+    }
+    named_bar_sync(kBarOut, 256);
+    float* out = p.o_partial + ((static_cast<size_t>(c.b) * nsplit + c.split) * MT + c.row0) * R;
+    constexpr int CPR = R / 4;
+    for (int i = threadIdx.x; i < kMlaSeesawMTile * CPR; i += 256) {
+      const int r = i / CPR, cc = i % CPR;
+      if (c.row0 + r < MT) {
+        *reinterpret_cast<float4*>(out + static_cast<size_t>(r) * R + cc * 4) =
+            *reinterpret_cast<const float4*>(stage + r * ROWB + cc * 16);
       }
     }
   }
@@ -421,6 +455,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   static_assert(M == 64 && N == 64 && (R == 512 || R == 256) && P % 16 == 0 && P <= 64 && NB == R / 64 + 1,
                 "layout assumes 64-row tiles, R in {256, 512}, one rope block");
   static_assert(mla_seesaw_smem_bytes(R, P) == 1024 + 3 * TILE + 4 * 1024 + 32, "smem size");
+  static_assert(M * (R * 4 + 32) <= 3 * TILE, "the fp32 output rows are staged in the Q tile and the buffers");
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
@@ -487,6 +522,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
 #pragma unroll
     for (int i = 0; i < 4; ++i) mbar_init(c.s_mbar + 8 * i, 128);
   }
+  __syncthreads();  // the mbarriers are initialized before any copy arrives on them
   // Q tile (rows past S*H zero-filled), swizzled, by all 256 threads.
   const T* q_lat = static_cast<const T*>(p.q_latent);
   const T* q_pe = static_cast<const T*>(p.q_pe);
@@ -499,10 +535,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
                               : q_pe + b * p.q_pe_sb + s * p.q_pe_ss + h * p.q_pe_sh + (cc - R / 8) * 8;
     cp_async_16(c.s_q + (cc >> 3) * BLK + r * 128 + (((cc & 7) ^ (r & 7)) << 4), valid ? src : q_lat, valid);
   }
-  cp_async_commit();
-  cp_async_wait<0>();
-  fence_proxy_async();
-  __syncthreads();  // Q landed and visible to the tensor cores; the mbarriers are initialized
+  cp_async_commit();  // waited for in seesaw_warpgroup, after the first tile loads are issued
 
   if (wg == 0) {
     seesaw_warpgroup<DT, R, P, 0, LEAN>(p, c);
