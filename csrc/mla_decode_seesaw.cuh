@@ -66,6 +66,11 @@ __device__ __forceinline__ void named_bar_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
+// Starts pulling `bytes` (a multiple of 16, 16-byte aligned) at `ptr` into L2; no completion to wait for.
+__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(ptr), "r"(bytes) : "memory");
+}
+
 // Named barriers (0 is __syncthreads): A = wg0's P_a and m_a are in their slots (wg0 arrives, wg1 waits),
 // B = wg1's P_b and m_b (wg1 arrives, wg0 waits), WG0/WG1 = one warpgroup alone, END = the l exchange (both
 // loops done), Q = the query tile landed, OUT = the normalized output staged in shared memory.
@@ -88,9 +93,8 @@ struct SeesawCtx {
 // part of buffer u by warpgroup 1 - u.
 enum SeesawPart : int { kSelf = 0, kCross = 1 };
 
-// LEAN (measurement variant): no proxy fence after an mbarrier wait and no warpgroup barrier before a reload
-// (CUTLASS's cp.async + wgmma pipelines do without both; kept as a variant until measured).
-template <MlaDtype DT, int R, int P, int W, bool LEAN>
+// AHEAD: how many pairs ahead each warpgroup prefetches its tiles into L2 (a measurement variant builds 2).
+template <MlaDtype DT, int R, int P, int W, int AHEAD>
 __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const SeesawCtx& c) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
@@ -140,13 +144,27 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
     cp_async_mbar_arrive(bar);
   };
 
+  // L2 prefetch of a later tile of this warpgroup by its first warp (lane i: rows i and i + 32), so that
+  // its reloads, issued only when a buffer part frees up, find the rows in L2 instead of waiting on DRAM.
+  auto prefetch_tile = [&](int tile) {
+    const int base = c.cb + tile * N;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = base + lane + 32 * h;
+      if (r < c.ce) {
+        prefetch_l2(c_kv + static_cast<long long>(r) * p.c_kv_st, R * 2);
+        prefetch_l2(k_pe + static_cast<long long>(r) * p.k_pe_st, P * 2);
+      }
+    }
+  };
+
   // QK of this warpgroup's tile in buffer W: the self blocks first, then (once landed) the cross blocks
   // and the rope block. Q and the tile share the block layout, so one byte offset serves both operands.
   const uint32_t q_lo = smem_desc_lo(c.s_q, 16), k_lo = smem_desc_lo(c.s_buf[W], 16);
   float s[32];
   auto qk = [&](uint32_t parity) {
     mbar_wait(mbar(W, kSelf), parity);
-    if constexpr (!LEAN) fence_proxy_async();
+    fence_proxy_async();
     fence_operand(s);
     wgmma_fence();
 #pragma unroll
@@ -155,7 +173,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       wgmma_ss_m64n64<DT>(s, smem_desc_kmajor(q_lo + off), smem_desc_kmajor(k_lo + off), j > 0 ? 1 : 0);
     }
     mbar_wait(mbar(W, kCross), parity);
-    if constexpr (!LEAN) fence_proxy_async();
+    fence_proxy_async();
     wgmma_fence();  // after the wait loop's branches (ptxas would inject one, C7519)
 #pragma unroll
     for (int j = 0; j < HALF * 4; ++j) {
@@ -274,8 +292,15 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   fence_proxy_async();
   named_bar_sync(kBarQ, 256);  // every thread's part of Q landed and is visible to the tensor cores
 
+  if (wt < 32) {
+#pragma unroll
+    for (int a = 1; a < AHEAD; ++a) {
+      if (2 * a + W < tiles_total) prefetch_tile(2 * a + W);
+    }
+  }
   for (int k = 0; k < c.n_pairs; ++k) {
     const int tile = 2 * k + W;
+    if (wt < 32 && tile + 2 * AHEAD < tiles_total) prefetch_tile(tile + 2 * AHEAD);
     qk(static_cast<uint32_t>(k & 1));
     wgmma_wait<0>();
     fence_operand(s);
@@ -304,7 +329,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       wgmma_wait<0>();
       fence_operand(o);
       fence_operand(pa);
-      if constexpr (!LEAN) named_bar_sync(kBarMine, 128);  // all of this warpgroup is past its PV over buffer 0
+      named_bar_sync(kBarMine, 128);  // all of this warpgroup is past its PV over buffer 0
       if (tile + 2 < tiles_total) load_part(tile + 2, 0, false, mbar(0, kSelf));
       const float b0 = rescale_factor(m0, mb.x), b1 = rescale_factor(m1, mb.y);
       rescale_o(b0, b1);
@@ -320,7 +345,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       wgmma_wait<0>();
       fence_operand(o);
       fence_operand(pb);
-      if constexpr (!LEAN) named_bar_sync(kBarMine, 128);  // buffer 1's V half of this warpgroup and its P slots are read
+      named_bar_sync(kBarMine, 128);  // buffer 1's V half of this warpgroup and its P slots are read
       if (tile + 3 < tiles_total) load_part(tile + 3, 1, true, mbar(1, kCross));
     } else {
       // wg0's m_a and P_a: the softmax continues from m_a.
@@ -362,12 +387,12 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       wgmma_commit();
       wgmma_wait<1>();  // the PV over buffer 1 is done (the one over buffer 0 may still run)
       fence_operand(pa);
-      if constexpr (!LEAN) named_bar_sync(kBarMine, 128);
+      named_bar_sync(kBarMine, 128);
       if (tile + 2 < tiles_total) load_part(tile + 2, 1, false, mbar(1, kSelf));
       wgmma_wait<0>();
       fence_operand(o);
       fence_operand(pb);
-      if constexpr (!LEAN) named_bar_sync(kBarMine, 128);  // buffer 0's V half of this warpgroup and wg0's P slots are read
+      named_bar_sync(kBarMine, 128);  // buffer 0's V half of this warpgroup and wg0's P slots are read
       if (tile + 1 < tiles_total) load_part(tile + 1, 0, true, mbar(0, kCross));
     }
   }
@@ -445,7 +470,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   }
 }
 
-template <MlaDtype DT, int R, int P, bool LEAN = false>
+template <MlaDtype DT, int R, int P, int AHEAD = 1>
 __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename DtypeTraits<DT>::T;
@@ -538,9 +563,9 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   cp_async_commit();  // waited for in seesaw_warpgroup, after the first tile loads are issued
 
   if (wg == 0) {
-    seesaw_warpgroup<DT, R, P, 0, LEAN>(p, c);
+    seesaw_warpgroup<DT, R, P, 0, AHEAD>(p, c);
   } else {
-    seesaw_warpgroup<DT, R, P, 1, LEAN>(p, c);
+    seesaw_warpgroup<DT, R, P, 1, AHEAD>(p, c);
   }
 #else
   // Built without sm_90a: never dispatched (binding.cpp checks the loaded binary); fail loudly if it is.
@@ -550,13 +575,13 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
 
 }  // namespace mla
 
-template <MlaDtype DT, int R, int P, bool LEAN>
+template <MlaDtype DT, int R, int P, int AHEAD>
 cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
-  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, LEAN>;
+  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, AHEAD>;
   static bool smem_set[64] = {};
   if (dev < 0 || dev >= 64 || !smem_set[dev]) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
