@@ -93,7 +93,7 @@ struct SeesawCtx {
 // part of buffer u by warpgroup 1 - u.
 enum SeesawPart : int { kSelf = 0, kCross = 1 };
 
-// AHEAD: how many pairs ahead each warpgroup prefetches its tiles into L2 (a measurement variant builds 2).
+// AHEAD: how many pairs ahead each warpgroup prefetches its tiles into L2 (a measurement variant builds 0).
 template <MlaDtype DT, int R, int P, int W, int AHEAD>
 __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const SeesawCtx& c) {
   using Tr = DtypeTraits<DT>;
@@ -144,17 +144,20 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
     cp_async_mbar_arrive(bar);
   };
 
-  // L2 prefetch of a later tile of this warpgroup by its first warp (lane i: rows i and i + 32), so that
-  // its reloads, issued only when a buffer part frees up, find the rows in L2 instead of waiting on DRAM.
+  // L2 prefetch of a later tile of this warpgroup, so that its reloads, issued only when a buffer part frees
+  // up, find the rows in L2 instead of waiting on DRAM. One bulk prefetch per contiguous range, from one
+  // thread: the packed cache is one range a tile, transformers' two caches two; other layouts go without.
+  // (Row by row it was 128 bulk operations a pair, which queue in the copy engine and stalled the issuing
+  // warpgroup: 1.8x slower, H200 run of 3367a36.)
+  const bool packed = reinterpret_cast<const T*>(k_pe) == c_kv + R && p.c_kv_st == R + P && p.k_pe_st == R + P;
   auto prefetch_tile = [&](int tile) {
-    const int base = c.cb + tile * N;
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = base + lane + 32 * h;
-      if (r < c.ce) {
-        prefetch_l2(c_kv + static_cast<long long>(r) * p.c_kv_st, R * 2);
-        prefetch_l2(k_pe + static_cast<long long>(r) * p.k_pe_st, P * 2);
-      }
+    const int base = c.cb + tile * N, n = min(N, c.ce - base);
+    if (n <= 0) return;
+    if (packed) {
+      prefetch_l2(c_kv + static_cast<long long>(base) * p.c_kv_st, static_cast<uint32_t>(n) * (R + P) * 2);
+    } else {
+      if (p.c_kv_st == R) prefetch_l2(c_kv + static_cast<long long>(base) * R, static_cast<uint32_t>(n) * R * 2);
+      if (p.k_pe_st == P) prefetch_l2(k_pe + static_cast<long long>(base) * P, static_cast<uint32_t>(n) * P * 2);
     }
   };
 
@@ -292,7 +295,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   fence_proxy_async();
   named_bar_sync(kBarQ, 256);  // every thread's part of Q landed and is visible to the tensor cores
 
-  if (wt < 32) {
+  if (wt == 0) {
 #pragma unroll
     for (int a = 1; a < AHEAD; ++a) {
       if (2 * a + W < tiles_total) prefetch_tile(2 * a + W);
@@ -300,7 +303,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   }
   for (int k = 0; k < c.n_pairs; ++k) {
     const int tile = 2 * k + W;
-    if (wt < 32 && tile + 2 * AHEAD < tiles_total) prefetch_tile(tile + 2 * AHEAD);
+    if (AHEAD > 0 && wt == 0 && tile + 2 * AHEAD < tiles_total) prefetch_tile(tile + 2 * AHEAD);
     qk(static_cast<uint32_t>(k & 1));
     wgmma_wait<0>();
     fence_operand(s);
