@@ -17,9 +17,11 @@
 // query rows (128 fp32 accumulators a thread for R = 512). Per pair, with a = tile 2k, b = tile 2k+1:
 //   wg0: S_a = Q K_a^T (36 k-steps) | softmax: m_a = max(m, rowmax S_a), P_a -> slots, m_a -> slot A
 //        | O_L *= 2^(m - m_a); O_L += P_a V_a,L | (wait for wg1) O_L *= 2^(m_a - m_b); O_L += P_b V_b,L
-//   wg1: S_b = Q K_b^T | (wait for m_a, P_a) softmax: m_b = max(m_a, rowmax S_b), P_b -> slots, m_b
-//        | O_R *= 2^(m - m_b); O_R += P_b V_b,R; O_R += (P_a 2^(m_a - m_b)) V_a,R
-// so wg0's softmax runs under wg1's QK and wg1's softmax under wg0's first PV. Both PVs take P from
+//   wg1: S_b = Q K_b^T | (wait for m_a, P_a) O_R *= 2^(m - m_a); O_R += P_a V_a,R | softmax: m_b =
+//        max(m_a, rowmax S_b), P_b -> slots, m_b | O_R *= 2^(m_a - m_b); O_R += P_b V_b,R
+// so wg0's softmax runs under wg1's QK and wg1's softmax under both PVs over buffer 0, which therefore
+// frees up (and is reloaded) early in the pair; wg0 queues the next pair's QK before it waits for its
+// last PV. Both PVs take P from
 // registers (wgmma RS); the other warpgroup's P arrives through per-thread slots in the rope block of
 // its tile (free once that tile's QK is done): thread t of either warpgroup holds the same fragment
 // positions, so slot t needs no relayout.
@@ -165,7 +167,9 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   // and the rope block. Q and the tile share the block layout, so one byte offset serves both operands.
   const uint32_t q_lo = smem_desc_lo(c.s_q, 16), k_lo = smem_desc_lo(c.s_buf[W], 16);
   float s[32];
-  auto qk = [&](uint32_t parity) {
+  // Two commit groups: the self part (landed early) and the cross part (landed last), so warpgroup 0 can
+  // queue its self part behind the previous pair's last PV before it waits for that PV.
+  auto qk_self = [&](uint32_t parity) {
     mbar_wait(mbar(W, kSelf), parity);
     fence_proxy_async();
     fence_operand(s);
@@ -175,6 +179,9 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       const uint32_t off = ((W * HALF + j / 4) * BLK + (j % 4) * 32) >> 4;
       wgmma_ss_m64n64<DT>(s, smem_desc_kmajor(q_lo + off), smem_desc_kmajor(k_lo + off), j > 0 ? 1 : 0);
     }
+    wgmma_commit();
+  };
+  auto qk_cross = [&](uint32_t parity) {
     mbar_wait(mbar(W, kCross), parity);
     fence_proxy_async();
     wgmma_fence();  // after the wait loop's branches (ptxas would inject one, C7519)
@@ -303,12 +310,22 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   }
   for (int k = 0; k < c.n_pairs; ++k) {
     const int tile = 2 * k + W;
+    const uint32_t parity = static_cast<uint32_t>(k & 1);
     if (AHEAD > 0 && wt == 0 && tile + 2 * AHEAD < tiles_total) prefetch_tile(tile + 2 * AHEAD);
-    qk(static_cast<uint32_t>(k & 1));
-    wgmma_wait<0>();
-    fence_operand(s);
     float mn0, mn1, sum0 = 0.f, sum1 = 0.f;
     if constexpr (W == 0) {
+      qk_self(parity);
+      if (k > 0) {
+        // The previous pair's PV over buffer 1 (queued ahead of this QK) is done: reload its cross part.
+        wgmma_wait<1>();
+        fence_operand(o);
+        fence_operand(pb);
+        named_bar_sync(kBarMine, 128);  // buffer 1's V half of this warpgroup and wg1's P slots are read
+        if (tile + 1 < tiles_total) load_part(tile + 1, 1, true, mbar(1, kCross));
+      }
+      qk_cross(parity);
+      wgmma_wait<0>();
+      fence_operand(s);
       softmax(tile, m0, m1, mn0, mn1, sum0, sum1);
       pack_p(pa);
       send_p(pa, 0);
@@ -325,7 +342,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       wgmma_fence();
       pv(pa, 0);
       wgmma_commit();
-      // wg1's P_b and m_b (its softmax ran under the PV above).
+      // wg1's P_b and m_b (its softmax ran under the PVs over buffer 0).
       named_bar_sync(kBarB, 256);
       const float2 mb = c.slot_mb[wt];
       receive_p(pb, 1);
@@ -344,60 +361,55 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       fence_operand(pb);
       wgmma_fence();
       pv(pb, 1);
-      wgmma_commit();
-      wgmma_wait<0>();
-      fence_operand(o);
-      fence_operand(pb);
-      named_bar_sync(kBarMine, 128);  // buffer 1's V half of this warpgroup and its P slots are read
-      if (tile + 3 < tiles_total) load_part(tile + 3, 1, true, mbar(1, kCross));
+      wgmma_commit();  // waited for after the next pair's QK is queued (or after the loop)
     } else {
-      // wg0's m_a and P_a: the softmax continues from m_a.
+      qk_self(parity);
+      qk_cross(parity);
+      // wg0's m_a and P_a. O_R moves to m_a at once and takes P_a V_a,R while this QK finishes and the
+      // softmax runs, so buffer 0 is free (and reloaded) early in the pair.
       named_bar_sync(kBarA, 256);
       const float2 ma = c.slot_ma[wt];
       receive_p(pb, 0);
+      const float a0 = rescale_factor(m0, ma.x), a1 = rescale_factor(m1, ma.y);
+      rescale_o(a0, a1);
+      fence_operand(o);
+      fence_operand(pb);
+      wgmma_fence();
+      pv(pb, 0);
+      wgmma_commit();
+      wgmma_wait<1>();  // this QK is done, the PV over buffer 0 may still run
+      fence_operand(s);
       softmax(tile, ma.x, ma.y, mn0, mn1, sum0, sum1);
       pack_p(pa);
       send_p(pa, 1);
       c.slot_mb[wt] = make_float2(mn0, mn1);
       named_bar_arrive(kBarB, 256);
-      const float a0 = rescale_factor(m0, ma.x), a1 = rescale_factor(m1, ma.y);
       const float b0 = rescale_factor(ma.x, mn0), b1 = rescale_factor(ma.y, mn1);
-      rescale_o(a0 * b0, a1 * b1);
       l0 = l0 * (a0 * b0) + sum0;
       l1 = l1 * (a1 * b1) + sum1;
       m0 = mn0;
       m1 = mn1;
-      // P_a was relative to m_a: bring it to m_b (rarely needed, the max seldom moves).
-      if (b0 != 1.f || b1 != 1.f) {
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-#pragma unroll
-          for (int j = 0; j < 4; ++j) {
-            const float f = (j & 1) ? b1 : b0;
-            const float2 v = Tr::unpack(pb[ks][j]);
-            auto w = Tr::pack(v.x * f, v.y * f);
-            pb[ks][j] = *reinterpret_cast<uint32_t*>(&w);
-          }
-        }
-      }
-      fence_operand(o);
-      fence_operand(pa);
-      fence_operand(pb);
-      wgmma_fence();
-      pv(pa, 1);
-      wgmma_commit();
-      pv(pb, 0);
-      wgmma_commit();
-      wgmma_wait<1>();  // the PV over buffer 1 is done (the one over buffer 0 may still run)
-      fence_operand(pa);
-      named_bar_sync(kBarMine, 128);
-      if (tile + 2 < tiles_total) load_part(tile + 2, 1, false, mbar(1, kSelf));
       wgmma_wait<0>();
       fence_operand(o);
       fence_operand(pb);
       named_bar_sync(kBarMine, 128);  // buffer 0's V half of this warpgroup and wg0's P slots are read
       if (tile + 1 < tiles_total) load_part(tile + 1, 0, true, mbar(0, kCross));
+      rescale_o(b0, b1);
+      fence_operand(o);
+      fence_operand(pa);
+      wgmma_fence();
+      pv(pa, 1);
+      wgmma_commit();
+      wgmma_wait<0>();
+      fence_operand(o);
+      fence_operand(pa);
+      named_bar_sync(kBarMine, 128);
+      if (tile + 2 < tiles_total) load_part(tile + 2, 1, false, mbar(1, kSelf));
     }
+  }
+  if constexpr (W == 0) {
+    wgmma_wait<0>();  // the last PV over buffer 1
+    fence_operand(o);
   }
 
   // ---- epilogue: the row sums of both warpgroups (same fragment positions in slot t), then each
