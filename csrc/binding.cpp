@@ -62,10 +62,9 @@ DeviceInfo device_info(int dev) {
 // when the binary holds their sm_90a bodies, the seesaw wgmma kernel (v7, csrc/mla_decode_seesaw.cuh) or the
 // previous wgmma kernel (v6, csrc/mla_decode_wgmma.cuh, kept for side-by-side measurement).
 // Mode: -1 default (below), 0 mma.sync everywhere, 1 v7 wherever it serves (any S*H), 2 v6 wherever it
-// serves (S*H >= 64), 3 v7 without its L2 prefetch, a measurement variant (bf16, R = 512; elsewhere v7). The environment
-// variable MLA_PATCH_WGMMA ("0".."3") sets it, read once per process; the test-only op
-// mla_patch::_wgmma_mode overrides both.
-enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1, kPathWgmmaV6 = 2, kPathSeesawNoPrefetch = 3 };
+// serves (S*H >= 64). The environment variable MLA_PATCH_WGMMA ("0", "1", "2") sets it, read once per
+// process; the test-only op mla_patch::_wgmma_mode overrides both.
+enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1, kPathWgmmaV6 = 2 };
 // Default: v7 for S*H >= 64 from this many cached rows a call (B x cache length); mma.sync elsewhere.
 // (v6's threshold, measured on the H100: below it mma.sync won at batch 1; v7 not yet re-measured.)
 constexpr int64_t kSeesawDefaultMinRows = 16384;
@@ -79,7 +78,7 @@ int wgmma_setting() {
   static const int env_mode = [] {
     const char* e = std::getenv("MLA_PATCH_WGMMA");
     if (e == nullptr || *e == '\0') return -1;
-    for (int m = 0; m <= 3; ++m) {
+    for (int m = 0; m <= 2; ++m) {
       if (std::strcmp(e, std::to_string(m).c_str()) == 0) return m;
     }
     return 1;
@@ -119,8 +118,6 @@ int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P
     path = kPathSeesaw;
   } else if (setting == 2) {
     path = S * H >= kMlaWgmmaMinRows ? kPathWgmmaV6 : kPathMma;
-  } else if (setting == 3) {
-    path = bf16 && R == 512 ? kPathSeesawNoPrefetch : kPathSeesaw;
   } else {
     path = S * H >= kSeesawDefaultMinQueryRows && B * T >= kSeesawDefaultMinRows ? kPathSeesaw : kPathMma;
   }
@@ -135,8 +132,7 @@ int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P
 }
 
 int64_t wgmma_mode_op(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 3,
-              "mla_decode: _wgmma_mode takes -1 (default), 0 (mma.sync), 1 (v7), 2 (v6) or 3 (v7 without L2 prefetch)");
+  TORCH_CHECK(mode >= -1 && mode <= 2, "mla_decode: _wgmma_mode takes -1 (default), 0 (mma.sync), 1 (v7) or 2 (v6)");
   return g_wgmma_mode.exchange(static_cast<int>(mode));
 }
 
@@ -282,9 +278,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   cudaError_t err;
   g_last_path.store(path);
-  if (path == kPathSeesawNoPrefetch) {
-    err = launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64, 0>(p, stream);
-  } else if (path == kPathSeesaw) {
+  if (path == kPathSeesaw) {
     if (R == 512) {
       err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64>(p, stream)
                  : launch_mla_decode_seesaw<MlaDtype::kFP16, 512, 64>(p, stream);

@@ -68,11 +68,6 @@ __device__ __forceinline__ void named_bar_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
-// Starts pulling `bytes` (a multiple of 16, 16-byte aligned) at `ptr` into L2; no completion to wait for.
-__device__ __forceinline__ void prefetch_l2(const void* ptr, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(ptr), "r"(bytes) : "memory");
-}
-
 // Named barriers (0 is __syncthreads): A = wg0's P_a and m_a are in their slots (wg0 arrives, wg1 waits),
 // B = wg1's P_b and m_b (wg1 arrives, wg0 waits), WG0/WG1 = one warpgroup alone, END = the l exchange (both
 // loops done), Q = the query tile landed, OUT = the normalized output staged in shared memory.
@@ -95,8 +90,7 @@ struct SeesawCtx {
 // part of buffer u by warpgroup 1 - u.
 enum SeesawPart : int { kSelf = 0, kCross = 1 };
 
-// AHEAD: how many pairs ahead each warpgroup prefetches its tiles into L2 (a measurement variant builds 0).
-template <MlaDtype DT, int R, int P, int W, int AHEAD>
+template <MlaDtype DT, int R, int P, int W>
 __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const SeesawCtx& c) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
@@ -144,23 +138,6 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       }
     }
     cp_async_mbar_arrive(bar);
-  };
-
-  // L2 prefetch of a later tile of this warpgroup, so that its reloads, issued only when a buffer part frees
-  // up, find the rows in L2 instead of waiting on DRAM. One bulk prefetch per contiguous range, from one
-  // thread: the packed cache is one range a tile, transformers' two caches two; other layouts go without.
-  // (Row by row it was 128 bulk operations a pair, which queue in the copy engine and stalled the issuing
-  // warpgroup: 1.8x slower, H200 run of 3367a36.)
-  const bool packed = reinterpret_cast<const T*>(k_pe) == c_kv + R && p.c_kv_st == R + P && p.k_pe_st == R + P;
-  auto prefetch_tile = [&](int tile) {
-    const int base = c.cb + tile * N, n = min(N, c.ce - base);
-    if (n <= 0) return;
-    if (packed) {
-      prefetch_l2(c_kv + static_cast<long long>(base) * p.c_kv_st, static_cast<uint32_t>(n) * (R + P) * 2);
-    } else {
-      if (p.c_kv_st == R) prefetch_l2(c_kv + static_cast<long long>(base) * R, static_cast<uint32_t>(n) * R * 2);
-      if (p.k_pe_st == P) prefetch_l2(k_pe + static_cast<long long>(base) * P, static_cast<uint32_t>(n) * P * 2);
-    }
   };
 
   // QK of this warpgroup's tile in buffer W: the self blocks first, then (once landed) the cross blocks
@@ -302,16 +279,9 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   fence_proxy_async();
   named_bar_sync(kBarQ, 256);  // every thread's part of Q landed and is visible to the tensor cores
 
-  if (wt == 0) {
-#pragma unroll
-    for (int a = 1; a < AHEAD; ++a) {
-      if (2 * a + W < tiles_total) prefetch_tile(2 * a + W);
-    }
-  }
   for (int k = 0; k < c.n_pairs; ++k) {
     const int tile = 2 * k + W;
     const uint32_t parity = static_cast<uint32_t>(k & 1);
-    if (AHEAD > 0 && wt == 0 && tile + 2 * AHEAD < tiles_total) prefetch_tile(tile + 2 * AHEAD);
     float mn0, mn1, sum0 = 0.f, sum1 = 0.f;
     if constexpr (W == 0) {
       qk_self(parity);
@@ -485,7 +455,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   }
 }
 
-template <MlaDtype DT, int R, int P, int AHEAD = 1>
+template <MlaDtype DT, int R, int P>
 __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename DtypeTraits<DT>::T;
@@ -578,9 +548,9 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   cp_async_commit();  // waited for in seesaw_warpgroup, after the first tile loads are issued
 
   if (wg == 0) {
-    seesaw_warpgroup<DT, R, P, 0, AHEAD>(p, c);
+    seesaw_warpgroup<DT, R, P, 0>(p, c);
   } else {
-    seesaw_warpgroup<DT, R, P, 1, AHEAD>(p, c);
+    seesaw_warpgroup<DT, R, P, 1>(p, c);
   }
 #else
   // Built without sm_90a: never dispatched (binding.cpp checks the loaded binary); fail loudly if it is.
@@ -590,13 +560,13 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
 
 }  // namespace mla
 
-template <MlaDtype DT, int R, int P, int AHEAD>
+template <MlaDtype DT, int R, int P>
 cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
-  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, AHEAD>;
+  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P>;
   static bool smem_set[64] = {};
   if (dev < 0 || dev >= 64 || !smem_set[dev]) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));

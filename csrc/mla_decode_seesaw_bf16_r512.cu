@@ -3,4 +3,3 @@
 
 template cudaError_t launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64>(const MlaDecodeParams&, cudaStream_t);
 template bool mla_seesaw_built<MlaDtype::kBF16, 512, 64>();
-template cudaError_t launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64, 0>(const MlaDecodeParams&, cudaStream_t);

@@ -130,9 +130,7 @@ inline int mla_seesaw_num_splits(int B, int S, int H, int T, int num_sms) {
 }
 // Host launcher (main kernel, then the shared LSE combine) and whether the binary holds the sm_90a body.
 // Instantiated in mla_decode_seesaw_<dtype>_r<R>.cu.
-// AHEAD: pairs of tiles prefetched into L2 ahead of their loads (mla_decode_seesaw.cuh; 0 is a measurement
-// variant built for bf16, R = 512 only).
-template <MlaDtype DT, int R, int P, int AHEAD = 1>
+template <MlaDtype DT, int R, int P>
 cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream);
 template <MlaDtype DT, int R, int P>
 bool mla_seesaw_built();

@@ -10,7 +10,7 @@ packed cache layout, scale 1/sqrt(192):
   % of the copy bandwidth measured in the same run.
 The PyTorch reference op (mla_patch.reference) is timed on the same inputs (events, no graph).
 Each row records the kernel the default dispatch ran, and times every other kernel on the same sets
-(--kernels, forced through the test hook: v7 = the sm_90a seesaw kernel, v7nopf = v7 without its L2 prefetch,
+(--kernels, forced through the test hook: v7 = the sm_90a seesaw kernel,
 v6 = the previous sm_90a kernel, mma = the portable mma.sync kernel), each checked against the mma.sync
 kernel's output on the first set (relative error, so a fast wrong variant shows).
 FlashInfer's MLA decode is timed when `flashinfer` imports (it is not on the device image).
@@ -99,7 +99,7 @@ def time_events(fn, iters=3):
 
 
 # torch.ops.mla_patch._last_path() values and the _wgmma_mode that forces each kernel.
-KERNEL_NAMES = {0: "mma", 1: "v7", 2: "v6", 3: "v7nopf"}
+KERNEL_NAMES = {0: "mma", 1: "v7", 2: "v6"}
 KERNEL_MODES = {name: mode for mode, name in KERNEL_NAMES.items()}
 
 
@@ -122,7 +122,7 @@ def time_kernels(fns, first_set, default_path, query_rows, wanted, copy_gbs, cac
             op._wgmma_mode(KERNEL_MODES[name])
             got, _ = op.mla_decode(*first_set, SCALE)
             if KERNEL_NAMES[op._last_path()] != name:
-                continue  # this kernel does not serve the shape (v7nopf outside bf16 R=512)
+                continue  # this kernel does not serve the shape
             us = time_graph(fns)
             out[name + "_us"] = us
             out[name + "_pct"] = 100 * cache_bytes / (us * 1e-6) / 1e9 / copy_gbs
@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--profile-one", default="", metavar="H,B,L",
                     help="only call the op 5 times on one config (for ncu), no timing")
-    ap.add_argument("--kernels", default="v7,v7nopf,v6,mma",
+    ap.add_argument("--kernels", default="v7,v6,mma",
                     help="kernels also timed on every cell's sets (sm_90a ones only on compute capability 9.0)")
     ap.add_argument("--ref-max-bytes", type=float, default=2.5e9, help="skip the reference above this cache size")
     args = ap.parse_args()
