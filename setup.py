@@ -52,9 +52,6 @@ def _cuda_extension():
         *_gencode_flags(archs),
     ]
     cxx_flags = ["-O3"]
-    if os.environ.get("MLA_PATCH_DIAG"):  # timing-diagnostic kernel variants (scripts/bench_wgmma_diag.py)
-        nvcc_flags.append("-DMLA_PATCH_DIAG")
-        cxx_flags.append("-DMLA_PATCH_DIAG")
     ext = CUDAExtension(
         name="mla_patch._C",
         sources=sources,

@@ -58,17 +58,20 @@ DeviceInfo device_info(int dev) {
   return info;
 }
 
-// ---- Which kernel serves a call. The portable mma.sync kernel (v4, every GPU) or, on compute capability 9.0
-// when the binary holds their sm_90a bodies, the seesaw wgmma kernel (v7, csrc/mla_decode_seesaw.cuh) or the
-// previous wgmma kernel (v6, csrc/mla_decode_wgmma.cuh, kept for side-by-side measurement).
-// Mode: -1 default (below), 0 mma.sync everywhere, 1 v7 wherever it serves (any S*H), 2 v6 wherever it
-// serves (S*H >= 64). The environment variable MLA_PATCH_WGMMA ("0", "1", "2") sets it, read once per
-// process; the test-only op mla_patch::_wgmma_mode overrides both.
-enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1, kPathWgmmaV6 = 2 };
-// Default: v7 for S*H >= 64 from this many cached rows a call (B x cache length); mma.sync elsewhere.
-// (v6's threshold, measured on the H100: below it mma.sync won at batch 1; v7 not yet re-measured.)
-constexpr int64_t kSeesawDefaultMinRows = 16384;
-constexpr int64_t kSeesawDefaultMinQueryRows = 64;
+// ---- Which kernel serves a call: the portable mma.sync kernel (v4, every GPU) or, on compute capability 9.0
+// when the binary holds its sm_90a body, the seesaw wgmma kernel (v7, csrc/mla_decode_seesaw.cuh).
+// Mode: -1 default (below), 0 mma.sync everywhere, 1 v7 wherever it serves (any S*H). The environment
+// variable MLA_PATCH_WGMMA ("0" or "1") sets it, read once per process; the test-only op
+// mla_patch::_wgmma_mode overrides both.
+enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1 };
+// Default, from cached rows a call (B x cache capacity), measured on an H200 (2026-12-01, commit 9b9a187,
+// docs/BENCHMARKS.md): with S*H >= 64 query rows v7 wins from 16K rows (H = 128: B = 1 at 16K 28.3 vs
+// 36.7 us, B = 16 at 1K 26.7 vs 36.2 us; below, at B = 1 with 1K-4K, mma.sync: 14.9 vs 16.9 us); with fewer
+// (H = 16, padded to 64 rows) only from 512K rows (B = 128 at 4K 162.6 vs 167.6 us, B = 64 at 16K 306 vs
+// 325 us; B = 64 at 4K and B = 16 at 16K still 3-4 % slower).
+constexpr int64_t kSeesawMinRowsWide = 16384;
+constexpr int64_t kSeesawMinRowsNarrow = 512 * 1024;
+constexpr int64_t kSeesawWideQueryRows = 64;
 std::atomic<int> g_wgmma_mode{-1};
 std::atomic<int> g_last_path{-1};  // the kernel the last call launched (tests and the benchmark read it)
 
@@ -78,32 +81,23 @@ int wgmma_setting() {
   static const int env_mode = [] {
     const char* e = std::getenv("MLA_PATCH_WGMMA");
     if (e == nullptr || *e == '\0') return -1;
-    for (int m = 0; m <= 2; ++m) {
-      if (std::strcmp(e, std::to_string(m).c_str()) == 0) return m;
-    }
-    return 1;
+    return std::strcmp(e, "0") == 0 ? 0 : 1;
   }();
   return env_mode;
 }
 
-// Whether the loaded binary has the sm_90a body of kernel `path` (a build without 90a has trap stubs).
-bool sm90_built(int dev, int path, bool bf16, int64_t R) {
-  static int cache[64][2][4] = {};  // 0 unknown, 1 yes, 2 no
-  const int k = (bf16 ? 0 : 2) + (R == 512 ? 0 : 1), v = path == kPathSeesaw ? 0 : 1;
-  if (dev >= 0 && dev < 64 && cache[dev][v][k] != 0) return cache[dev][v][k] == 1;
+// Whether the loaded binary has the sm_90a body of v7 (a build without 90a has trap stubs).
+bool seesaw_built(int dev, bool bf16, int64_t R) {
+  static int cache[64][4] = {};  // 0 unknown, 1 yes, 2 no
+  const int k = (bf16 ? 0 : 2) + (R == 512 ? 0 : 1);
+  if (dev >= 0 && dev < 64 && cache[dev][k] != 0) return cache[dev][k] == 1;
   bool ok;
-  if (path == kPathSeesaw) {
-    if (R == 512) {
-      ok = bf16 ? mla_seesaw_built<MlaDtype::kBF16, 512, 64>() : mla_seesaw_built<MlaDtype::kFP16, 512, 64>();
-    } else {
-      ok = bf16 ? mla_seesaw_built<MlaDtype::kBF16, 256, 32>() : mla_seesaw_built<MlaDtype::kFP16, 256, 32>();
-    }
-  } else if (R == 512) {
-    ok = bf16 ? mla_wgmma_built<MlaDtype::kBF16, 512, 64>() : mla_wgmma_built<MlaDtype::kFP16, 512, 64>();
+  if (R == 512) {
+    ok = bf16 ? mla_seesaw_built<MlaDtype::kBF16, 512, 64>() : mla_seesaw_built<MlaDtype::kFP16, 512, 64>();
   } else {
-    ok = bf16 ? mla_wgmma_built<MlaDtype::kBF16, 256, 32>() : mla_wgmma_built<MlaDtype::kFP16, 256, 32>();
+    ok = bf16 ? mla_seesaw_built<MlaDtype::kBF16, 256, 32>() : mla_seesaw_built<MlaDtype::kFP16, 256, 32>();
   }
-  if (dev >= 0 && dev < 64) cache[dev][v][k] = ok ? 1 : 2;
+  if (dev >= 0 && dev < 64) cache[dev][k] = ok ? 1 : 2;
   return ok;
 }
 
@@ -111,57 +105,21 @@ int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P
                 int64_t T) {
   if (info.cc_major != 9 || info.cc_minor != 0) return kPathMma;
   const int setting = wgmma_setting();
-  int path;
-  if (setting == 0) {
-    return kPathMma;
-  } else if (setting == 1) {
-    path = kPathSeesaw;
-  } else if (setting == 2) {
-    path = S * H >= kMlaWgmmaMinRows ? kPathWgmmaV6 : kPathMma;
-  } else {
-    path = S * H >= kSeesawDefaultMinQueryRows && B * T >= kSeesawDefaultMinRows ? kPathSeesaw : kPathMma;
-  }
-  if (path == kPathMma) return path;
-  const bool v6 = path == kPathWgmmaV6;
-  const size_t smem = v6 ? mla_wgmma_smem_bytes(static_cast<int>(R), static_cast<int>(P))
-                         : mla_seesaw_smem_bytes(static_cast<int>(R), static_cast<int>(P));
-  if (static_cast<size_t>(info.smem_optin) < smem || !sm90_built(dev, v6 ? kPathWgmmaV6 : kPathSeesaw, bf16, R)) {
+  if (setting == 0) return kPathMma;
+  if (setting == -1 && B * T < (S * H >= kSeesawWideQueryRows ? kSeesawMinRowsWide : kSeesawMinRowsNarrow)) {
     return kPathMma;
   }
-  return path;
+  const size_t smem = mla_seesaw_smem_bytes(static_cast<int>(R), static_cast<int>(P));
+  if (static_cast<size_t>(info.smem_optin) < smem || !seesaw_built(dev, bf16, R)) return kPathMma;
+  return kPathSeesaw;
 }
 
 int64_t wgmma_mode_op(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 2, "mla_decode: _wgmma_mode takes -1 (default), 0 (mma.sync), 1 (v7) or 2 (v6)");
+  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _wgmma_mode takes -1 (default), 0 (mma.sync) or 1 (v7)");
   return g_wgmma_mode.exchange(static_cast<int>(mode));
 }
 
 int64_t last_path_op() { return g_last_path.load(); }
-
-#ifdef MLA_PATCH_DIAG
-// Timing diagnostics of the wgmma kernel (bf16, R = 512 only): which stages to leave out (see DIAG in
-// mla_decode_wgmma.cuh). Results are wrong while it is non-zero. Only in a build with MLA_PATCH_DIAG.
-std::atomic<int> g_wgmma_diag{0};
-int64_t wgmma_diag_op(int64_t diag) {
-  TORCH_CHECK(diag == 0 || diag == 1 || diag == 2 || diag == 3 || diag == 4 || diag == 6,
-              "mla_decode: _wgmma_diag takes 0, 1, 2, 3, 4 or 6");
-  return g_wgmma_diag.exchange(static_cast<int>(diag));
-}
-cudaError_t launch_wgmma_bf16_r512(const MlaDecodeParams& p, cudaStream_t stream) {
-  switch (g_wgmma_diag.load()) {
-    case 1: return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64, 1>(p, stream);
-    case 2: return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64, 2>(p, stream);
-    case 3: return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64, 3>(p, stream);
-    case 4: return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64, 4>(p, stream);
-    case 6: return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64, 6>(p, stream);
-    default: return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64>(p, stream);
-  }
-}
-#else
-cudaError_t launch_wgmma_bf16_r512(const MlaDecodeParams& p, cudaStream_t stream) {
-  return launch_mla_decode_wgmma<MlaDtype::kBF16, 512, 64>(p, stream);
-}
-#endif
 
 void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.dim() == dim, "mla_decode: ", name, " must have ", num(dim), " dims, got shape ", dims_str(t.sizes()));
@@ -237,9 +195,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const bool bf16 = dtype == at::kBFloat16;
   const int path = choose_path(info, device.index(), bf16, R, P, B, S, H, T);
   const int b32 = static_cast<int>(B), s32 = static_cast<int>(S), h32 = static_cast<int>(H), t32 = static_cast<int>(T);
-  const int num_splits = path == kPathMma       ? mla_decode_num_splits(b32, s32, h32, t32, num_sms)
-                         : path == kPathWgmmaV6 ? mla_wgmma_num_splits(b32, s32, h32, t32, num_sms)
-                                                : mla_seesaw_num_splits(b32, s32, h32, t32, num_sms);
+  const int num_splits = path == kPathMma ? mla_decode_num_splits(b32, s32, h32, t32, num_sms)
+                                          : mla_seesaw_num_splits(b32, s32, h32, t32, num_sms);
   at::Tensor o_partial, lse_partial;
   if (num_splits > 1) {
     auto f32 = q_latent.options().dtype(at::kFloat);
@@ -286,13 +243,6 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
       err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 256, 32>(p, stream)
                  : launch_mla_decode_seesaw<MlaDtype::kFP16, 256, 32>(p, stream);
     }
-  } else if (path == kPathWgmmaV6) {
-    if (R == 512) {
-      err = bf16 ? launch_wgmma_bf16_r512(p, stream) : launch_mla_decode_wgmma<MlaDtype::kFP16, 512, 64>(p, stream);
-    } else {
-      err = bf16 ? launch_mla_decode_wgmma<MlaDtype::kBF16, 256, 32>(p, stream)
-                 : launch_mla_decode_wgmma<MlaDtype::kFP16, 256, 32>(p, stream);
-    }
   } else if (R == 512) {
     err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 512, 64>(p, stream)
                : launch_mla_decode<MlaDtype::kFP16, 512, 64>(p, stream);
@@ -324,9 +274,6 @@ TORCH_LIBRARY(mla_patch, m) {
   // Test hooks of the dispatch: set the mode (returns the previous one), the kernel of the last call.
   m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
   m.def("_last_path() -> int", &last_path_op);
-#ifdef MLA_PATCH_DIAG
-  m.def("_wgmma_diag(int diag) -> int", &wgmma_diag_op);
-#endif
 }
 
 TORCH_LIBRARY_IMPL(mla_patch, CUDA, m) { m.impl("mla_decode", &mla_decode_cuda); }

@@ -37,7 +37,8 @@
 // block), m slots A and B [128] float2, l slots [2][128] float2, 4 mbarriers.
 #pragma once
 
-#include "mla_decode_wgmma.cuh"
+#include "mla_decode.cuh"
+#include "mla_wgmma_ops.cuh"
 
 namespace mla {
 

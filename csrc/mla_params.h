@@ -82,30 +82,8 @@ constexpr size_t mla_decode_smem_bytes(int R, int P, int m_tile, int stages) {
 template <MlaDtype DT, int R, int P>
 cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream);
 
-// ---- sm_90a wgmma path (mla_decode_wgmma.cuh, kernel v6): 64 query rows a CTA, two warpgroups,
-// 32-row cache tiles in kMlaWgmmaStages stages, 128-byte swizzled [64-column block][row][64] layout.
-constexpr int kMlaWgmmaMTile = 64;
-constexpr int kMlaWgmmaStages = 4;
-constexpr int kMlaWgmmaMinRows = 64;  // S*H from which binding.cpp takes this path
+// 64-column blocks of a cache row in the sm_90a kernel's shared-memory layout (R latent + one rope block).
 constexpr int mla_wgmma_col_blocks(int R, int P) { return (R + P + 63) / 64; }
-// 1 KB alignment slack + Q [blocks][64][128 B] + stages x [blocks][32][128 B] + the warpgroups' exchange
-// slots [128][64 B] (R = 512: 230,400 B of the H100's 232,448).
-constexpr size_t mla_wgmma_smem_bytes(int R, int P) {
-  return 1024 + static_cast<size_t>(mla_wgmma_col_blocks(R, P)) * 128 * (kMlaWgmmaMTile + kMlaWgmmaStages * kMlaNTile) +
-         128 * 64;
-}
-// One CTA per SM as in mla_decode_kernel, with 64-row M tiles.
-inline int mla_wgmma_num_splits(int B, int S, int H, int T, int num_sms) {
-  return mla_num_splits_for(B, S, H, T, num_sms, kMlaWgmmaMTile);
-}
-
-// Host launcher of the wgmma path (main kernel, then the same LSE combine), and whether the loaded
-// binary holds its sm_90a body. Instantiated in mla_decode_wgmma_<dtype>_r<R>.cu. DIAG != 0: timing
-// diagnostics of mla_decode_wgmma.cuh, built only with MLA_PATCH_DIAG.
-template <MlaDtype DT, int R, int P, int DIAG = 0>
-cudaError_t launch_mla_decode_wgmma(const MlaDecodeParams& params, cudaStream_t stream);
-template <MlaDtype DT, int R, int P>
-bool mla_wgmma_built();
 
 // ---- sm_90a seesaw path (mla_decode_seesaw.cuh, kernel v7): 64 query rows a CTA, two warpgroups that each
 // own one 64-row cache tile of every pair (QK over all R+P columns, its own softmax) and one half of the

@@ -1,5 +1,6 @@
-// wgmma wrappers for the sm_90a path (mla_decode_wgmma.cuh); the operand lists are mechanical and were
-// written out by a throwaway generator. Empty bodies outside sm_90a (the kernel is never launched there).
+// wgmma wrappers and helpers for the sm_90a path (mla_decode_seesaw.cuh); the operand lists are mechanical
+// and were written out by a throwaway generator. Empty bodies outside sm_90a (the kernel is never launched
+// there).
 // d += A(64x16) * B(16xN), fp32 accumulate.
 // SS: A and B from shared memory by descriptor, both K-major. RS: A from registers (the m16n8k16-style
 // fragment of each warp's 16 rows), B from shared memory MN-major (imm-trans-b = 1).
@@ -7,24 +8,6 @@
 #include <cstdint>
 #include "mla_params.h"
 namespace mla {
-template <MlaDtype DT>
-__device__ __forceinline__ void wgmma_ss_m64n32(float (&d)[16], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  if constexpr (DT == MlaDtype::kBF16) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-  } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-        : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-  }
-#endif
-}
 template <MlaDtype DT>
 __device__ __forceinline__ void wgmma_ss_m64n64(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -78,5 +61,65 @@ __device__ __forceinline__ void wgmma_rs_m64n256(float (&d)[128], const uint32_t
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(scale_d));
   }
 #endif
+}
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// cp.async writes (generic proxy) must be ordered before wgmma's reads (async proxy).
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+// Pins registers an in-flight wgmma reads or writes, so the compiler neither moves their uses
+// across the wait nor reuses them before it.
+template <int N>
+__device__ __forceinline__ void fence_operand(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_operand(uint32_t (&r)[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) asm volatile("" : "+r"(r[i][j])::"memory");
+}
+
+// Shared-memory matrix descriptor, 128-byte swizzle. K-major: sbo = byte stride of 8-row groups,
+// lbo unused (16). MN-major: lbo = byte stride of 64-element column blocks, sbo = 8-row K groups.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (static_cast<uint64_t>(lbo >> 4) << 16) |
+         (static_cast<uint64_t>(sbo >> 4) << 32) | (1ull << 62);
+}
+// The same split in words: low = address and LBO, high = SBO and the swizzle mode. Adding a byte offset
+// / 16 to the low word moves the start address (it stays below 2^18, so nothing carries into LBO).
+__device__ __forceinline__ uint32_t smem_desc_lo(uint32_t addr, uint32_t lbo) {
+  return ((addr & 0x3FFFF) >> 4) | ((lbo >> 4) << 16);
+}
+__device__ __forceinline__ uint64_t smem_desc_kmajor(uint32_t lo) {  // SBO 1024 bytes
+  return (static_cast<uint64_t>((1024u >> 4) | (1u << 30)) << 32) | lo;
+}
+
+template <MlaDtype DT, int NV>
+__device__ __forceinline__ void wgmma_pv(float (&o)[NV / 2], const uint32_t (&a)[4], uint64_t desc_b) {
+  if constexpr (NV == 256) {
+    wgmma_rs_m64n256<DT>(o, a, desc_b, 1);
+  } else {
+    wgmma_rs_m64n128<DT>(o, a, desc_b, 1);
+  }
 }
 }  // namespace mla

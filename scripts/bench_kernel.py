@@ -10,8 +10,8 @@ packed cache layout, scale 1/sqrt(192):
   % of the copy bandwidth measured in the same run.
 The PyTorch reference op (mla_patch.reference) is timed on the same inputs (events, no graph).
 Each row records the kernel the default dispatch ran, and times every other kernel on the same sets
-(--kernels, forced through the test hook: v7 = the sm_90a seesaw kernel,
-v6 = the previous sm_90a kernel, mma = the portable mma.sync kernel), each checked against the mma.sync
+(--kernels, forced through the test hook: v7 = the sm_90a seesaw kernel, mma = the portable mma.sync
+kernel), each checked against the mma.sync
 kernel's output on the first set (relative error, so a fast wrong variant shows).
 FlashInfer's MLA decode is timed when `flashinfer` imports (it is not on the device image).
 Writes bench_kernel.json and bench_kernel.png under --out.
@@ -99,11 +99,11 @@ def time_events(fn, iters=3):
 
 
 # torch.ops.mla_patch._last_path() values and the _wgmma_mode that forces each kernel.
-KERNEL_NAMES = {0: "mma", 1: "v7", 2: "v6"}
+KERNEL_NAMES = {0: "mma", 1: "v7"}
 KERNEL_MODES = {name: mode for mode, name in KERNEL_NAMES.items()}
 
 
-def time_kernels(fns, first_set, default_path, query_rows, wanted, copy_gbs, cache_bytes):
+def time_kernels(fns, first_set, default_path, wanted, copy_gbs, cache_bytes):
     """Times each kernel in `wanted` (comma list) other than the default one on the same sets; checks each
     against the mma.sync kernel's output on the first set. Returns {name_us, name_pct, name_err}."""
     op = torch.ops.mla_patch
@@ -117,7 +117,7 @@ def time_kernels(fns, first_set, default_path, query_rows, wanted, copy_gbs, cac
             got, _ = op.mla_decode(*first_set, SCALE)
             out["err"] = ((got.double() - want.double()).norm() / want.double().norm()).item()
         for name in [k for k in wanted.split(",") if k]:
-            if name == default_path or (name != "mma" and not sm90) or (name == "v6" and query_rows < 64):
+            if name == default_path or (name != "mma" and not sm90):
                 continue
             op._wgmma_mode(KERNEL_MODES[name])
             got, _ = op.mla_decode(*first_set, SCALE)
@@ -150,7 +150,7 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--profile-one", default="", metavar="H,B,L",
                     help="only call the op 5 times on one config (for ncu), no timing")
-    ap.add_argument("--kernels", default="v7,v6,mma",
+    ap.add_argument("--kernels", default="v7,mma",
                     help="kernels also timed on every cell's sets (sm_90a ones only on compute capability 9.0)")
     ap.add_argument("--ref-max-bytes", type=float, default=2.5e9, help="skip the reference above this cache size")
     args = ap.parse_args()
@@ -196,7 +196,7 @@ def main() -> None:
         fns = [lambda s=s: op(*s, SCALE) for s in sets]
         us = time_graph(fns)
         path = KERNEL_NAMES[torch.ops.mla_patch._last_path()]
-        alt = time_kernels(fns, sets[0], path, H * S, args.kernels, copy_gbs, cache_bytes)
+        alt = time_kernels(fns, sets[0], path, args.kernels, copy_gbs, cache_bytes)
         flops = 2 * B * H * S * L * (R + P) + 2 * B * H * S * L * R
         row = dict(H=H, B=B, L=L, S=S, n_sets=n_sets, us=us, gbs=cache_bytes / (us * 1e-6) / 1e9,
                    tflops=flops / (us * 1e-6) / 1e12, path=path)

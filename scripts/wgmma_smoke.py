@@ -1,7 +1,7 @@
 """A few calls of the sm_90a seesaw kernel (v7) against the float64 reference, before the test suite.
 
 A hang or a crash here costs seconds under `timeout`, not the whole test run; scripts/gpu_check.sh
-then sends the rest of the run to the previous kernels (MLA_PATCH_WGMMA=2: v6 where it serves) and
+then sends the rest of the run to the mma.sync kernel (MLA_PATCH_WGMMA=0) and
 leaves the v7 tests out.
 Exit status 0: it ran and matched; 1: wrong or NaN; 2: the kernel did not run (not sm_90 / not built).
 """
