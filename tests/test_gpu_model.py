@@ -92,8 +92,19 @@ def test_static_cache_compiled_generate_uses_the_kernel():
                   return_dict_in_generate=True)
     got = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     want = reference.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    worst = max(rel_err(a.float(), b.float()) for a, b in zip(got.logits, want.logits))
-    assert worst < 2e-2
+    # Free-running greedy decoding of random weights meets near-ties: one bf16 rounding can pick the other
+    # token (kernel or reference alike; seen on an H200 with v7 at step 10 of 16), after which the inputs
+    # differ. So step logits are compared while both rows share their prefix, and a differing token must be
+    # a near-tie in the reference's own logits.
+    new_got, new_want = got.sequences[:, ids.shape[1]:], want.sequences[:, ids.shape[1]:]
+    for row in range(ids.shape[0]):
+        for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+            assert rel_err(a[row].float(), b[row].float()) < 2e-2, f"row {row} step {step}"
+            token, ref_token = new_got[row, step], new_want[row, step]
+            if token != ref_token:
+                ref = b[row].float()
+                assert ref[ref_token] - ref[token] < 2e-2 * ref.abs().max(), f"row {row} step {step}: not a near-tie"
+                break
 
 
 def test_cuda_graph_capture_of_a_patched_decode_step():
