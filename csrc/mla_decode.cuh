@@ -552,18 +552,23 @@ cudaError_t launch_mla_combine(const MlaDecodeParams& p, cudaStream_t stream) {
 
 namespace mla {
 
+// Lets `kernel` take `smem` bytes of dynamic shared memory on device `dev`, once per device (`done` is the
+// caller's per-kernel record). The attribute is a host-side call: no stream work, fine under graph capture.
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, size_t smem, int dev, bool (&done)[64]) {
+  if (dev >= 0 && dev < 64 && done[dev]) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (err == cudaSuccess && dev >= 0 && dev < 64) done[dev] = true;
+  return err;
+}
+
 template <MlaDtype DT, int R, int P, int M, int STAGES>
 cudaError_t launch_variant(const MlaDecodeParams& params, cudaStream_t stream, int dev) {
   constexpr size_t smem = mla_decode_smem_bytes(R, P, M, STAGES);
   auto kernel = mla_decode_kernel<DT, R, P, M, STAGES>;
-  // The attribute is per device; setting it is a host-side call (no stream work, fine under capture).
   static bool smem_set[64] = {};
-  if (dev < 0 || dev >= 64 || !smem_set[dev]) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    if (dev >= 0 && dev < 64) smem_set[dev] = true;
-  }
+  const cudaError_t err = allow_dynamic_smem(kernel, smem, dev, smem_set);
+  if (err != cudaSuccess) return err;
   const int MT = params.S * params.H;
   const dim3 grid(ceil_div(MT, M), params.num_splits, params.B);
   kernel<<<grid, 256, smem, stream>>>(params);

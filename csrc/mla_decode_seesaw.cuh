@@ -37,6 +37,8 @@
 // block), m slots A and B [128] float2, l slots [2][128] float2, 4 mbarriers.
 #pragma once
 
+#include <type_traits>
+
 #include "mla_decode.cuh"
 #include "mla_wgmma_ops.cuh"
 
@@ -406,53 +408,39 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
     if (c.g1 < MT) dst[c.g1] = lse1;
   }
   // The normalized rows go through shared memory (the Q tile and buffer 0, free once both loops are done),
-  // so global stores are whole 16-byte chunks of consecutive columns: the fragments hold 8-byte pieces of
-  // 8 rows. Rows are padded by 16 (bf16) / 32 (fp32) bytes, so the fragment writes hit 32 banks.
+  // so global stores are whole 16-byte chunks of consecutive columns: the fragments hold 4- or 8-byte pieces
+  // of 8 rows. Rows are padded by 16 (bf16) / 32 (fp32) bytes, so the fragment writes hit 32 banks.
   const int r0 = (wt >> 5) * 16 + (lane >> 2), col = W * NV + 2 * tq;
-  if (nsplit == 1) {
-    constexpr int ROWB = R * 2 + 16;
+  // Output elements O (T for the output, float for split partials) paired by `pack`; rows padded by 8 O.
+  auto store_rows = [&](auto* out, auto pack) {
+    using O = std::remove_pointer_t<decltype(out)>;
+    constexpr int ES = sizeof(O), ROWB = (R + 8) * ES, CPR = R * ES / 16;  // CPR: 16-byte chunks a row
     unsigned char* stage = c.smem + (c.s_q - c.smem_base);
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
       const float inv = hi ? inv1 : inv0;
-      unsigned char* row = stage + (r0 + 8 * hi) * ROWB + col * 2;
+      unsigned char* row = stage + (r0 + 8 * hi) * ROWB + col * ES;
 #pragma unroll
       for (int j = 0; j < NV / 8; ++j) {
-        *reinterpret_cast<typename Tr::T2*>(row + j * 16) = Tr::pack(o[4 * j + 2 * hi] * inv, o[4 * j + 2 * hi + 1] * inv);
+        *reinterpret_cast<decltype(pack(0.f, 0.f))*>(row + j * 8 * ES) =
+            pack(o[4 * j + 2 * hi] * inv, o[4 * j + 2 * hi + 1] * inv);
       }
     }
     named_bar_sync(kBarOut, 256);
-    T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(c.b) * MT + c.row0) * R;
-    constexpr int CPR = R / 8;  // 16-byte chunks a row
     for (int i = threadIdx.x; i < kMlaSeesawMTile * CPR; i += 256) {
       const int r = i / CPR, cc = i % CPR;
       if (c.row0 + r < MT) {
-        *reinterpret_cast<uint4*>(out + static_cast<size_t>(r) * R + cc * 8) =
+        *reinterpret_cast<uint4*>(reinterpret_cast<unsigned char*>(out + static_cast<size_t>(r) * R) + cc * 16) =
             *reinterpret_cast<const uint4*>(stage + r * ROWB + cc * 16);
       }
     }
+  };
+  if (nsplit == 1) {
+    store_rows(static_cast<T*>(p.out_latent) + (static_cast<size_t>(c.b) * MT + c.row0) * R,
+               [](float x, float y) { return Tr::pack(x, y); });
   } else {
-    constexpr int ROWB = R * 4 + 32;
-    unsigned char* stage = c.smem + (c.s_q - c.smem_base);
-#pragma unroll
-    for (int hi = 0; hi < 2; ++hi) {
-      const float inv = hi ? inv1 : inv0;
-      unsigned char* row = stage + (r0 + 8 * hi) * ROWB + col * 4;
-#pragma unroll
-      for (int j = 0; j < NV / 8; ++j) {
-        *reinterpret_cast<float2*>(row + j * 32) = make_float2(o[4 * j + 2 * hi] * inv, o[4 * j + 2 * hi + 1] * inv);
-      }
-    }
-    named_bar_sync(kBarOut, 256);
-    float* out = p.o_partial + ((static_cast<size_t>(c.b) * nsplit + c.split) * MT + c.row0) * R;
-    constexpr int CPR = R / 4;
-    for (int i = threadIdx.x; i < kMlaSeesawMTile * CPR; i += 256) {
-      const int r = i / CPR, cc = i % CPR;
-      if (c.row0 + r < MT) {
-        *reinterpret_cast<float4*>(out + static_cast<size_t>(r) * R + cc * 4) =
-            *reinterpret_cast<const float4*>(stage + r * ROWB + cc * 16);
-      }
-    }
+    store_rows(p.o_partial + ((static_cast<size_t>(c.b) * nsplit + c.split) * MT + c.row0) * R,
+               [](float x, float y) { return make_float2(x, y); });
   }
 }
 
@@ -466,7 +454,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   static_assert(M == 64 && N == 64 && (R == 512 || R == 256) && P % 16 == 0 && P <= 64 && NB == R / 64 + 1,
                 "layout assumes 64-row tiles, R in {256, 512}, one rope block");
   static_assert(mla_seesaw_smem_bytes(R, P) == 1024 + 3 * TILE + 4 * 1024 + 32, "smem size");
-  static_assert(M * (R * 4 + 32) <= 3 * TILE, "the fp32 output rows are staged in the Q tile and the buffers");
+  static_assert(M * (R + 8) * 4 <= 3 * TILE, "the fp32 output rows are staged in the Q tile and the buffers");
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
@@ -569,11 +557,8 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
   constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
   auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P>;
   static bool smem_set[64] = {};
-  if (dev < 0 || dev >= 64 || !smem_set[dev]) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-    if (dev >= 0 && dev < 64) smem_set[dev] = true;
-  }
+  err = mla::allow_dynamic_smem(kernel, smem, dev, smem_set);
+  if (err != cudaSuccess) return err;
   const int MT = params.S * params.H;
   const dim3 grid(mla::ceil_div(MT, kMlaSeesawMTile), params.num_splits, params.B);
   kernel<<<grid, 256, smem, stream>>>(params);
