@@ -27,9 +27,6 @@ struct DtypeTraits<MlaDtype::kBF16> {
   using T = __nv_bfloat16;
   using T2 = __nv_bfloat162;
   static __device__ __forceinline__ T2 pack(float a, float b) { return __floats2bfloat162_rn(a, b); }
-  static __device__ __forceinline__ float2 unpack(uint32_t v) {
-    return __bfloat1622float2(*reinterpret_cast<const T2*>(&v));
-  }
 };
 
 template <>
@@ -37,7 +34,6 @@ struct DtypeTraits<MlaDtype::kFP16> {
   using T = __half;
   using T2 = __half2;
   static __device__ __forceinline__ T2 pack(float a, float b) { return __floats2half2_rn(a, b); }
-  static __device__ __forceinline__ float2 unpack(uint32_t v) { return __half22float2(*reinterpret_cast<const T2*>(&v)); }
 };
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

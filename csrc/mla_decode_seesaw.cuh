@@ -89,8 +89,8 @@ struct SeesawCtx {
   float scale_log2;
 };
 
-// 1 = the 128 threads of warpgroup w; the self part of buffer u is reloaded by warpgroup u, the cross
-// part of buffer u by warpgroup 1 - u.
+// The two parts of a tile buffer: the self part of buffer u is reloaded by warpgroup u, the cross part by
+// warpgroup 1 - u (each completes on its own mbarrier).
 enum SeesawPart : int { kSelf = 0, kCross = 1 };
 
 template <MlaDtype DT, int R, int P, int W>
