@@ -13,7 +13,10 @@ Each row records the kernel the default dispatch ran, and times every other kern
 (--kernels, forced through the test hook: v7 = the sm_90a seesaw kernel, mma = the portable mma.sync
 kernel), each checked against the mma.sync
 kernel's output on the first set (relative error, so a fast wrong variant shows).
-FlashInfer's MLA decode is timed when `flashinfer` imports (it is not on the device image).
+FlashInfer's MLA decode (--fi-backends, default fa3,fa2; scripts/peer_flashinfer.py) is timed on the same
+sets with the same graph timing and checked once per cell against the float64 reference, when `flashinfer`
+imports (not on the device image: carry the wheels and AOT modules of scripts/fetch_flashinfer.sh).
+--peer-only-check runs only a small FlashInfer check (for a quick smoke on the GPU).
 Writes bench_kernel.json and bench_kernel.png under --out.
 """
 
@@ -32,6 +35,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_ceilings  # noqa: E402
+import peer_flashinfer  # noqa: E402
 
 from mla_patch import ops  # noqa: E402
 from mla_patch.reference import mla_decode_ref  # noqa: E402
@@ -133,15 +137,6 @@ def time_kernels(fns, first_set, default_path, wanted, copy_gbs, cache_bytes):
     return out
 
 
-def try_flashinfer():
-    try:
-        import flashinfer  # noqa: F401
-
-        return flashinfer
-    except Exception as err:  # noqa: BLE001
-        return f"not importable ({type(err).__name__}: {err})"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -153,7 +148,12 @@ def main() -> None:
     ap.add_argument("--kernels", default="v7,mma",
                     help="kernels also timed on every cell's sets (sm_90a ones only on compute capability 9.0)")
     ap.add_argument("--ref-max-bytes", type=float, default=2.5e9, help="skip the reference above this cache size")
+    ap.add_argument("--fi-backends", default="fa3,fa2", help="FlashInfer MLA backends timed on every cell ('' = none)")
+    ap.add_argument("--peer-only-check", action="store_true", help="only check and time FlashInfer on one small config")
     args = ap.parse_args()
+    fi = peer_flashinfer.load()
+    if args.peer_only_check:
+        sys.exit(peer_flashinfer.smoke(fi, make_set, time_graph, SCALE))
     assert ops.has_kernel(), ops.extension_error()
     if args.profile_one:
         H, B, L = map(int, args.profile_one.split(","))
@@ -172,11 +172,10 @@ def main() -> None:
     except OSError:
         commit = "?"
     commit = os.environ.get("MLA_PATCH_COMMIT", commit) or "?"
-    fi = try_flashinfer()
     print(f"# {ceil['device']}  torch {ceil['torch']}  commit {commit}  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"# copy bandwidth {copy_gbs:.0f} GB/s (read+write), bf16 matmul {ceil['bf16_matmul_tflops']:.0f} TFLOP/s, "
           f"L2 {l2 / 2**20:.0f} MiB, SMs {ceil['sms']}")
-    print(f"# flashinfer: {fi if isinstance(fi, str) else 'imported (not wired in this script)'}")
+    print(f"# flashinfer: {peer_flashinfer.describe(fi)}")
 
     configs = []
     for H in map(int, args.heads.split(",")):
@@ -201,6 +200,9 @@ def main() -> None:
         row = dict(H=H, B=B, L=L, S=S, n_sets=n_sets, us=us, gbs=cache_bytes / (us * 1e-6) / 1e9,
                    tflops=flops / (us * 1e-6) / 1e12, path=path)
         row.update(alt)
+        if not isinstance(fi, str) and args.fi_backends:
+            row.update(peer_flashinfer.bench_row(fi, sets, SCALE, time_graph, copy_gbs, cache_bytes,
+                                                 args.fi_backends.split(",")))
         row["pct_copy"] = 100 * row["gbs"] / copy_gbs
         if L in LS:
             peer = PEERS.get(H, {}).get(B)
@@ -228,21 +230,24 @@ def main() -> None:
                       for k in KERNEL_NAMES.values() if k + "_us" in row)
         err = f" (err {row['err']:.1e})" if "err" in row else ""
         print(f"H={H:3d} B={B:3d} L={L:6d}  {us:8.1f} us  {row['gbs']:6.0f} GB/s  {row['tflops']:5.0f} TFLOP/s  "
-              f"{row['pct_copy']:5.1f}% copy [{path}{err}] | H100 peer {peer} | ref {ref} us{mma}", flush=True)
+              f"{row['pct_copy']:5.1f}% copy [{path}{err}] | H100 peer {peer} | ref {ref} us{mma}"
+              f"{peer_flashinfer.row_text(row)}", flush=True)
 
-    res = dict(ceilings=ceil, commit=commit, flashinfer=fi if isinstance(fi, str) else "imported", rows=rows,
+    res = dict(ceilings=ceil, commit=commit, flashinfer=peer_flashinfer.describe(fi), rows=rows,
                date=time.strftime("%Y-%m-%d", time.gmtime()))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_kernel.json"), "w") as f:
         json.dump(res, f, indent=1)
     names = [k for k in KERNEL_NAMES.values() if any(k + "_us" in r for r in rows)]
+    fis = peer_flashinfer.table_backends(rows)
     print("\n| H | B | L | path | us | GB/s | TFLOP/s | % copy | H100 peer % (us) | ref us | "
-          + " | ".join(f"{k} us (% copy)" for k in names) + " |")
-    print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(names))
+          + " | ".join([f"{k} us (% copy)" for k in names] + [f"FlashInfer {b} us (% copy)" for b in fis]) + " |")
+    print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(names) + len(fis)))
     for r in rows:
         peer = f"{r['peer_pct']:.0f} ({r['peer_us']:.1f})" if "peer_us" in r else "-"
         ref = f"{r['ref_us']:.0f}" if r.get("ref_us") else "-"
-        alts = " | ".join(f"{r[k + '_us']:.1f} ({r[k + '_pct']:.0f})" if k + "_us" in r else "-" for k in names)
+        alts = " | ".join([f"{r[k + '_us']:.1f} ({r[k + '_pct']:.0f})" if k + "_us" in r else "-" for k in names]
+                          + [peer_flashinfer.table_cell(r, b) for b in fis])
         print(f"| {r['H']} | {r['B']} | {r['L']} | {r['path']} | {r['us']:.1f} | {r['gbs']:.0f} | {r['tflops']:.0f} | "
               f"{r['pct_copy']:.0f} | {peer} | {ref} | {alts} |")
     try:
