@@ -127,7 +127,6 @@ class FlashInferMLA:
             def fn():
                 run(qn, qp, ckv, kpe, out=out)
                 return out4
-        fn.copied = ckv.data_ptr() != c_kv.data_ptr()
         return fn
 
 
