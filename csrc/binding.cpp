@@ -114,6 +114,32 @@ int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P
   return kPathSeesaw;
 }
 
+// Programmatic dependent launch of our kernels (compute capability >= 9.0): on by default; MLA_PATCH_PDL=0
+// turns it off (read once per process), and the benchmark's hook mla_patch::_pdl_mode(0|1|-1) overrides.
+std::atomic<int> g_pdl_mode{-1};
+bool pdl_enabled(const DeviceInfo& info) {
+  if (info.cc_major < 9) return false;
+  const int mode = g_pdl_mode.load();
+  if (mode >= 0) return mode == 1;
+  static const bool env_on = [] {
+    const char* e = std::getenv("MLA_PATCH_PDL");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  return env_on;
+}
+int64_t pdl_mode_op(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _pdl_mode takes -1 (default), 0 (off) or 1 (on)");
+  return g_pdl_mode.exchange(static_cast<int>(mode));
+}
+
+// Split-KV factor forced by the benchmark's sweep (mla_patch::_force_splits(n), n > 0); 0 = the heuristic.
+std::atomic<int> g_forced_splits{0};
+int64_t force_splits_op(int64_t n) {
+  TORCH_CHECK(n >= 0 && n <= kMlaMaxSplits, "mla_decode: _force_splits takes 0 (heuristic) to ",
+              num(kMlaMaxSplits));
+  return g_forced_splits.exchange(static_cast<int>(n));
+}
+
 int64_t wgmma_mode_op(int64_t mode) {
   TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _wgmma_mode takes -1 (default), 0 (mma.sync) or 1 (v7)");
   return g_wgmma_mode.exchange(static_cast<int>(mode));
@@ -195,8 +221,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const bool bf16 = dtype == at::kBFloat16;
   const int path = choose_path(info, device.index(), bf16, R, P, B, S, H, T);
   const int b32 = static_cast<int>(B), s32 = static_cast<int>(S), h32 = static_cast<int>(H), t32 = static_cast<int>(T);
-  const int num_splits = path == kPathMma ? mla_decode_num_splits(b32, s32, h32, t32, num_sms)
-                                          : mla_seesaw_num_splits(b32, s32, h32, t32, num_sms);
+  const int forced = g_forced_splits.load();
+  const int num_splits = forced > 0              ? forced
+                         : path == kPathMma ? mla_decode_num_splits(b32, s32, h32, t32, num_sms)
+                                            : mla_seesaw_num_splits(b32, s32, h32, t32, num_sms);
   at::Tensor o_partial, lse_partial;
   if (num_splits > 1) {
     auto f32 = q_latent.options().dtype(at::kFloat);
@@ -231,6 +259,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.T = static_cast<int>(T);
   p.num_splits = num_splits;
   p.sm_scale = static_cast<float>(sm_scale);
+  p.pdl = pdl_enabled(info) ? 1 : 0;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   cudaError_t err;
@@ -271,9 +300,12 @@ TORCH_LIBRARY(mla_patch, m) {
   m.def(
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor c_kv, Tensor k_pe, Tensor kv_start, Tensor kv_end, "
       "float sm_scale) -> (Tensor, Tensor)");
-  // Test hooks of the dispatch: set the mode (returns the previous one), the kernel of the last call.
+  // Test and benchmark hooks: the kernel mode (returns the previous one), the kernel of the last call,
+  // programmatic dependent launch on/off, a forced split-KV factor.
   m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
   m.def("_last_path() -> int", &last_path_op);
+  m.def("_pdl_mode(int mode) -> int", &pdl_mode_op);
+  m.def("_force_splits(int n) -> int", &force_splits_op);
 }
 
 TORCH_LIBRARY_IMPL(mla_patch, CUDA, m) { m.impl("mla_decode", &mla_decode_cuda); }

@@ -83,6 +83,24 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Programmatic dependent launch (sm_90+). Our kernels are launched with the attribute when
+// MlaDecodeParams::pdl is set, so a kernel's launch and prologue overlap the tail of the kernel before
+// it in the stream. The rule that keeps stream order intact: no global memory access, read or write,
+// before pdl_wait() (it returns once every earlier grid has completed and its writes are visible).
+// Both are no-ops when the kernel was launched without the attribute, and below sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+// Lets the next PDL kernel in the stream be scheduled now (its blocks still wait in pdl_wait for this
+// grid to complete): called at the start, so that launch latency hides under this kernel.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -146,6 +164,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   const int row0 = blockIdx.x * M;
   const int nsplit = p.num_splits;
 
+  pdl_launch_dependents();
+  pdl_wait();
   // This CTA's cache rows. Clamping to [0, T) keeps bad lengths from ever addressing out of range.
   const int start = max(p.kv_start[b], 0);
   const int end = min(p.kv_end[b], p.T);
@@ -449,73 +469,87 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
 }
 
 // LSE combine of the split partials. Grid: one block per (b, query row); R / 4 column threads
-// (4 columns each) times JG split groups. The split lse values are reduced by the whole block, the
-// weights go to shared memory; thread (group jg, column c) sums splits jg, jg + JG, ... with loads
-// 8 deep in flight, and the JG partial sums meet in shared memory. (Few rows and many splits, as at
-// batch 1, leave few blocks: the split groups keep enough loads in flight to hide L2 latency.)
-// Empty splits (lse = -inf, rows never written) get weight 0 and their loaded values are discarded
-// by a select, never multiplied (they may be NaN).
+// (4 columns each) times JG split groups. One pass: thread (group jg, column c) walks splits jg, jg + JG,
+// ... with an online max over their lse (the same for every thread of a group: broadcast loads), loading
+// 8 splits' lse and partial columns at once, so the lse and the partials are in flight together (no
+// block-wide max before the first partial load). The JG groups meet in shared memory. (Few rows and many
+// splits, as at batch 1, leave few blocks: the split groups keep enough loads in flight.) Empty splits
+// (lse = -inf, rows never written) get weight 0 and their loaded values are discarded by a select, never
+// multiplied (they may be NaN).
 template <MlaDtype DT, int R, int JG>
 __global__ void __launch_bounds__(R / 4 * JG) mla_combine_kernel(const MlaDecodeParams p) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
-  constexpr int NC = R / 4, NT = NC * JG, NW = NT / 32;
-  __shared__ float s_w[kMlaMaxSplits];
-  __shared__ float s_red[2][NW];
-  __shared__ float4 s_acc[JG > 1 ? JG - 1 : 1][NC];
+  constexpr int NC = R / 4, DEPTH = 8;
+  __shared__ float2 s_mw[JG];                        // (max, weight sum) of each group
+  __shared__ float4 s_acc[JG > 1 ? JG - 1 : 1][NC];  // column sums of groups 1..JG-1
+  pdl_launch_dependents();
+  pdl_wait();
   const int MT = p.S * p.H;
   const int b = blockIdx.x / MT, g = blockIdx.x % MT;
   const int ns = p.num_splits;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tid = threadIdx.x;
   const int c = tid % NC, jg = tid / NC;
-  const float* lp = p.lse_partial + static_cast<size_t>(b) * ns * MT + g;
-  float mx = -INFINITY;
-  for (int j = tid; j < ns; j += NT) mx = fmaxf(mx, lp[static_cast<size_t>(j) * MT]);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-  if (lane == 0) s_red[0][warp] = mx;
-  __syncthreads();
-  mx = s_red[0][0];
-#pragma unroll
-  for (int w = 1; w < NW; ++w) mx = fmaxf(mx, s_red[0][w]);
-  float wsum = 0.f;
-  for (int j = tid; j < ns; j += NT) {
-    const float l = lp[static_cast<size_t>(j) * MT];
-    const float w = (mx == -INFINITY || l == -INFINITY) ? 0.f : __expf(l - mx);
-    s_w[j] = w;
-    wsum += w;
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) wsum += __shfl_xor_sync(0xffffffffu, wsum, off);
-  if (lane == 0) s_red[1][warp] = wsum;
-  __syncthreads();
-  wsum = 0.f;
-#pragma unroll
-  for (int w = 0; w < NW; ++w) wsum += s_red[1][w];
-
   const size_t split_stride = static_cast<size_t>(MT) * R;
+  const float* lp = p.lse_partial + static_cast<size_t>(b) * ns * MT + g;
   const float* op = p.o_partial + (static_cast<size_t>(b) * ns * MT + g) * R + c * 4;
+  float m = -INFINITY, wsum = 0.f;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-  for (int j = jg; j < ns; j += JG) {
-    const float w = s_w[j];
-    const float4 v = *reinterpret_cast<const float4*>(op + j * split_stride);
-    acc.x += w > 0.f ? w * v.x : 0.f;
-    acc.y += w > 0.f ? w * v.y : 0.f;
-    acc.z += w > 0.f ? w * v.z : 0.f;
-    acc.w += w > 0.f ? w * v.w : 0.f;
-  }
-  if (jg > 0) s_acc[jg - 1][c] = acc;
-  __syncthreads();
-  if (jg != 0) return;
+  for (int j0 = jg; j0 < ns; j0 += DEPTH * JG) {
+    float l[DEPTH];
+    float4 v[DEPTH];
 #pragma unroll
-  for (int k = 0; k < JG - 1; ++k) {
-    const float4 v = s_acc[k][c];
-    acc.x += v.x;
-    acc.y += v.y;
-    acc.z += v.z;
-    acc.w += v.w;
+    for (int u = 0; u < DEPTH; ++u) {
+      const int j = j0 + u * JG;
+      l[u] = j < ns ? lp[static_cast<size_t>(j) * MT] : -INFINITY;
+      v[u] = j < ns ? *reinterpret_cast<const float4*>(op + j * split_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int u = 0; u < DEPTH; ++u) {
+      if (l[u] > m) {  // uniform across the block (every thread reads the same lse)
+        const float a = m == -INFINITY ? 0.f : __expf(m - l[u]);
+        acc.x *= a;
+        acc.y *= a;
+        acc.z *= a;
+        acc.w *= a;
+        wsum *= a;
+        m = l[u];
+      }
+      const float w = l[u] == -INFINITY ? 0.f : __expf(l[u] - m);
+      wsum += w;
+      acc.x += w > 0.f ? w * v[u].x : 0.f;
+      acc.y += w > 0.f ? w * v[u].y : 0.f;
+      acc.z += w > 0.f ? w * v[u].z : 0.f;
+      acc.w += w > 0.f ? w * v[u].w : 0.f;
+    }
+  }
+  if constexpr (JG > 1) {
+    if (c == 0) s_mw[jg] = make_float2(m, wsum);
+    if (jg > 0) s_acc[jg - 1][c] = acc;
+    __syncthreads();
+    if (jg != 0) return;
+    float mx = m;
+#pragma unroll
+    for (int k = 1; k < JG; ++k) mx = fmaxf(mx, s_mw[k].x);
+    const float a0 = m == -INFINITY ? 0.f : __expf(m - mx);
+    acc.x *= a0;
+    acc.y *= a0;
+    acc.z *= a0;
+    acc.w *= a0;
+    wsum *= a0;
+#pragma unroll
+    for (int k = 1; k < JG; ++k) {
+      const float2 mw = s_mw[k];
+      const float a = mw.x == -INFINITY ? 0.f : __expf(mw.x - mx);
+      const float4 o = s_acc[k - 1][c];
+      acc.x += a * o.x;
+      acc.y += a * o.y;
+      acc.z += a * o.z;
+      acc.w += a * o.w;
+      wsum += a * mw.y;
+    }
+    m = mx;
   }
   const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
   T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(b) * MT + g) * R + c * 4;
@@ -524,7 +558,7 @@ __global__ void __launch_bounds__(R / 4 * JG) mla_combine_kernel(const MlaDecode
   packed.x = *reinterpret_cast<uint32_t*>(&lo);
   packed.y = *reinterpret_cast<uint32_t*>(&hi);
   *reinterpret_cast<uint2*>(out) = packed;
-  if (tid == 0) p.lse[static_cast<size_t>(b) * MT + g] = wsum > 0.f ? mx + __logf(wsum) : -INFINITY;
+  if (tid == 0) p.lse[static_cast<size_t>(b) * MT + g] = wsum > 0.f ? m + __logf(wsum) : -INFINITY;
 }
 
 // Both decode kernels (mma.sync and wgmma) finish a split launch with this, so the combine's block
@@ -533,15 +567,28 @@ __global__ void __launch_bounds__(R / 4 * JG) mla_combine_kernel(const MlaDecode
 // B = 64 from 40.5 to 44.1 us at H = 16, 1K); one group from this many (b, query row) blocks on.
 constexpr int kCombineGroupedMaxRows = 128;
 
+// Launches kernel(params) on `stream`, with programmatic dependent launch when params.pdl is set.
+template <typename Kernel>
+cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
+                          const MlaDecodeParams& params) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = dim3(threads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = params.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, params);
+}
+
 template <MlaDtype DT, int R>
 cudaError_t launch_mla_combine(const MlaDecodeParams& p, cudaStream_t stream) {
   const int rows = p.B * p.S * p.H;
-  if (rows <= kCombineGroupedMaxRows) {
-    mla_combine_kernel<DT, R, 4><<<rows, R / 4 * 4, 0, stream>>>(p);
-  } else {
-    mla_combine_kernel<DT, R, 1><<<rows, R / 4, 0, stream>>>(p);
-  }
-  return cudaGetLastError();
+  if (rows <= kCombineGroupedMaxRows) return launch_kernel(mla_combine_kernel<DT, R, 4>, dim3(rows), R, 0, stream, p);
+  return launch_kernel(mla_combine_kernel<DT, R, 1>, dim3(rows), R / 4, 0, stream, p);
 }
 
 }  // namespace mla
@@ -567,8 +614,7 @@ cudaError_t launch_variant(const MlaDecodeParams& params, cudaStream_t stream, i
   if (err != cudaSuccess) return err;
   const int MT = params.S * params.H;
   const dim3 grid(ceil_div(MT, M), params.num_splits, params.B);
-  kernel<<<grid, 256, smem, stream>>>(params);
-  return cudaGetLastError();
+  return launch_kernel(kernel, grid, 256, smem, stream, params);
 }
 
 }  // namespace mla

@@ -483,6 +483,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   c.nsplit = p.num_splits;
   const int b = c.b, MT = c.MT, row0 = c.row0, nsplit = c.nsplit;
 
+  pdl_launch_dependents();
+  pdl_wait();
   // This CTA's rows: the visible range cut into num_splits chunks of whole pairs of tiles.
   const int start = max(p.kv_start[b], 0);
   const int end = min(p.kv_end[b], p.T);
@@ -561,8 +563,7 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
   if (err != cudaSuccess) return err;
   const int MT = params.S * params.H;
   const dim3 grid(mla::ceil_div(MT, kMlaSeesawMTile), params.num_splits, params.B);
-  kernel<<<grid, 256, smem, stream>>>(params);
-  err = cudaGetLastError();
+  err = mla::launch_kernel(kernel, grid, 256, smem, stream, params);
   if (err != cudaSuccess || params.num_splits == 1) return err;
   return mla::launch_mla_combine<DT, R>(params, stream);
 }

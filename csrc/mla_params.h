@@ -32,6 +32,7 @@ struct MlaDecodeParams {
   int T;           // cache capacity (rows addressable per sequence)
   int num_splits;  // split-KV factor (1: the main kernel writes out_latent and lse itself)
   float sm_scale;  // softmax scale of the un-absorbed head dim
+  int pdl;         // 1: launch with programmatic dependent launch (compute capability >= 9.0 only)
 };
 
 // Cache rows per pipeline stage.

@@ -137,6 +137,37 @@ def time_kernels(fns, first_set, default_path, wanted, copy_gbs, cache_bytes):
     return out
 
 
+def time_pdl_off(fns):
+    """The default dispatch timed with programmatic dependent launch off (its gain is the difference)."""
+    op = torch.ops.mla_patch
+    prev = op._pdl_mode(0)
+    try:
+        return time_graph(fns)
+    finally:
+        op._pdl_mode(prev)
+
+
+def sweep_splits(fns, splits, kernels):
+    """{kernel: {splits: us}} with the split-KV factor forced (the data behind the split heuristics)."""
+    op = torch.ops.mla_patch
+    sm90 = torch.cuda.get_device_capability() == (9, 0)
+    res = {}
+    prev_mode, prev_splits = op._wgmma_mode(0), op._force_splits(0)
+    try:
+        for name in kernels:
+            if name != "mma" and not sm90:
+                continue
+            op._wgmma_mode(KERNEL_MODES[name])
+            res[name] = {}
+            for n in splits:
+                op._force_splits(n)
+                res[name][n] = time_graph(fns)
+    finally:
+        op._wgmma_mode(prev_mode)
+        op._force_splits(prev_splits)
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -149,6 +180,10 @@ def main() -> None:
                     help="kernels also timed on every cell's sets (sm_90a ones only on compute capability 9.0)")
     ap.add_argument("--ref-max-bytes", type=float, default=2.5e9, help="skip the reference above this cache size")
     ap.add_argument("--fi-backends", default="fa3,fa2", help="FlashInfer MLA backends timed on every cell ('' = none)")
+    ap.add_argument("--sweep-splits", default="", metavar="N,N,...",
+                    help="also time each kernel with these forced split-KV factors on the --sweep-batches cells")
+    ap.add_argument("--sweep-batches", default="1")
+    ap.add_argument("--no-pdl-ab", action="store_true", help="skip timing the default with PDL off")
     ap.add_argument("--peer-only-check", action="store_true", help="only check and time FlashInfer on one small config")
     args = ap.parse_args()
     fi = peer_flashinfer.load()
@@ -200,6 +235,10 @@ def main() -> None:
         row = dict(H=H, B=B, L=L, S=S, n_sets=n_sets, us=us, gbs=cache_bytes / (us * 1e-6) / 1e9,
                    tflops=flops / (us * 1e-6) / 1e12, path=path)
         row.update(alt)
+        if not args.no_pdl_ab:
+            row["nopdl_us"] = time_pdl_off(fns)
+        if args.sweep_splits and B in map(int, args.sweep_batches.split(",")):
+            row["sweep"] = sweep_splits(fns, [int(n) for n in args.sweep_splits.split(",")], args.kernels.split(","))
         if not isinstance(fi, str) and args.fi_backends:
             row.update(peer_flashinfer.bench_row(fi, sets, SCALE, time_graph, copy_gbs, cache_bytes,
                                                  args.fi_backends.split(",")))
@@ -229,10 +268,16 @@ def main() -> None:
         mma = "".join(f" | {k} {row[k + '_us']:7.1f} us {row[k + '_pct']:5.1f}% (err {row.get(k + '_err', 0):.1e})"
                       for k in KERNEL_NAMES.values() if k + "_us" in row)
         err = f" (err {row['err']:.1e})" if "err" in row else ""
+        err += f" (PDL off {row['nopdl_us']:.1f})" if "nopdl_us" in row else ""
         print(f"H={H:3d} B={B:3d} L={L:6d}  {us:8.1f} us  {row['gbs']:6.0f} GB/s  {row['tflops']:5.0f} TFLOP/s  "
               f"{row['pct_copy']:5.1f}% copy [{path}{err}] | H100 peer {peer} | ref {ref} us{mma}"
               f"{peer_flashinfer.row_text(row)}", flush=True)
 
+    for r in rows:
+        for name, by_n in r.get("sweep", {}).items():
+            best = min(by_n, key=by_n.get)
+            print(f"sweep H={r['H']} B={r['B']} L={r['L']} {name}: "
+                  + " ".join(f"{n}:{us:.1f}" for n, us in by_n.items()) + f"  best {best} splits {by_n[best]:.1f} us")
     res = dict(ceilings=ceil, commit=commit, flashinfer=peer_flashinfer.describe(fi), rows=rows,
                date=time.strftime("%Y-%m-%d", time.gmtime()))
     os.makedirs(args.out, exist_ok=True)

@@ -397,3 +397,55 @@ def test_bad_lengths_never_read_out_of_range():
         kv_start.clamp(0, 96), kv_end.clamp(0, 96), SM_SCALE,
     )
     assert _rel(out, ref) < 1e-2 and math.isinf(lse[1].max().item())
+
+
+@pytest.mark.parametrize("splits", [1, 3, 7, 64, 128])
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_forced_splits(path, splits):
+    """Any split-KV factor (the benchmark's sweep hook): the combine with empty splits (a 1-row sequence cut
+    128 ways), uneven chunks, and one split (no combine)."""
+    seed = _seed("paths-splits", splits)
+    lens = [4000, 1, 777]
+    inputs = make_case(3, 1, 128, 512, 64, 4096, lens, torch.bfloat16, "packed", seed)
+    op = torch.ops.mla_patch
+    prev = op._force_splits(splits)
+    try:
+        _check_path(path, inputs, f"splits={splits} lens={lens} seed={seed}")
+    finally:
+        op._force_splits(prev)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_pdl_off_same_bits_and_graph(path):
+    """Programmatic dependent launch changes scheduling only: with it off the outputs are bit-identical, and
+    a CUDA graph of back-to-back calls (main kernel, combine, next main kernel) replays to the same bits."""
+    _skip_unless_sm90(path)
+    op = torch.ops.mla_patch
+    sets = [make_case(1, 1, 128, 512, 64, 8192, [8192 - 5 * i], torch.bfloat16, "packed", _seed("pdl", i)) for i in range(3)]
+    prev_mode = op._wgmma_mode(MODES[path])
+    try:
+        want = [run_kernel(*s) for s in sets]
+        prev = op._pdl_mode(0)
+        try:
+            off = [run_kernel(*s) for s in sets]
+        finally:
+            op._pdl_mode(prev)
+        for (o1, l1), (o0, l0) in zip(want, off):
+            assert torch.equal(o1, o0) and torch.equal(l1, l0)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for s in sets:
+                op.mla_decode(*s, SM_SCALE)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outs = [op.mla_decode(*s, SM_SCALE) for s in sets]
+        for o, _ in outs:
+            o.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        for (o, l), (ow, lw) in zip(outs, want):
+            assert torch.equal(o, ow) and torch.equal(l, lw)
+    finally:
+        op._wgmma_mode(prev_mode)
