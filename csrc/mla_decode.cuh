@@ -166,6 +166,21 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
 
   pdl_launch_dependents();
   pdl_wait();
+  // Q tile -> the last stage (rows past S*H are zero-filled), issued before the lengths are read so
+  // the two loads are in flight together.
+  const T* q_lat = static_cast<const T*>(p.q_latent);
+  const T* q_pe = static_cast<const T*>(p.q_pe);
+  for (int c = tid; c < M * CHUNKS; c += NTHREADS) {
+    const int r = c / CHUNKS, cc = c % CHUNKS;
+    const int g = row0 + r;
+    const bool valid = g < MT;
+    const int s = valid ? g / p.H : 0, h = valid ? g % p.H : 0;
+    const T* src = cc < R / 8 ? q_lat + b * p.q_latent_sb + s * p.q_latent_ss + h * p.q_latent_sh + cc * 8
+                              : q_pe + b * p.q_pe_sb + s * p.q_pe_ss + h * p.q_pe_sh + (cc - R / 8) * 8;
+    cp_async_16(smem_addr(s_q + r * ROW + cc * 8), valid ? src : q_lat, valid);
+  }
+  cp_async_commit();
+
   // This CTA's cache rows. Clamping to [0, T) keeps bad lengths from ever addressing out of range.
   const int start = max(p.kv_start[b], 0);
   const int end = min(p.kv_end[b], p.T);
@@ -184,6 +199,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
 
   if (n_tiles == 0) {
     // Nothing visible in this chunk: out = 0, lse = -inf (or only lse = -inf for a split partial).
+    cp_async_wait<0>();  // the Q copy lands before the CTA exits
     if (nsplit == 1) {
       T* out = static_cast<T*>(p.out_latent);
       for (int c = tid; c < M * (R / 8); c += NTHREADS) {
@@ -200,22 +216,9 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
     return;
   }
 
-  const T* q_lat = static_cast<const T*>(p.q_latent);
-  const T* q_pe = static_cast<const T*>(p.q_pe);
   const T* c_kv = static_cast<const T*>(p.c_kv) + static_cast<long long>(b) * p.c_kv_sb;
   const T* k_pe = static_cast<const T*>(p.k_pe) + static_cast<long long>(b) * p.k_pe_sb;
 
-  // Q tile -> the last stage (rows past S*H are zero-filled).
-  for (int c = tid; c < M * CHUNKS; c += NTHREADS) {
-    const int r = c / CHUNKS, cc = c % CHUNKS;
-    const int g = row0 + r;
-    const bool valid = g < MT;
-    const int s = valid ? g / p.H : 0, h = valid ? g % p.H : 0;
-    const T* src = cc < R / 8 ? q_lat + b * p.q_latent_sb + s * p.q_latent_ss + h * p.q_latent_sh + cc * 8
-                              : q_pe + b * p.q_pe_sb + s * p.q_pe_ss + h * p.q_pe_sh + (cc - R / 8) * 8;
-    cp_async_16(smem_addr(s_q + r * ROW + cc * 8), valid ? src : q_lat, valid);
-  }
-  cp_async_commit();
 
   // Cache tile copy: a fixed chunk column per thread, so the per-tile address work is one add per
   // chunk. Latent: column tid % LCH, rows tid / LCH + k * (256 / LCH); rope: column tid % PCH,
@@ -468,32 +471,35 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   }
 }
 
-// LSE combine of the split partials. Grid: one block per (b, query row); R / 4 column threads
-// (4 columns each) times JG split groups. One pass: thread (group jg, column c) walks splits jg, jg + JG,
-// ... with an online max over their lse (the same for every thread of a group: broadcast loads), loading
-// 8 splits' lse and partial columns at once, so the lse and the partials are in flight together (no
-// block-wide max before the first partial load). The JG groups meet in shared memory. (Few rows and many
-// splits, as at batch 1, leave few blocks: the split groups keep enough loads in flight.) Empty splits
-// (lse = -inf, rows never written) get weight 0 and their loaded values are discarded by a select, never
-// multiplied (they may be NaN).
-template <MlaDtype DT, int R, int JG>
-__global__ void __launch_bounds__(R / 4 * JG) mla_combine_kernel(const MlaDecodeParams p) {
+// LSE combine of the split partials. Grid: one block per (b, query row, CW-column chunk); CW / 4 column
+// threads (4 columns each) times JG split groups. One pass: thread (group jg, column c) walks splits jg,
+// jg + JG, ... with an online max over their lse (the same for every thread of a group: broadcast loads),
+// loading 8 splits' lse and partial columns at once, so the lse and the partials are in flight together
+// (no block-wide max before the first partial load). The JG groups meet in shared memory. (Few rows and
+// many splits, as at batch 1, leave few blocks: column chunks spread them over more SMs and the split
+// groups keep enough loads in flight.) Empty splits (lse = -inf, rows never written) get weight 0 and
+// their loaded values are discarded by a select, never multiplied (they may be NaN).
+template <MlaDtype DT, int R, int CW, int JG>
+__global__ void __launch_bounds__(CW / 4 * JG) mla_combine_kernel(const MlaDecodeParams p) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
-  constexpr int NC = R / 4, DEPTH = 8;
+  constexpr int NC = CW / 4, CHUNKS = R / CW, DEPTH = 8;
+  static_assert(R % CW == 0 && NC % 32 == 0, "column chunks of whole warps");
   __shared__ float2 s_mw[JG];                        // (max, weight sum) of each group
   __shared__ float4 s_acc[JG > 1 ? JG - 1 : 1][NC];  // column sums of groups 1..JG-1
   pdl_launch_dependents();
   pdl_wait();
   const int MT = p.S * p.H;
-  const int b = blockIdx.x / MT, g = blockIdx.x % MT;
+  const int row = blockIdx.x / CHUNKS, chunk = blockIdx.x % CHUNKS;
+  const int b = row / MT, g = row % MT;
   const int ns = p.num_splits;
   const int tid = threadIdx.x;
   const int c = tid % NC, jg = tid / NC;
+  const int col = chunk * CW + c * 4;
   const size_t split_stride = static_cast<size_t>(MT) * R;
   const float* lp = p.lse_partial + static_cast<size_t>(b) * ns * MT + g;
-  const float* op = p.o_partial + (static_cast<size_t>(b) * ns * MT + g) * R + c * 4;
+  const float* op = p.o_partial + (static_cast<size_t>(b) * ns * MT + g) * R + col;
   float m = -INFINITY, wsum = 0.f;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int j0 = jg; j0 < ns; j0 += DEPTH * JG) {
@@ -552,20 +558,25 @@ __global__ void __launch_bounds__(R / 4 * JG) mla_combine_kernel(const MlaDecode
     m = mx;
   }
   const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-  T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(b) * MT + g) * R + c * 4;
+  T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(b) * MT + g) * R + col;
   T2 lo = Tr::pack(acc.x * inv, acc.y * inv), hi = Tr::pack(acc.z * inv, acc.w * inv);
   uint2 packed;
   packed.x = *reinterpret_cast<uint32_t*>(&lo);
   packed.y = *reinterpret_cast<uint32_t*>(&hi);
   *reinterpret_cast<uint2*>(out) = packed;
-  if (tid == 0) p.lse[static_cast<size_t>(b) * MT + g] = wsum > 0.f ? m + __logf(wsum) : -INFINITY;
+  if (tid == 0 && chunk == 0) p.lse[static_cast<size_t>(b) * MT + g] = wsum > 0.f ? m + __logf(wsum) : -INFINITY;
 }
 
 // Both decode kernels (mma.sync and wgmma) finish a split launch with this, so the combine's block
-// shape is stated once. Split groups pay off only when there are few blocks (H100: 4 groups took
-// B = 1 from 16.1 to 15.5 us at H = 128, 1K, but B = 16 from 34.7 to 40.8 us at H = 128, 1K, and
-// B = 64 from 40.5 to 44.1 us at H = 16, 1K); one group from this many (b, query row) blocks on.
+// shape is stated once. Few rows (batch 1): 128-column chunks and 4 split groups (H100: split groups took
+// B = 1 from 16.1 to 15.5 us at H = 128, 1K, but B = 16 from 34.7 to 40.8 us at H = 128, 1K); whole rows
+// and one group from this many (b, query row) pairs on.
 constexpr int kCombineGroupedMaxRows = 128;
+// Programmatic dependent launch of the combine only up to this many splits: its blocks are then scheduled
+// while the main kernel runs, onto the few SMs it leaves free, several a SM, which pays when each block
+// reads little and costs when it reads much (H200, 0f56021: 128 splits at H = 16, B = 1 went from 15.4 to
+// 18.2 us at 4K and 20.3 to 22.9 us at 16K; 32 splits at 1K gained 0.6 to 0.9 us).
+constexpr int kCombinePdlMaxSplits = 32;
 
 // Launches kernel(params) on `stream`, with programmatic dependent launch when params.pdl is set.
 template <typename Kernel>
@@ -585,10 +596,15 @@ cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cu
 }
 
 template <MlaDtype DT, int R>
-cudaError_t launch_mla_combine(const MlaDecodeParams& p, cudaStream_t stream) {
+cudaError_t launch_mla_combine(const MlaDecodeParams& params, cudaStream_t stream) {
+  MlaDecodeParams p = params;
+  p.pdl = params.pdl && params.num_splits <= kCombinePdlMaxSplits;
   const int rows = p.B * p.S * p.H;
-  if (rows <= kCombineGroupedMaxRows) return launch_kernel(mla_combine_kernel<DT, R, 4>, dim3(rows), R, 0, stream, p);
-  return launch_kernel(mla_combine_kernel<DT, R, 1>, dim3(rows), R / 4, 0, stream, p);
+  if (rows <= kCombineGroupedMaxRows) {
+    constexpr int CW = 128, JG = 4;
+    return launch_kernel(mla_combine_kernel<DT, R, CW, JG>, dim3(rows * (R / CW)), CW / 4 * JG, 0, stream, p);
+  }
+  return launch_kernel(mla_combine_kernel<DT, R, R, 1>, dim3(rows), R / 4, 0, stream, p);
 }
 
 }  // namespace mla
