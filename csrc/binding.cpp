@@ -140,25 +140,6 @@ int64_t force_splits_op(int64_t n) {
   return g_forced_splits.exchange(static_cast<int>(n));
 }
 
-// Largest split cluster of v7 (8 by default; 1 turns the distributed-shared-memory reduction off), set by
-// the benchmark's hook mla_patch::_cluster_max(n) for its A/B.
-std::atomic<int> g_cluster_max{8};
-int64_t cluster_max_op(int64_t n) {
-  TORCH_CHECK(n == 1 || n == 2 || n == 4 || n == 8, "mla_decode: _cluster_max takes 1, 2, 4 or 8");
-  return g_cluster_max.exchange(static_cast<int>(n));
-}
-
-int seesaw_cluster(bool bf16, int64_t R, int num_splits, int ctas) {
-  const int mx = g_cluster_max.load();
-  if (num_splits < 2 || mx < 2) return 1;
-  if (R == 512) {
-    return bf16 ? mla_seesaw_cluster_size<MlaDtype::kBF16, 512, 64>(num_splits, ctas, mx)
-                : mla_seesaw_cluster_size<MlaDtype::kFP16, 512, 64>(num_splits, ctas, mx);
-  }
-  return bf16 ? mla_seesaw_cluster_size<MlaDtype::kBF16, 256, 32>(num_splits, ctas, mx)
-              : mla_seesaw_cluster_size<MlaDtype::kFP16, 256, 32>(num_splits, ctas, mx);
-}
-
 int64_t wgmma_mode_op(int64_t mode) {
   TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _wgmma_mode takes -1 (default), 0 (mma.sync) or 1 (v7)");
   return g_wgmma_mode.exchange(static_cast<int>(mode));
@@ -244,16 +225,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const int num_splits = forced > 0              ? forced
                          : path == kPathMma ? mla_decode_num_splits(b32, s32, h32, t32, num_sms)
                                             : mla_seesaw_num_splits(b32, s32, h32, t32, num_sms);
-  // v7 reduces clusters of splits in distributed shared memory: only num_splits / cluster partials reach
-  // global memory (none when one cluster holds every split).
-  const int ctas = static_cast<int>((S * H + kMlaSeesawMTile - 1) / kMlaSeesawMTile) * num_splits * b32;
-  const int cluster = path == kPathSeesaw ? seesaw_cluster(bf16, R, num_splits, ctas) : 1;
-  const int groups = num_splits / cluster;
   at::Tensor o_partial, lse_partial;
-  if (groups > 1) {
+  if (num_splits > 1) {
     auto f32 = q_latent.options().dtype(at::kFloat);
-    o_partial = at::empty({B, groups, S * H, R}, f32);
-    lse_partial = at::empty({B, groups, S * H}, f32);
+    o_partial = at::empty({B, num_splits, S * H, R}, f32);
+    lse_partial = at::empty({B, num_splits, S * H}, f32);
   }
 
   MlaDecodeParams p{};
@@ -265,8 +241,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.kv_end = kv_end.data_ptr<int32_t>();
   p.out_latent = out_latent.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.o_partial = groups > 1 ? o_partial.data_ptr<float>() : nullptr;
-  p.lse_partial = groups > 1 ? lse_partial.data_ptr<float>() : nullptr;
+  p.o_partial = num_splits > 1 ? o_partial.data_ptr<float>() : nullptr;
+  p.lse_partial = num_splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
   p.q_latent_sb = q_latent.stride(0);
   p.q_latent_ss = q_latent.stride(1);
   p.q_latent_sh = q_latent.stride(2);
@@ -284,7 +260,6 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.num_splits = num_splits;
   p.sm_scale = static_cast<float>(sm_scale);
   p.pdl = pdl_enabled(info) ? 1 : 0;
-  p.cluster = cluster;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   cudaError_t err;
@@ -326,12 +301,11 @@ TORCH_LIBRARY(mla_patch, m) {
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor c_kv, Tensor k_pe, Tensor kv_start, Tensor kv_end, "
       "float sm_scale) -> (Tensor, Tensor)");
   // Test and benchmark hooks: the kernel mode (returns the previous one), the kernel of the last call,
-  // programmatic dependent launch on/off, a forced split-KV factor, the largest split cluster of v7.
+  // programmatic dependent launch on/off, a forced split-KV factor.
   m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
   m.def("_last_path() -> int", &last_path_op);
   m.def("_pdl_mode(int mode) -> int", &pdl_mode_op);
   m.def("_force_splits(int n) -> int", &force_splits_op);
-  m.def("_cluster_max(int n) -> int", &cluster_max_op);
 }
 
 TORCH_LIBRARY_IMPL(mla_patch, CUDA, m) { m.impl("mla_decode", &mla_decode_cuda); }

@@ -579,29 +579,19 @@ constexpr int kCombineGroupedMaxRows = 128;
 constexpr int kCombinePdlMaxSplits = 32;
 
 // Launches kernel(params) on `stream`, with programmatic dependent launch when params.pdl is set.
-// cluster_y > 1: thread-block clusters of that many consecutive blockIdx.y.
 template <typename Kernel>
 cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
-                          const MlaDecodeParams& params, int cluster_y = 1) {
+                          const MlaDecodeParams& params) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (params.pdl) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster_y > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n].val.clusterDim.x = 1;
-    attr[n].val.clusterDim.y = cluster_y;
-    attr[n++].val.clusterDim.z = 1;
-  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = n;
+  cfg.numAttrs = params.pdl ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, params);
 }
 

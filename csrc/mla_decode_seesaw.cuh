@@ -71,36 +71,6 @@ __device__ __forceinline__ void named_bar_arrive(int id, int count) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
-// Thread-block clusters (the split reduction of v7 in distributed shared memory).
-__device__ __forceinline__ uint32_t cluster_ctarank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-  return r;
-}
-// Every thread of every CTA of the cluster; orders the shared-memory writes before it with the reads after.
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-}
-// The address of the same shared-memory offset in CTA `rank` of the cluster.
-__device__ __forceinline__ uint32_t cluster_map(uint32_t addr, uint32_t rank) {
-  uint32_t r;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
-  return r;
-}
-__device__ __forceinline__ float ld_cluster_f32(uint32_t addr) {
-  float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
-  return v;
-}
-__device__ __forceinline__ float4 ld_cluster_v4(uint32_t addr) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(addr)
-               : "memory");
-  return v;
-}
-
 // Named barriers (0 is __syncthreads): A = wg0's P_a and m_a are in their slots (wg0 arrives, wg1 waits),
 // B = wg1's P_b and m_b (wg1 arrives, wg0 waits), WG0/WG1 = one warpgroup alone, END = the l exchange (both
 // loops done), Q = the query tile landed, OUT = the normalized output staged in shared memory.
@@ -306,10 +276,8 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
 
   // Prologue loads: the self part of this warpgroup's first tile, the cross part of the other one's, in
   // flight with the Q tile (its cp.async group was committed by the kernel; these are in no group).
-  if (c.n_pairs > 0) {  // (an empty split of a cluster runs with no pairs: no loads, it only reduces)
-    load_part(W, W, false, mbar(W, kSelf));
-    load_part(OTHER, OTHER, true, mbar(OTHER, kCross));
-  }
+  load_part(W, W, false, mbar(W, kSelf));
+  load_part(OTHER, OTHER, true, mbar(OTHER, kCross));
   cp_async_wait<0>();
   fence_proxy_async();
   named_bar_sync(kBarQ, 256);  // every thread's part of Q landed and is visible to the tensor cores
@@ -431,31 +399,23 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   l1 += lo.y;
   const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
   const int nsplit = c.nsplit, MT = c.MT;
-  const bool clustered = p.cluster > 1;
-  const int r0 = (wt >> 5) * 16 + (lane >> 2), col = W * NV + 2 * tq;
-  // lse of the CTA's 64 rows in shared memory for the cluster reduction (slot A is free once both loops are
-  // done: its last reader, wg1, is past kBarEnd).
-  float* s_lse = reinterpret_cast<float*>(c.slot_ma);
   if (W == 0 && tq == 0) {
     const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : -INFINITY;
     const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : -INFINITY;
-    if (clustered) {
-      s_lse[r0] = lse0;
-      s_lse[r0 + 8] = lse1;
-    } else {
-      float* dst = nsplit == 1 ? p.lse + static_cast<size_t>(c.b) * MT
-                               : p.lse_partial + (static_cast<size_t>(c.b) * nsplit + c.split) * MT;
-      if (c.g0 < MT) dst[c.g0] = lse0;
-      if (c.g1 < MT) dst[c.g1] = lse1;
-    }
+    float* dst = nsplit == 1 ? p.lse + static_cast<size_t>(c.b) * MT
+                             : p.lse_partial + (static_cast<size_t>(c.b) * nsplit + c.split) * MT;
+    if (c.g0 < MT) dst[c.g0] = lse0;
+    if (c.g1 < MT) dst[c.g1] = lse1;
   }
   // The normalized rows go through shared memory (the Q tile and buffer 0, free once both loops are done),
   // so global stores are whole 16-byte chunks of consecutive columns: the fragments hold 4- or 8-byte pieces
   // of 8 rows. Rows are padded by 16 (bf16) / 32 (fp32) bytes, so the fragment writes hit 32 banks.
-  unsigned char* stage = c.smem + (c.s_q - c.smem_base);
-  // Output elements (T for the output, float for split partials) paired by `pack`; rows padded by 8 elements.
-  auto stage_rows = [&](auto pack) {
-    constexpr int ES = sizeof(decltype(pack(0.f, 0.f))) / 2, ROWB = (R + 8) * ES;
+  const int r0 = (wt >> 5) * 16 + (lane >> 2), col = W * NV + 2 * tq;
+  // Output elements O (T for the output, float for split partials) paired by `pack`; rows padded by 8 O.
+  auto store_rows = [&](auto* out, auto pack) {
+    using O = std::remove_pointer_t<decltype(out)>;
+    constexpr int ES = sizeof(O), ROWB = (R + 8) * ES, CPR = R * ES / 16;  // CPR: 16-byte chunks a row
+    unsigned char* stage = c.smem + (c.s_q - c.smem_base);
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
       const float inv = hi ? inv1 : inv0;
@@ -466,9 +426,6 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
             pack(o[4 * j + 2 * hi] * inv, o[4 * j + 2 * hi + 1] * inv);
       }
     }
-  };
-  auto copy_rows = [&](auto* out) {
-    constexpr int ES = sizeof(*out), ROWB = (R + 8) * ES, CPR = R * ES / 16;  // CPR: 16-byte chunks a row
     named_bar_sync(kBarOut, 256);
     for (int i = threadIdx.x; i < kMlaSeesawMTile * CPR; i += 256) {
       const int r = i / CPR, cc = i % CPR;
@@ -478,68 +435,12 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       }
     }
   };
-  auto f32_pair = [](float x, float y) { return make_float2(x, y); };
-  if (clustered) {
-    // The cluster's CTAs are consecutive splits. Each stages its normalized fp32 rows and lse, then CTA k
-    // reduces rows [k 64 / CS, (k+1) 64 / CS) over every CTA's stage (distributed shared memory) with the
-    // LSE weights, and writes them: the output when the cluster holds every split, else the partial of
-    // split group split / CS for the combine. No global round trip for the CS - 1 other partials.
-    stage_rows(f32_pair);
-    cluster_sync();
-    constexpr int ROWB = (R + 8) * 4, C4 = R / 4, MAX_CS = 8;
-    const int cs = p.cluster, groups = nsplit / cs;
-    const int rank = static_cast<int>(cluster_ctarank());
-    const int rows_per = kMlaSeesawMTile / cs;
-    const uint32_t lse_addr = smem_addr(s_lse);
-    for (int i = threadIdx.x; i < rows_per * C4; i += 256) {
-      const int rr = rank * rows_per + i / C4, cc = i % C4;
-      const int g = c.row0 + rr;
-      if (g >= MT) continue;
-      float lk[MAX_CS];
-      float mx = -INFINITY;
-#pragma unroll
-      for (int k = 0; k < MAX_CS; ++k) {
-        lk[k] = k < cs ? ld_cluster_f32(cluster_map(lse_addr + rr * 4, k)) : -INFINITY;
-        mx = fmaxf(mx, lk[k]);
-      }
-      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-      float wsum = 0.f;
-#pragma unroll
-      for (int k = 0; k < MAX_CS; ++k) {
-        if (k < cs) {
-          const float w = lk[k] == -INFINITY ? 0.f : __expf(lk[k] - mx);
-          const float4 v = ld_cluster_v4(cluster_map(c.s_q + rr * ROWB + cc * 16, k));
-          wsum += w;
-          acc.x += w > 0.f ? w * v.x : 0.f;  // an empty split's rows are zeros, but never trust them
-          acc.y += w > 0.f ? w * v.y : 0.f;
-          acc.z += w > 0.f ? w * v.z : 0.f;
-          acc.w += w > 0.f ? w * v.w : 0.f;
-        }
-      }
-      const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-      const float lse = wsum > 0.f ? mx + __logf(wsum) : -INFINITY;
-      if (groups == 1) {
-        auto lo = Tr::pack(acc.x * inv, acc.y * inv), hi = Tr::pack(acc.z * inv, acc.w * inv);
-        uint2 packed;
-        packed.x = *reinterpret_cast<uint32_t*>(&lo);
-        packed.y = *reinterpret_cast<uint32_t*>(&hi);
-        *reinterpret_cast<uint2*>(static_cast<T*>(p.out_latent) + (static_cast<size_t>(c.b) * MT + g) * R + cc * 4) =
-            packed;
-        if (cc == 0) p.lse[static_cast<size_t>(c.b) * MT + g] = lse;
-      } else {
-        const size_t row = (static_cast<size_t>(c.b) * groups + c.split / cs) * MT + g;
-        *reinterpret_cast<float4*>(p.o_partial + row * R + cc * 4) =
-            make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
-        if (cc == 0) p.lse_partial[row] = lse;
-      }
-    }
-    cluster_sync();  // no CTA leaves while the others still read its shared memory
-  } else if (nsplit == 1) {
-    stage_rows([](float x, float y) { return Tr::pack(x, y); });
-    copy_rows(static_cast<T*>(p.out_latent) + (static_cast<size_t>(c.b) * MT + c.row0) * R);
+  if (nsplit == 1) {
+    store_rows(static_cast<T*>(p.out_latent) + (static_cast<size_t>(c.b) * MT + c.row0) * R,
+               [](float x, float y) { return Tr::pack(x, y); });
   } else {
-    stage_rows(f32_pair);
-    copy_rows(p.o_partial + ((static_cast<size_t>(c.b) * nsplit + c.split) * MT + c.row0) * R);
+    store_rows(p.o_partial + ((static_cast<size_t>(c.b) * nsplit + c.split) * MT + c.row0) * R,
+               [](float x, float y) { return make_float2(x, y); });
   }
 }
 
@@ -609,7 +510,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   const int n_tiles = c.ce > c.cb ? ceil_div(c.ce - c.cb, N) : 0;
   c.n_pairs = ceil_div(n_tiles, 2);
 
-  if (n_tiles == 0 && p.cluster <= 1) {  // (in a cluster an empty split still takes part in the reduction)
+  if (n_tiles == 0) {
     cp_async_wait<0>();  // the Q copy lands before the CTA exits
     if (nsplit == 1) {
       T* out = static_cast<T*>(p.out_latent);
@@ -653,42 +554,6 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
 }  // namespace mla
 
 template <MlaDtype DT, int R, int P>
-int mla_seesaw_cluster_size(int num_splits, int ctas, int max_cluster) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
-  constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
-  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P>;
-  static bool smem_set[64] = {};
-  if (mla::allow_dynamic_smem(kernel, smem, dev, smem_set) != cudaSuccess) return 1;
-  static int max_active[64][4] = {};  // per device and cluster size 2, 4, 8 (log2 - 1); 0 unknown, -1 none
-  for (int cs = 8; cs >= 2; cs /= 2) {
-    if (cs > max_cluster || num_splits % cs != 0) continue;
-    const int k = cs == 8 ? 2 : cs == 4 ? 1 : 0;
-    int n = dev >= 0 && dev < 64 ? max_active[dev][k] : 0;
-    if (n == 0) {
-      cudaLaunchConfig_t cfg = {};
-      cfg.gridDim = dim3(1, cs, 1);
-      cfg.blockDim = dim3(256);
-      cfg.dynamicSmemBytes = smem;
-      cudaLaunchAttribute attr[1];
-      attr[0].id = cudaLaunchAttributeClusterDimension;
-      attr[0].val.clusterDim.x = 1;
-      attr[0].val.clusterDim.y = cs;
-      attr[0].val.clusterDim.z = 1;
-      cfg.attrs = attr;
-      cfg.numAttrs = 1;
-      if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess || n <= 0) {
-        cudaGetLastError();
-        n = -1;
-      }
-      if (dev >= 0 && dev < 64) max_active[dev][k] = n;
-    }
-    if (n > 0 && ctas / cs <= n) return cs;  // every cluster of the grid resident at once: one wave
-  }
-  return 1;
-}
-
-template <MlaDtype DT, int R, int P>
 cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
@@ -700,12 +565,9 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
   if (err != cudaSuccess) return err;
   const int MT = params.S * params.H;
   const dim3 grid(mla::ceil_div(MT, kMlaSeesawMTile), params.num_splits, params.B);
-  err = mla::launch_kernel(kernel, grid, 256, smem, stream, params, params.cluster);
-  const int groups = params.num_splits / params.cluster;
-  if (err != cudaSuccess || groups == 1) return err;
-  MlaDecodeParams combine = params;
-  combine.num_splits = groups;
-  return mla::launch_mla_combine<DT, R>(combine, stream);
+  err = mla::launch_kernel(kernel, grid, 256, smem, stream, params);
+  if (err != cudaSuccess || params.num_splits == 1) return err;
+  return mla::launch_mla_combine<DT, R>(params, stream);
 }
 
 template <MlaDtype DT, int R, int P>

@@ -3,4 +3,3 @@
 
 template cudaError_t launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64>(const MlaDecodeParams&, cudaStream_t);
 template bool mla_seesaw_built<MlaDtype::kBF16, 512, 64>();
-template int mla_seesaw_cluster_size<MlaDtype::kBF16, 512, 64>(int, int, int);

@@ -33,8 +33,6 @@ struct MlaDecodeParams {
   int num_splits;  // split-KV factor (1: the main kernel writes out_latent and lse itself)
   float sm_scale;  // softmax scale of the un-absorbed head dim
   int pdl;         // 1: launch with programmatic dependent launch (compute capability >= 9.0 only)
-  int cluster;     // v7 only: splits a thread-block cluster, reduced in distributed shared memory (1: none);
-                   // the partials (and the combine) then see num_splits / cluster splits
 };
 
 // Cache rows per pipeline stage.
@@ -52,17 +50,15 @@ inline int mla_decode_m_tile(int S, int H) { return S * H <= 16 ? 16 : 32; }
 // Split-KV factor from host-known shapes only (T is the capacity, not a length: lengths live on
 // the GPU and are never read here). One CTA per SM (registers and ~190 KB of shared memory), so
 // fill one wave: splits = floor(SMs / (B * m_tiles)), with at least two 32-row tiles of capacity a split
-// unless that leaves fewer than 32 splits (then one tile a split, up to 32). Fitted to a forced-split sweep
-// at B = 1 on the H200 (5a48c3d): H = 16 at 4K 10.3 us with 64 splits, 11.8 with 128; at 1K 7.1 us with 32
-// splits, 7.8 with 16; H = 128 at 1K 12.2 us with 32, 13.0 with 16. The kernel cuts each sequence's actual range evenly, so a short sequence in a long
+// (a forced-split sweep on the H200, 0f56021, B = 1: one tile a split cost 1-6 us more than two, through
+// the split partials' writes and the combine; H = 16 at 4K: 18.2 us with 128 splits, 11.7 with 64). The kernel cuts each sequence's actual range evenly, so a short sequence in a long
 // buffer still gets balanced splits (the surplus ones are empty and exit at once).
 inline int mla_num_splits_for(int B, int S, int H, int T, int num_sms, int m_tile) {
   const long m_tiles = (static_cast<long>(S) * H + m_tile - 1) / m_tile;
   const long base = static_cast<long>(B) * m_tiles;
   if (base <= 0 || T <= 0) return 1;
   long splits = num_sms / base;
-  const long tiles = (T + kMlaNTile - 1) / kMlaNTile;
-  const long by_len = tiles / 2 > 32 ? tiles / 2 : (tiles < 32 ? tiles : 32);
+  const long by_len = (T + 2 * kMlaNTile - 1) / (2 * kMlaNTile);
   if (splits > by_len) splits = by_len;
   if (splits > kMlaMaxSplits) splits = kMlaMaxSplits;
   return splits < 1 ? 1 : static_cast<int>(splits);
@@ -101,8 +97,7 @@ constexpr int kMlaSeesawNTile = 64;
 constexpr size_t mla_seesaw_smem_bytes(int R, int P) {
   return 1024 + static_cast<size_t>(3) * mla_wgmma_col_blocks(R, P) * kMlaSeesawNTile * 128 + 4 * 1024 + 4 * 8;
 }
-// One CTA per SM; each split gets at least one pair of tiles (128 rows) of capacity. From 8 splits on, a
-// multiple of 4 (of 8 from 32), so the splits can form clusters of 4 or 8 (mla_seesaw_cluster_size).
+// One CTA per SM; each split gets at least one pair of tiles (128 rows) of capacity.
 inline int mla_seesaw_num_splits(int B, int S, int H, int T, int num_sms) {
   const long m_tiles = (static_cast<long>(S) * H + kMlaSeesawMTile - 1) / kMlaSeesawMTile;
   const long base = static_cast<long>(B) * m_tiles;
@@ -111,17 +106,8 @@ inline int mla_seesaw_num_splits(int B, int S, int H, int T, int num_sms) {
   const long by_len = (T + 2 * kMlaSeesawNTile - 1) / (2 * kMlaSeesawNTile);
   if (splits > by_len) splits = by_len;
   if (splits > kMlaMaxSplits) splits = kMlaMaxSplits;
-  if (splits >= 32) {
-    splits -= splits % 8;
-  } else if (splits >= 8) {
-    splits -= splits % 4;
-  }
   return splits < 1 ? 1 : static_cast<int>(splits);
 }
-// Splits a cluster for v7 (8, 4 or 2 dividing num_splits, at most max_cluster, and only if the device can
-// hold all the grid's clusters at once), else 1. ctas = the grid's CTA count. Instantiated with the launcher.
-template <MlaDtype DT, int R, int P>
-int mla_seesaw_cluster_size(int num_splits, int ctas, int max_cluster);
 // Host launcher (main kernel, then the shared LSE combine) and whether the binary holds the sm_90a body.
 // Instantiated in mla_decode_seesaw_<dtype>_r<R>.cu.
 template <MlaDtype DT, int R, int P>

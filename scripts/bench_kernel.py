@@ -147,16 +147,6 @@ def time_pdl_off(fns):
         op._pdl_mode(prev)
 
 
-def time_no_cluster(fns):
-    """The default dispatch timed with v7's split clusters off (every split through the combine)."""
-    op = torch.ops.mla_patch
-    prev = op._cluster_max(1)
-    try:
-        return time_graph(fns)
-    finally:
-        op._cluster_max(prev)
-
-
 def sweep_splits(fns, splits, kernels):
     """{kernel: {splits: us}} with the split-KV factor forced (the data behind the split heuristics)."""
     op = torch.ops.mla_patch
@@ -247,8 +237,6 @@ def main() -> None:
         row.update(alt)
         if not args.no_pdl_ab:
             row["nopdl_us"] = time_pdl_off(fns)
-            if path == "v7" and B * 2 * math.ceil(H / 64) <= ceil["sms"]:  # cells with splits
-                row["nocluster_us"] = time_no_cluster(fns)
         if args.sweep_splits and B in map(int, args.sweep_batches.split(",")):
             row["sweep"] = sweep_splits(fns, [int(n) for n in args.sweep_splits.split(",")], args.kernels.split(","))
         if not isinstance(fi, str) and args.fi_backends:
@@ -281,7 +269,6 @@ def main() -> None:
                       for k in KERNEL_NAMES.values() if k + "_us" in row)
         err = f" (err {row['err']:.1e})" if "err" in row else ""
         err += f" (PDL off {row['nopdl_us']:.1f})" if "nopdl_us" in row else ""
-        err += f" (clusters off {row['nocluster_us']:.1f})" if "nocluster_us" in row else ""
         print(f"H={H:3d} B={B:3d} L={L:6d}  {us:8.1f} us  {row['gbs']:6.0f} GB/s  {row['tflops']:5.0f} TFLOP/s  "
               f"{row['pct_copy']:5.1f}% copy [{path}{err}] | H100 peer {peer} | ref {ref} us{mma}"
               f"{peer_flashinfer.row_text(row)}", flush=True)
