@@ -50,15 +50,17 @@ inline int mla_decode_m_tile(int S, int H) { return S * H <= 16 ? 16 : 32; }
 // Split-KV factor from host-known shapes only (T is the capacity, not a length: lengths live on
 // the GPU and are never read here). One CTA per SM (registers and ~190 KB of shared memory), so
 // fill one wave: splits = floor(SMs / (B * m_tiles)), with at least two 32-row tiles of capacity a split
-// (a forced-split sweep on the H200, 0f56021, B = 1: one tile a split cost 1-6 us more than two, through
-// the split partials' writes and the combine; H = 16 at 4K: 18.2 us with 128 splits, 11.7 with 64). The kernel cuts each sequence's actual range evenly, so a short sequence in a long
+// unless that leaves fewer than 32 splits (then one tile a split, up to 32). Fitted to a forced-split sweep
+// at B = 1 on the H200 (5a48c3d): H = 16 at 4K 10.3 us with 64 splits, 11.8 with 128; at 1K 7.1 us with 32
+// splits, 7.8 with 16; H = 128 at 1K 12.2 us with 32, 13.0 with 16. The kernel cuts each sequence's actual range evenly, so a short sequence in a long
 // buffer still gets balanced splits (the surplus ones are empty and exit at once).
 inline int mla_num_splits_for(int B, int S, int H, int T, int num_sms, int m_tile) {
   const long m_tiles = (static_cast<long>(S) * H + m_tile - 1) / m_tile;
   const long base = static_cast<long>(B) * m_tiles;
   if (base <= 0 || T <= 0) return 1;
   long splits = num_sms / base;
-  const long by_len = (T + 2 * kMlaNTile - 1) / (2 * kMlaNTile);
+  const long tiles = (T + kMlaNTile - 1) / kMlaNTile;
+  const long by_len = tiles / 2 > 32 ? tiles / 2 : (tiles < 32 ? tiles : 32);
   if (splits > by_len) splits = by_len;
   if (splits > kMlaMaxSplits) splits = kMlaMaxSplits;
   return splits < 1 ? 1 : static_cast<int>(splits);

@@ -399,18 +399,22 @@ def test_bad_lengths_never_read_out_of_range():
     assert _rel(out, ref) < 1e-2 and math.isinf(lse[1].max().item())
 
 
-@pytest.mark.parametrize("splits", [1, 3, 7, 64, 128])
+@pytest.mark.parametrize("splits", [1, 2, 3, 4, 7, 8, 12, 64, 128])
 @pytest.mark.parametrize("path", PATHS)
 def test_paths_forced_splits(path, splits):
     """Any split-KV factor (the benchmark's sweep hook): the combine with empty splits (a 1-row sequence cut
-    128 ways), uneven chunks, and one split (no combine)."""
-    seed = _seed("paths-splits", splits)
-    lens = [4000, 1, 777]
-    inputs = make_case(3, 1, 128, 512, 64, 4096, lens, torch.bfloat16, "packed", seed)
+    128 ways), uneven chunks, one split (no combine); batch 1 with two tokens, 40 heads, R = 256, fp16 (few
+    combine rows: the column-chunked combine)."""
     op = torch.ops.mla_patch
     prev = op._force_splits(splits)
     try:
+        seed = _seed("paths-splits", splits)
+        lens = [4000, 1, 777]
+        inputs = make_case(3, 1, 128, 512, 64, 4096, lens, torch.bfloat16, "packed", seed)
         _check_path(path, inputs, f"splits={splits} lens={lens} seed={seed}")
+        seed += 1
+        inputs = make_case(1, 2, 40, 256, 32, 3000, [2999], torch.float16, "separate", seed)
+        _check_path(path, inputs, f"B=1 S=2 H=40 R=256 fp16 splits={splits} seed={seed}")
     finally:
         op._force_splits(prev)
 
