@@ -37,6 +37,7 @@
 // block), m slots A and B [128] float2, l slots [2][128] float2, 4 mbarriers.
 #pragma once
 
+#include <cstdlib>
 #include <type_traits>
 
 #include "mla_decode.cuh"
@@ -93,7 +94,7 @@ struct SeesawCtx {
 // warpgroup 1 - u (each completes on its own mbarrier).
 enum SeesawPart : int { kSelf = 0, kCross = 1 };
 
-template <MlaDtype DT, int R, int P, int W>
+template <MlaDtype DT, int R, int P, int W, bool LATE>
 __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const SeesawCtx& c) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
@@ -315,15 +316,25 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       wgmma_fence();
       pv(pa, 0);
       wgmma_commit();
+      if constexpr (LATE) {
+        // wg1's QK_b runs after both PVs over buffer 0: reload this half of buffer 0 before waiting for it.
+        wgmma_wait<0>();
+        fence_operand(o);
+        fence_operand(pa);
+        named_bar_sync(kBarMine, 128);
+        if (tile + 2 < tiles_total) load_part(tile + 2, 0, false, mbar(0, kSelf));
+      }
       // wg1's P_b and m_b (its softmax ran under the PVs over buffer 0).
       named_bar_sync(kBarB, 256);
       const float2 mb = c.slot_mb[wt];
       receive_p(pb, 1);
-      wgmma_wait<0>();
-      fence_operand(o);
-      fence_operand(pa);
-      named_bar_sync(kBarMine, 128);  // all of this warpgroup is past its PV over buffer 0
-      if (tile + 2 < tiles_total) load_part(tile + 2, 0, false, mbar(0, kSelf));
+      if constexpr (!LATE) {
+        wgmma_wait<0>();
+        fence_operand(o);
+        fence_operand(pa);
+        named_bar_sync(kBarMine, 128);  // all of this warpgroup is past its PV over buffer 0
+        if (tile + 2 < tiles_total) load_part(tile + 2, 0, false, mbar(0, kSelf));
+      }
       const float b0 = rescale_factor(m0, mb.x), b1 = rescale_factor(m1, mb.y);
       rescale_o(b0, b1);
       l0 *= b0;
@@ -336,8 +347,10 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       pv(pb, 1);
       wgmma_commit();  // waited for after the next pair's QK is queued (or after the loop)
     } else {
-      qk_self(parity);
-      qk_cross(parity);
+      if constexpr (!LATE) {
+        qk_self(parity);
+        qk_cross(parity);
+      }
       // wg0's m_a and P_a. O_R moves to m_a at once and takes P_a V_a,R while this QK finishes and the
       // softmax runs, so buffer 0 is free (and reloaded) early in the pair.
       named_bar_sync(kBarA, 256);
@@ -350,7 +363,20 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       wgmma_fence();
       pv(pb, 0);
       wgmma_commit();
-      wgmma_wait<1>();  // this QK is done, the PV over buffer 0 may still run
+      if constexpr (LATE) {
+        // QK_b after P_a V_a,R: the reload of this tile (issued at the end of the last pair) has the time of
+        // QK_a, softmax_a and both PVs over buffer 0 to land, instead of none.
+        qk_self(parity);
+        qk_cross(parity);
+        wgmma_wait<2>();  // the PV over buffer 0 is done, this QK may still run
+        fence_operand(o);
+        fence_operand(pb);
+        named_bar_sync(kBarMine, 128);
+        if (tile + 1 < tiles_total) load_part(tile + 1, 0, true, mbar(0, kCross));
+        wgmma_wait<0>();
+      } else {
+        wgmma_wait<1>();  // this QK is done, the PV over buffer 0 may still run
+      }
       fence_operand(s);
       softmax(tile, ma.x, ma.y, mn0, mn1, sum0, sum1);
       pack_p(pa);
@@ -362,11 +388,13 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       l1 = l1 * (a1 * b1) + sum1;
       m0 = mn0;
       m1 = mn1;
-      wgmma_wait<0>();
-      fence_operand(o);
-      fence_operand(pb);
-      named_bar_sync(kBarMine, 128);  // buffer 0's V half of this warpgroup and wg0's P slots are read
-      if (tile + 1 < tiles_total) load_part(tile + 1, 0, true, mbar(0, kCross));
+      if constexpr (!LATE) {
+        wgmma_wait<0>();
+        fence_operand(o);
+        fence_operand(pb);
+        named_bar_sync(kBarMine, 128);  // buffer 0's V half of this warpgroup and wg0's P slots are read
+        if (tile + 1 < tiles_total) load_part(tile + 1, 0, true, mbar(0, kCross));
+      }
       rescale_o(b0, b1);
       fence_operand(o);
       fence_operand(pa);
@@ -444,7 +472,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   }
 }
 
-template <MlaDtype DT, int R, int P>
+template <MlaDtype DT, int R, int P, bool LATE>
 __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename DtypeTraits<DT>::T;
@@ -541,9 +569,9 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   __syncthreads();  // the mbarriers are initialized before any copy arrives on them
 
   if (wg == 0) {
-    seesaw_warpgroup<DT, R, P, 0>(p, c);
+    seesaw_warpgroup<DT, R, P, 0, LATE>(p, c);
   } else {
-    seesaw_warpgroup<DT, R, P, 1>(p, c);
+    seesaw_warpgroup<DT, R, P, 1, LATE>(p, c);
   }
 #else
   // Built without sm_90a: never dispatched (binding.cpp checks the loaded binary); fail loudly if it is.
@@ -559,9 +587,14 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
-  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P>;
-  static bool smem_set[64] = {};
-  err = mla::allow_dynamic_smem(kernel, smem, dev, smem_set);
+  // EXPERIMENT (one GPU run): MLA_PATCH_V7_LATE=1 selects the late-QK_b schedule.
+  static const bool late = [] {
+    const char* e = std::getenv("MLA_PATCH_V7_LATE");
+    return e != nullptr && e[0] == '1';
+  }();
+  auto kernel = late ? mla::mla_decode_seesaw_kernel<DT, R, P, true> : mla::mla_decode_seesaw_kernel<DT, R, P, false>;
+  static bool smem_set[2][64] = {};
+  err = mla::allow_dynamic_smem(kernel, smem, dev, smem_set[late ? 1 : 0]);
   if (err != cudaSuccess) return err;
   const int MT = params.S * params.H;
   const dim3 grid(mla::ceil_div(MT, kMlaSeesawMTile), params.num_splits, params.B);
@@ -574,7 +607,7 @@ template <MlaDtype DT, int R, int P>
 bool mla_seesaw_built() {
   // The sm_90a body exists only in an sm_90a cubin; a build without it has the trap stub.
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, mla::mla_decode_seesaw_kernel<DT, R, P>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, mla::mla_decode_seesaw_kernel<DT, R, P, false>) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
