@@ -19,6 +19,7 @@
 //        | O_L *= 2^(m - m_a); O_L += P_a V_a,L | (wait for wg1) O_L *= 2^(m_a - m_b); O_L += P_b V_b,L
 //   wg1: S_b = Q K_b^T | (wait for m_a, P_a) O_R *= 2^(m - m_a); O_R += P_a V_a,R | softmax: m_b =
 //        max(m_a, rowmax S_b), P_b -> slots, m_b | O_R *= 2^(m_a - m_b); O_R += P_b V_b,R
+// (with few real query rows, S*H <= 32, the LATE order below runs wg1's QK_b after P_a V_a,R instead)
 // so wg0's softmax runs under wg1's QK and wg1's softmax under both PVs over buffer 0, which therefore
 // frees up (and is reloaded) early in the pair; wg0 queues the next pair's QK before it waits for its
 // last PV. Both PVs take P from
@@ -37,7 +38,6 @@
 // block), m slots A and B [128] float2, l slots [2][128] float2, 4 mbarriers.
 #pragma once
 
-#include <cstdlib>
 #include <type_traits>
 
 #include "mla_decode.cuh"
@@ -93,6 +93,14 @@ struct SeesawCtx {
 // The two parts of a tile buffer: the self part of buffer u is reloaded by warpgroup u, the cross part by
 // warpgroup 1 - u (each completes on its own mbarrier).
 enum SeesawPart : int { kSelf = 0, kCross = 1 };
+
+// LATE: the order for few real query rows. wg1 runs P_a V_a,R before QK_b instead of after it, so the reload of
+// tile b (issued as the previous pair ends) has QK_a, softmax_a and both PVs over buffer 0 to land instead of
+// nothing, and wg0 reloads its half of buffer 0 before it waits at barrier B; softmax_a no longer hides under
+// QK_b. Measured on the H200 (9a1c433, same run, two rounds): H = 16 (16 of 64 rows real, memory-bound) 5-8 %
+// faster (B = 128, 16K 568-570 vs 596-614 us; B = 64, 16K 302 vs 325 us); H = 128 (compute-bound) 2-5 %
+// slower at 4K-16K (B = 128, 16K 1108-1115 vs 1061-1078 us), within noise at 1K.
+constexpr int kSeesawLateMaxRows = 32;
 
 template <MlaDtype DT, int R, int P, int W, bool LATE>
 __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const SeesawCtx& c) {
@@ -587,11 +595,9 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
-  // EXPERIMENT (one GPU run): MLA_PATCH_V7_LATE=1 selects the late-QK_b schedule.
-  static const bool late = [] {
-    const char* e = std::getenv("MLA_PATCH_V7_LATE");
-    return e != nullptr && e[0] == '1';
-  }();
+  // The late-QK_b order where the CTA's 64 query rows are mostly padding (memory-bound), the seesaw where
+  // they are real (compute-bound): see kSeesawLateMaxRows.
+  const bool late = params.S * params.H <= mla::kSeesawLateMaxRows;
   auto kernel = late ? mla::mla_decode_seesaw_kernel<DT, R, P, true> : mla::mla_decode_seesaw_kernel<DT, R, P, false>;
   static bool smem_set[2][64] = {};
   err = mla::allow_dynamic_smem(kernel, smem, dev, smem_set[late ? 1 : 0]);
