@@ -17,6 +17,9 @@ FlashInfer's MLA decode (--fi-backends, default fa3,fa2; scripts/peer_flashinfer
 sets with the same graph timing and checked once per cell against the float64 reference, when `flashinfer`
 imports (not on the device image: carry the wheels and AOT modules of scripts/fetch_flashinfer.sh).
 --peer-only-check runs only a small FlashInfer check (for a quick smoke on the GPU).
+Each row also times the default dispatch with programmatic dependent launch off (nopdl_us; --no-pdl-ab skips
+it), and --sweep-splits N,N,... times every kernel with those split-KV factors forced on the --sweep-batches
+cells (the data behind the split heuristics in csrc/mla_params.h).
 Writes bench_kernel.json and bench_kernel.png under --out.
 """
 
