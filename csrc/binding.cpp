@@ -64,13 +64,13 @@ DeviceInfo device_info(int dev) {
 // variable MLA_PATCH_WGMMA ("0" or "1") sets it, read once per process; the test-only op
 // mla_patch::_wgmma_mode overrides both.
 enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1 };
-// Default, from cached rows a call (B x cache capacity), measured on an H200 (2026-12-01, commit 9b9a187,
-// docs/BENCHMARKS.md): with S*H >= 64 query rows v7 wins from 16K rows (H = 128: B = 1 at 16K 28.3 vs
-// 36.7 us, B = 16 at 1K 26.7 vs 36.2 us; below, at B = 1 with 1K-4K, mma.sync: 14.9 vs 16.9 us); with fewer
-// (H = 16, padded to 64 rows) only from 512K rows (B = 128 at 4K 162.6 vs 167.6 us, B = 64 at 16K 306 vs
-// 325 us; B = 64 at 4K and B = 16 at 16K still 3-4 % slower).
+// Default, from cached rows a call (B x cache capacity), measured on an H200 (docs/BENCHMARKS.md): with
+// S*H >= 64 query rows v7 wins from 16K rows (92afede, H = 128: B = 1 at 16K 27.7 vs 35.9 us, B = 16 at 1K
+// 27.9 vs 37.1 us; below, at B = 1 with 1K-4K, mma.sync: 12.4 vs 15.6 us, 18.4 vs 18.8 us); with fewer
+// (H = 16, padded to 64 rows; v7's late-QK_b order) from 256K rows (92afede: B = 16 at 16K 88.1 vs 92.2 us,
+// B = 64 at 4K 92.9 vs 95.2 us; below, B = 128 at 1K 48.9 vs 49.1 is a tie and B = 64 at 1K 34.6 vs 30.6 us).
 constexpr int64_t kSeesawMinRowsWide = 16384;
-constexpr int64_t kSeesawMinRowsNarrow = 512 * 1024;
+constexpr int64_t kSeesawMinRowsNarrow = 256 * 1024;
 constexpr int64_t kSeesawWideQueryRows = 64;
 std::atomic<int> g_wgmma_mode{-1};
 std::atomic<int> g_last_path{-1};  // the kernel the last call launched (tests and the benchmark read it)
