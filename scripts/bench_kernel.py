@@ -309,7 +309,10 @@ def main() -> None:
             sel = [r for r in rows if r["H"] == H]
             x = range(len(sel))
             ax.bar([i - 0.2 for i in x], [r["pct_copy"] for r in sel], 0.4, label="mla_patch kernel")
-            ax.bar([i + 0.2 for i in x], [r.get("peer_pct", 0) for r in sel], 0.4, label="best peer (BASELINES)")
+            # The same-run FlashInfer peer when it ran, else BASELINES.md's H100 peer.
+            same_run = any("fi_pct_copy" in r for r in rows)
+            ax.bar([i + 0.2 for i in x], [r.get("fi_pct_copy" if same_run else "peer_pct", 0) for r in sel], 0.4,
+                   label="FlashInfer (same run)" if same_run else "best peer (BASELINES, H100)")
             ax.set_xticks(list(x))
             ax.set_xticklabels([f"B{r['B']}\nL{r['L'] // 1024}K" for r in sel], fontsize=7)
             ax.set_title(f"H={H}, bf16, % of copy bandwidth ({copy_gbs:.0f} GB/s)")
