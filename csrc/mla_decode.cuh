@@ -83,6 +83,17 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
 
 __host__ __device__ constexpr int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
+// Source of 16-byte chunk cc (latent chunks, then rope) of query row g of sequence b. A padding row (g >= S*H)
+// gets q_latent itself: any valid address, since the caller's cp.async zero-fills it.
+template <typename T, int R>
+__device__ __forceinline__ const T* query_chunk_src(const MlaDecodeParams& p, int b, int g, int cc) {
+  const T* q_lat = static_cast<const T*>(p.q_latent);
+  if (g >= p.S * p.H) return q_lat;
+  const int s = g / p.H, h = g % p.H;
+  return cc < R / 8 ? q_lat + b * p.q_latent_sb + s * p.q_latent_ss + h * p.q_latent_sh + cc * 8
+                    : static_cast<const T*>(p.q_pe) + b * p.q_pe_sb + s * p.q_pe_ss + h * p.q_pe_sh + (cc - R / 8) * 8;
+}
+
 // Programmatic dependent launch (sm_90+). Our kernels are launched with the attribute when
 // MlaDecodeParams::pdl is set, so a kernel's launch and prologue overlap the tail of the kernel before
 // it in the stream. The rule that keeps stream order intact: no global memory access, read or write,
@@ -168,16 +179,9 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   pdl_wait();
   // Q tile -> the last stage (rows past S*H are zero-filled), issued before the lengths are read so
   // the two loads are in flight together.
-  const T* q_lat = static_cast<const T*>(p.q_latent);
-  const T* q_pe = static_cast<const T*>(p.q_pe);
   for (int c = tid; c < M * CHUNKS; c += NTHREADS) {
     const int r = c / CHUNKS, cc = c % CHUNKS;
-    const int g = row0 + r;
-    const bool valid = g < MT;
-    const int s = valid ? g / p.H : 0, h = valid ? g % p.H : 0;
-    const T* src = cc < R / 8 ? q_lat + b * p.q_latent_sb + s * p.q_latent_ss + h * p.q_latent_sh + cc * 8
-                              : q_pe + b * p.q_pe_sb + s * p.q_pe_ss + h * p.q_pe_sh + (cc - R / 8) * 8;
-    cp_async_16(smem_addr(s_q + r * ROW + cc * 8), valid ? src : q_lat, valid);
+    cp_async_16(smem_addr(s_q + r * ROW + cc * 8), query_chunk_src<T, R>(p, b, row0 + r, cc), row0 + r < MT);
   }
   cp_async_commit();
 

@@ -523,16 +523,10 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   pdl_wait();
   // Q tile (rows past S*H zero-filled), swizzled, by all 256 threads; issued before the lengths are read
   // so the two loads are in flight together.
-  const T* q_lat = static_cast<const T*>(p.q_latent);
-  const T* q_pe = static_cast<const T*>(p.q_pe);
   for (int i = tid; i < M * CHUNKS; i += 256) {
     const int r = i / CHUNKS, cc = i % CHUNKS;
-    const int g = row0 + r;
-    const bool valid = g < MT;
-    const int s = valid ? g / p.H : 0, h = valid ? g % p.H : 0;
-    const T* src = cc < R / 8 ? q_lat + b * p.q_latent_sb + s * p.q_latent_ss + h * p.q_latent_sh + cc * 8
-                              : q_pe + b * p.q_pe_sb + s * p.q_pe_ss + h * p.q_pe_sh + (cc - R / 8) * 8;
-    cp_async_16(c.s_q + (cc >> 3) * BLK + r * 128 + (((cc & 7) ^ (r & 7)) << 4), valid ? src : q_lat, valid);
+    cp_async_16(c.s_q + (cc >> 3) * BLK + r * 128 + (((cc & 7) ^ (r & 7)) << 4),
+                query_chunk_src<T, R>(p, b, row0 + r, cc), row0 + r < MT);
   }
   cp_async_commit();  // waited for in seesaw_warpgroup, after the first tile loads are issued
   // This CTA's rows: the visible range cut into num_splits chunks of whole pairs of tiles.
