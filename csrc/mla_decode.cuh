@@ -625,16 +625,22 @@ cudaError_t allow_dynamic_smem(Kernel kernel, size_t smem, int dev, bool (&done)
   return err;
 }
 
-template <MlaDtype DT, int R, int P, int M, int STAGES>
-cudaError_t launch_variant(const MlaDecodeParams& params, cudaStream_t stream, int dev) {
-  constexpr size_t smem = mla_decode_smem_bytes(R, P, M, STAGES);
-  auto kernel = mla_decode_kernel<DT, R, P, M, STAGES>;
-  static bool smem_set[64] = {};
+// Launches a main decode kernel (both kernels share the grid: x = m_tile-row tile of the S*H query rows,
+// y = KV split, z = sequence; 256 threads) after letting it take `smem` bytes on device `dev`.
+template <typename Kernel>
+cudaError_t launch_main_kernel(Kernel kernel, int m_tile, size_t smem, bool (&smem_set)[64], int dev,
+                               const MlaDecodeParams& params, cudaStream_t stream) {
   const cudaError_t err = allow_dynamic_smem(kernel, smem, dev, smem_set);
   if (err != cudaSuccess) return err;
-  const int MT = params.S * params.H;
-  const dim3 grid(ceil_div(MT, M), params.num_splits, params.B);
+  const dim3 grid(ceil_div(params.S * params.H, m_tile), params.num_splits, params.B);
   return launch_kernel(kernel, grid, 256, smem, stream, params);
+}
+
+template <MlaDtype DT, int R, int P, int M, int STAGES>
+cudaError_t launch_variant(const MlaDecodeParams& params, cudaStream_t stream, int dev) {
+  static bool smem_set[64] = {};
+  return launch_main_kernel(mla_decode_kernel<DT, R, P, M, STAGES>, M, mla_decode_smem_bytes(R, P, M, STAGES),
+                            smem_set, dev, params, stream);
 }
 
 }  // namespace mla

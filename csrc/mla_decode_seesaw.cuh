@@ -594,11 +594,7 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
   const bool late = params.S * params.H <= mla::kSeesawLateMaxRows;
   auto kernel = late ? mla::mla_decode_seesaw_kernel<DT, R, P, true> : mla::mla_decode_seesaw_kernel<DT, R, P, false>;
   static bool smem_set[2][64] = {};
-  err = mla::allow_dynamic_smem(kernel, smem, dev, smem_set[late ? 1 : 0]);
-  if (err != cudaSuccess) return err;
-  const int MT = params.S * params.H;
-  const dim3 grid(mla::ceil_div(MT, kMlaSeesawMTile), params.num_splits, params.B);
-  err = mla::launch_kernel(kernel, grid, 256, smem, stream, params);
+  err = mla::launch_main_kernel(kernel, kMlaSeesawMTile, smem, smem_set[late ? 1 : 0], dev, params, stream);
   if (err != cudaSuccess || params.num_splits == 1) return err;
   return mla::launch_mla_combine<DT, R>(params, stream);
 }
