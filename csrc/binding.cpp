@@ -132,6 +132,24 @@ int64_t pdl_mode_op(int64_t mode) {
   return g_pdl_mode.exchange(static_cast<int>(mode));
 }
 
+// Split partials in fp32 instead of the input dtype (mla_decode.cuh, pack_partial): off by default;
+// MLA_PATCH_FP32_PARTIALS=1 turns it on (read once per process), the hook mla_patch::_fp32_partials(0|1|-1)
+// overrides (the benchmark's A/B and the tests).
+std::atomic<int> g_fp32_partials_mode{-1};
+bool fp32_partials() {
+  const int mode = g_fp32_partials_mode.load();
+  if (mode >= 0) return mode == 1;
+  static const bool env_on = [] {
+    const char* e = std::getenv("MLA_PATCH_FP32_PARTIALS");
+    return e != nullptr && std::strcmp(e, "1") == 0;
+  }();
+  return env_on;
+}
+int64_t fp32_partials_op(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _fp32_partials takes -1 (default), 0 (input dtype) or 1 (fp32)");
+  return g_fp32_partials_mode.exchange(static_cast<int>(mode));
+}
+
 // Split-KV factor forced by the benchmark's sweep (mla_patch::_force_splits(n), n > 0); 0 = the heuristic.
 std::atomic<int> g_forced_splits{0};
 int64_t force_splits_op(int64_t n) {
@@ -225,10 +243,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const int num_splits = forced > 0              ? forced
                          : path == kPathMma ? mla_decode_num_splits(b32, s32, h32, t32, num_sms)
                                             : mla_seesaw_num_splits(b32, s32, h32, t32, num_sms);
+  const bool partial_f32 = fp32_partials();
   at::Tensor o_partial, lse_partial;
   if (num_splits > 1) {
     auto f32 = q_latent.options().dtype(at::kFloat);
-    o_partial = at::empty({B, num_splits, S * H, R}, f32);
+    o_partial = at::empty({B, num_splits, S * H, R}, partial_f32 ? f32 : q_latent.options());
     lse_partial = at::empty({B, num_splits, S * H}, f32);
   }
 
@@ -241,7 +260,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.kv_end = kv_end.data_ptr<int32_t>();
   p.out_latent = out_latent.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.o_partial = num_splits > 1 ? o_partial.data_ptr<float>() : nullptr;
+  p.o_partial = num_splits > 1 ? o_partial.data_ptr() : nullptr;
   p.lse_partial = num_splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
   p.q_latent_sb = q_latent.stride(0);
   p.q_latent_ss = q_latent.stride(1);
@@ -260,6 +279,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.num_splits = num_splits;
   p.sm_scale = static_cast<float>(sm_scale);
   p.pdl = pdl_enabled(info) ? 1 : 0;
+  p.partial_f32 = partial_f32 ? 1 : 0;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   cudaError_t err;
@@ -301,11 +321,12 @@ TORCH_LIBRARY(mla_patch, m) {
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor c_kv, Tensor k_pe, Tensor kv_start, Tensor kv_end, "
       "float sm_scale) -> (Tensor, Tensor)");
   // Test and benchmark hooks: the kernel mode (returns the previous one), the kernel of the last call,
-  // programmatic dependent launch on/off, a forced split-KV factor.
+  // programmatic dependent launch on/off, a forced split-KV factor, fp32 split partials on/off.
   m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
   m.def("_last_path() -> int", &last_path_op);
   m.def("_pdl_mode(int mode) -> int", &pdl_mode_op);
   m.def("_force_splits(int n) -> int", &force_splits_op);
+  m.def("_fp32_partials(int mode) -> int", &fp32_partials_op);
 }
 
 TORCH_LIBRARY_IMPL(mla_patch, CUDA, m) { m.impl("mla_decode", &mla_decode_cuda); }

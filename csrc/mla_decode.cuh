@@ -14,6 +14,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "mla_params.h"
 
@@ -27,6 +28,7 @@ struct DtypeTraits<MlaDtype::kBF16> {
   using T = __nv_bfloat16;
   using T2 = __nv_bfloat162;
   static __device__ __forceinline__ T2 pack(float a, float b) { return __floats2bfloat162_rn(a, b); }
+  static __device__ __forceinline__ float2 unpack(T2 v) { return __bfloat1622float2(v); }
 };
 
 template <>
@@ -34,7 +36,25 @@ struct DtypeTraits<MlaDtype::kFP16> {
   using T = __half;
   using T2 = __half2;
   static __device__ __forceinline__ T2 pack(float a, float b) { return __floats2half2_rn(a, b); }
+  static __device__ __forceinline__ float2 unpack(T2 v) { return __half22float2(v); }
 };
+
+// Normalized output rows and split partials, packed in the input dtype. Split partials take the input dtype
+// by default (MlaDecodeParams::partial_f32 keeps fp32): every CTA writes its partial rows at once as the main
+// kernel ends and the combine reads them back, so they cost bytes at both ends with nothing to hide under
+// (H = 128, B = 1, 16K: 17 MB in fp32 against the cache's 19 MB). A partial is a normalized convex
+// combination of cache rows, so it lies in the input dtype's range, and one more rounding in that dtype is at
+// most the output's own: a model of the splits put the error at 1.0-1.45x that of fp32 partials (FlashInfer's
+// fa3 also keeps them in the output dtype). fp16 clamps to its finite range: P is rounded to fp16 for the
+// tensor cores while its row sum is not, which can lift a row a hair past the largest cache value.
+template <MlaDtype DT>
+__device__ __forceinline__ typename DtypeTraits<DT>::T2 pack_out(float a, float b) {
+  if constexpr (DT == MlaDtype::kFP16) {
+    a = fminf(fmaxf(a, -65504.f), 65504.f);
+    b = fminf(fmaxf(b, -65504.f), 65504.f);
+  }
+  return DtypeTraits<DT>::pack(a, b);
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
@@ -462,13 +482,21 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
         T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(b) * MT + g) * R + warp * DW + 2 * tq;
 #pragma unroll
         for (int j = 0; j < NF; ++j) {
-          *reinterpret_cast<T2*>(out + j * 8) = Tr::pack(o[i][j][2 * hi] * inv, o[i][j][2 * hi + 1] * inv);
+          *reinterpret_cast<T2*>(out + j * 8) = pack_out<DT>(o[i][j][2 * hi] * inv, o[i][j][2 * hi + 1] * inv);
         }
-      } else {
-        float* out = p.o_partial + ((static_cast<size_t>(b) * nsplit + split) * MT + g) * R + warp * DW + 2 * tq;
+      } else if (p.partial_f32) {
+        float* out = static_cast<float*>(p.o_partial) + ((static_cast<size_t>(b) * nsplit + split) * MT + g) * R +
+                     warp * DW + 2 * tq;
 #pragma unroll
         for (int j = 0; j < NF; ++j) {
           *reinterpret_cast<float2*>(out + j * 8) = make_float2(o[i][j][2 * hi] * inv, o[i][j][2 * hi + 1] * inv);
+        }
+      } else {
+        T* out = static_cast<T*>(p.o_partial) + ((static_cast<size_t>(b) * nsplit + split) * MT + g) * R + warp * DW +
+                 2 * tq;
+#pragma unroll
+        for (int j = 0; j < NF; ++j) {
+          *reinterpret_cast<T2*>(out + j * 8) = pack_out<DT>(o[i][j][2 * hi] * inv, o[i][j][2 * hi + 1] * inv);
         }
       }
     }
@@ -483,11 +511,12 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
 // many splits, as at batch 1, leave few blocks: column chunks spread them over more SMs and the split
 // groups keep enough loads in flight.) Empty splits (lse = -inf, rows never written) get weight 0 and
 // their loaded values are discarded by a select, never multiplied (they may be NaN).
-template <MlaDtype DT, int R, int CW, int JG>
+template <MlaDtype DT, int R, int CW, int JG, bool F32>
 __global__ void __launch_bounds__(CW / 4 * JG) mla_combine_kernel(const MlaDecodeParams p) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
+  using PT = std::conditional_t<F32, float, T>;  // partial element (MlaDecodeParams::partial_f32)
   constexpr int NC = CW / 4, CHUNKS = R / CW, DEPTH = 8;
   static_assert(R % CW == 0 && NC % 32 == 0, "column chunks of whole warps");
   __shared__ float2 s_mw[JG];                        // (max, weight sum) of each group
@@ -503,7 +532,18 @@ __global__ void __launch_bounds__(CW / 4 * JG) mla_combine_kernel(const MlaDecod
   const int col = chunk * CW + c * 4;
   const size_t split_stride = static_cast<size_t>(MT) * R;
   const float* lp = p.lse_partial + static_cast<size_t>(b) * ns * MT + g;
-  const float* op = p.o_partial + (static_cast<size_t>(b) * ns * MT + g) * R + col;
+  const PT* op = static_cast<const PT*>(p.o_partial) + (static_cast<size_t>(b) * ns * MT + g) * R + col;
+  // Four consecutive partial columns as floats.
+  auto load4 = [](const PT* src) {
+    if constexpr (F32) {
+      return *reinterpret_cast<const float4*>(src);
+    } else {
+      const uint2 raw = *reinterpret_cast<const uint2*>(src);
+      const float2 lo = Tr::unpack(*reinterpret_cast<const T2*>(&raw.x));
+      const float2 hi = Tr::unpack(*reinterpret_cast<const T2*>(&raw.y));
+      return make_float4(lo.x, lo.y, hi.x, hi.y);
+    }
+  };
   float m = -INFINITY, wsum = 0.f;
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   for (int j0 = jg; j0 < ns; j0 += DEPTH * JG) {
@@ -513,7 +553,7 @@ __global__ void __launch_bounds__(CW / 4 * JG) mla_combine_kernel(const MlaDecod
     for (int u = 0; u < DEPTH; ++u) {
       const int j = j0 + u * JG;
       l[u] = j < ns ? lp[static_cast<size_t>(j) * MT] : -INFINITY;
-      v[u] = j < ns ? *reinterpret_cast<const float4*>(op + j * split_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+      v[u] = j < ns ? load4(op + j * split_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
 #pragma unroll
     for (int u = 0; u < DEPTH; ++u) {
@@ -606,9 +646,12 @@ cudaError_t launch_mla_combine(const MlaDecodeParams& params, cudaStream_t strea
   const int rows = p.B * p.S * p.H;
   if (rows <= kCombineGroupedMaxRows) {
     constexpr int CW = 128, JG = 4;
-    return launch_kernel(mla_combine_kernel<DT, R, CW, JG>, dim3(rows * (R / CW)), CW / 4 * JG, 0, stream, p);
+    const dim3 grid(rows * (R / CW));
+    return p.partial_f32 ? launch_kernel(mla_combine_kernel<DT, R, CW, JG, true>, grid, CW / 4 * JG, 0, stream, p)
+                         : launch_kernel(mla_combine_kernel<DT, R, CW, JG, false>, grid, CW / 4 * JG, 0, stream, p);
   }
-  return launch_kernel(mla_combine_kernel<DT, R, R, 1>, dim3(rows), R / 4, 0, stream, p);
+  return p.partial_f32 ? launch_kernel(mla_combine_kernel<DT, R, R, 1, true>, dim3(rows), R / 4, 0, stream, p)
+                       : launch_kernel(mla_combine_kernel<DT, R, R, 1, false>, dim3(rows), R / 4, 0, stream, p);
 }
 
 }  // namespace mla

@@ -471,12 +471,15 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       }
     }
   };
+  const size_t partial_row = (static_cast<size_t>(c.b) * nsplit + c.split) * MT + c.row0;
   if (nsplit == 1) {
     store_rows(static_cast<T*>(p.out_latent) + (static_cast<size_t>(c.b) * MT + c.row0) * R,
-               [](float x, float y) { return Tr::pack(x, y); });
+               [](float x, float y) { return pack_out<DT>(x, y); });
+  } else if (p.partial_f32) {
+    store_rows(static_cast<float*>(p.o_partial) + partial_row * R, [](float x, float y) { return make_float2(x, y); });
   } else {
-    store_rows(p.o_partial + ((static_cast<size_t>(c.b) * nsplit + c.split) * MT + c.row0) * R,
-               [](float x, float y) { return make_float2(x, y); });
+    store_rows(static_cast<T*>(p.o_partial) + partial_row * R,
+               [](float x, float y) { return pack_out<DT>(x, y); });
   }
 }
 

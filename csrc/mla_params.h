@@ -18,7 +18,8 @@ struct MlaDecodeParams {
   const int32_t* kv_end;   // [B] one past the last row visible to the last new token
   void* out_latent;        // [B, S, H, R] contiguous, input dtype
   float* lse;              // [B, S, H] contiguous, natural log, -inf for a query that sees no row
-  float* o_partial;        // [B, num_splits, S*H, R] fp32 split-KV workspace (unused when num_splits == 1)
+  void* o_partial;         // [B, num_splits, S*H, R] split-KV partials (unused when num_splits == 1): the input
+                           // dtype, or fp32 when partial_f32 is set
   float* lse_partial;      // [B, num_splits, S*H] fp32 split-KV workspace (unused when num_splits == 1)
 
   int64_t q_latent_sb, q_latent_ss, q_latent_sh;  // strides of q_latent in elements
@@ -33,6 +34,7 @@ struct MlaDecodeParams {
   int num_splits;  // split-KV factor (1: the main kernel writes out_latent and lse itself)
   float sm_scale;  // softmax scale of the un-absorbed head dim
   int pdl;         // 1: launch with programmatic dependent launch (compute capability >= 9.0 only)
+  int partial_f32; // 1: split partials in fp32; 0: in the input dtype (half the bytes, see kPartialsNote)
 };
 
 // Cache rows per pipeline stage.

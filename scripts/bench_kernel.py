@@ -17,8 +17,9 @@ FlashInfer's MLA decode (--fi-backends, default fa3,fa2; scripts/peer_flashinfer
 sets with the same graph timing and checked once per cell against the float64 reference, when `flashinfer`
 imports (not on the device image: carry the wheels and AOT modules of scripts/fetch_flashinfer.sh).
 --peer-only-check runs only a small FlashInfer check (for a quick smoke on the GPU).
-Each row also times the default dispatch with programmatic dependent launch off (nopdl_us; --no-pdl-ab skips
-it), and --sweep-splits N,N,... times every kernel with those split-KV factors forced on the --sweep-batches
+Each row also times the default dispatch with each --ab switch flipped (same sets, same run): `nopdl`
+(programmatic dependent launch off, nopdl_us) and `f32part` (fp32 split partials, f32part_us), and
+--sweep-splits N,N,... times every kernel with those split-KV factors forced on the --sweep-batches
 cells (the data behind the split heuristics in csrc/mla_params.h).
 Writes bench_kernel.json and bench_kernel.png under --out.
 """
@@ -116,58 +117,47 @@ def time_kernels(fns, first_set, default_path, wanted, copy_gbs, cache_bytes):
     op = torch.ops.mla_patch
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     out = {}
-    prev = op._wgmma_mode(0)
-    try:
+    with ops.kernel_settings(wgmma_mode=0):
         want, _ = op.mla_decode(*first_set, SCALE)
-        if default_path != "mma":
-            op._wgmma_mode(prev)
-            got, _ = op.mla_decode(*first_set, SCALE)
-            out["err"] = ((got.double() - want.double()).norm() / want.double().norm()).item()
-        for name in [k for k in wanted.split(",") if k]:
-            if name == default_path or (name != "mma" and not sm90):
-                continue
-            op._wgmma_mode(KERNEL_MODES[name])
+    rel = lambda got: ((got.double() - want.double()).norm() / want.double().norm()).item()  # noqa: E731
+    if default_path != "mma":
+        out["err"] = rel(op.mla_decode(*first_set, SCALE)[0])
+    for name in [k for k in wanted.split(",") if k]:
+        if name == default_path or (name != "mma" and not sm90):
+            continue
+        with ops.kernel_settings(wgmma_mode=KERNEL_MODES[name]):
             got, _ = op.mla_decode(*first_set, SCALE)
             if KERNEL_NAMES[op._last_path()] != name:
                 continue  # this kernel does not serve the shape
             us = time_graph(fns)
-            out[name + "_us"] = us
-            out[name + "_pct"] = 100 * cache_bytes / (us * 1e-6) / 1e9 / copy_gbs
-            if name != "mma":
-                out[name + "_err"] = ((got.double() - want.double()).norm() / want.double().norm()).item()
-    finally:
-        op._wgmma_mode(prev)
+        out[name + "_us"] = us
+        out[name + "_pct"] = 100 * cache_bytes / (us * 1e-6) / 1e9 / copy_gbs
+        if name != "mma":
+            out[name + "_err"] = rel(got)
     return out
 
 
-def time_pdl_off(fns):
-    """The default dispatch timed with programmatic dependent launch off (its gain is the difference)."""
-    op = torch.ops.mla_patch
-    prev = op._pdl_mode(0)
-    try:
+# A/B switches (--ab): the kernel setting that turns the default's feature off.
+AB_SWITCHES = {"nopdl": {"pdl_mode": 0}, "f32part": {"fp32_partials": 1}}
+
+
+def time_switched(fns, name):
+    """The default dispatch timed with one A/B switch flipped (the feature's gain is the difference)."""
+    with ops.kernel_settings(**AB_SWITCHES[name]):
         return time_graph(fns)
-    finally:
-        op._pdl_mode(prev)
 
 
 def sweep_splits(fns, splits, kernels):
     """{kernel: {splits: us}} with the split-KV factor forced (the data behind the split heuristics)."""
-    op = torch.ops.mla_patch
     sm90 = torch.cuda.get_device_capability() == (9, 0)
     res = {}
-    prev_mode, prev_splits = op._wgmma_mode(0), op._force_splits(0)
-    try:
-        for name in kernels:
-            if name != "mma" and not sm90:
-                continue
-            op._wgmma_mode(KERNEL_MODES[name])
-            res[name] = {}
-            for n in splits:
-                op._force_splits(n)
+    for name in kernels:
+        if name != "mma" and not sm90:
+            continue
+        res[name] = {}
+        for n in splits:
+            with ops.kernel_settings(wgmma_mode=KERNEL_MODES[name], force_splits=n):
                 res[name][n] = time_graph(fns)
-    finally:
-        op._wgmma_mode(prev_mode)
-        op._force_splits(prev_splits)
     return res
 
 
@@ -186,7 +176,8 @@ def main() -> None:
     ap.add_argument("--sweep-splits", default="", metavar="N,N,...",
                     help="also time each kernel with these forced split-KV factors on the --sweep-batches cells")
     ap.add_argument("--sweep-batches", default="1")
-    ap.add_argument("--no-pdl-ab", action="store_true", help="skip timing the default with PDL off")
+    ap.add_argument("--ab", default="nopdl,f32part",
+                    help=f"A/B switches timed on every cell, of {','.join(AB_SWITCHES)} ('' = none)")
     ap.add_argument("--peer-only-check", action="store_true", help="only check and time FlashInfer on one small config")
     args = ap.parse_args()
     fi = peer_flashinfer.load()
@@ -238,8 +229,8 @@ def main() -> None:
         row = dict(H=H, B=B, L=L, S=S, n_sets=n_sets, us=us, gbs=cache_bytes / (us * 1e-6) / 1e9,
                    tflops=flops / (us * 1e-6) / 1e12, path=path)
         row.update(alt)
-        if not args.no_pdl_ab:
-            row["nopdl_us"] = time_pdl_off(fns)
+        for name in filter(None, args.ab.split(",")):
+            row[name + "_us"] = time_switched(fns, name)
         if args.sweep_splits and B in map(int, args.sweep_batches.split(",")):
             row["sweep"] = sweep_splits(fns, [int(n) for n in args.sweep_splits.split(",")], args.kernels.split(","))
         if not isinstance(fi, str) and args.fi_backends:
@@ -271,7 +262,7 @@ def main() -> None:
         mma = "".join(f" | {k} {row[k + '_us']:7.1f} us {row[k + '_pct']:5.1f}% (err {row.get(k + '_err', 0):.1e})"
                       for k in KERNEL_NAMES.values() if k + "_us" in row)
         err = f" (err {row['err']:.1e})" if "err" in row else ""
-        err += f" (PDL off {row['nopdl_us']:.1f})" if "nopdl_us" in row else ""
+        err += "".join(f" ({name} {row[name + '_us']:.1f})" for name in AB_SWITCHES if name + "_us" in row)
         print(f"H={H:3d} B={B:3d} L={L:6d}  {us:8.1f} us  {row['gbs']:6.0f} GB/s  {row['tflops']:5.0f} TFLOP/s  "
               f"{row['pct_copy']:5.1f}% copy [{path}{err}] | H100 peer {peer} | ref {ref} us{mma}"
               f"{peer_flashinfer.row_text(row)}", flush=True)
@@ -288,13 +279,16 @@ def main() -> None:
         json.dump(res, f, indent=1)
     names = [k for k in KERNEL_NAMES.values() if any(k + "_us" in r for r in rows)]
     fis = peer_flashinfer.table_backends(rows)
+    switched = [n for n in AB_SWITCHES if any(n + "_us" in r for r in rows)]
     print("\n| H | B | L | path | us | GB/s | TFLOP/s | % copy | H100 peer % (us) | ref us | "
-          + " | ".join([f"{k} us (% copy)" for k in names] + [f"FlashInfer {b} us (% copy)" for b in fis]) + " |")
-    print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(names) + len(fis)))
+          + " | ".join([f"{k} us (% copy)" for k in names] + [f"{n} us" for n in switched]
+                       + [f"FlashInfer {b} us (% copy)" for b in fis]) + " |")
+    print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * (len(names) + len(switched) + len(fis)))
     for r in rows:
         peer = f"{r['peer_pct']:.0f} ({r['peer_us']:.1f})" if "peer_us" in r else "-"
         ref = f"{r['ref_us']:.0f}" if r.get("ref_us") else "-"
         alts = " | ".join([f"{r[k + '_us']:.1f} ({r[k + '_pct']:.0f})" if k + "_us" in r else "-" for k in names]
+                          + [f"{r[n + '_us']:.1f}" if n + "_us" in r else "-" for n in switched]
                           + [peer_flashinfer.table_cell(r, b) for b in fis])
         print(f"| {r['H']} | {r['B']} | {r['L']} | {r['path']} | {r['us']:.1f} | {r['gbs']:.0f} | {r['tflops']:.0f} | "
               f"{r['pct_copy']:.0f} | {peer} | {ref} | {alts} |")

@@ -184,6 +184,17 @@ def test_broken_extension_warns_once_and_falls_back(how, monkeypatch, caplog):
         ops.mla_decode(*_op_args().values(), 0.25, backend="kernel")
 
 
+def test_kernel_settings_name_the_problem(monkeypatch):
+    with pytest.raises(ValueError, match=r"unknown kernel settings \['force_split'\]; known: .*force_splits"):
+        with ops.kernel_settings(force_split=4):
+            pass
+    monkeypatch.setattr(ops, "_ext", None)
+    monkeypatch.setattr(ops, "_ext_error", "the CUDA extension mla_patch._C is not built (test)")
+    with pytest.raises(RuntimeError, match="need the CUDA extension: .*not built"):
+        with ops.kernel_settings(force_splits=4):
+            pass
+
+
 # -- cache capacity, batch size, dtype, empty prompts -----------------------------------------------------
 
 

@@ -204,16 +204,12 @@ def _skip_unless_sm90(path):
         pytest.skip(f"the {path} kernel needs compute capability 9.0")
 
 
-def _check_path(path, inputs, tag):
+def _check_path(path, inputs, tag, sm_scale=SM_SCALE):
     """check_case with the dispatch forced to `path`; asserts that kernel is the one that ran."""
     _skip_unless_sm90(path)
-    op = torch.ops.mla_patch
-    prev = op._wgmma_mode(MODES[path])
-    try:
-        check_case(inputs, f"{path} {tag}")
-        ran = op._last_path()
-    finally:
-        op._wgmma_mode(prev)
+    with ops.kernel_settings(wgmma_mode=MODES[path]):
+        check_case(inputs, f"{path} {tag}", sm_scale=sm_scale)
+        ran = torch.ops.mla_patch._last_path()
     want = MODES[path]
     assert ran == want, f"{path} {tag}: launched kernel {ran}, expected {want}"
 
@@ -299,15 +295,11 @@ def test_paths_agree():
     path = "v7"
     _skip_unless_sm90(path)
     inputs = make_case(4, 1, 128, 512, 64, 2048, [2048, 1, 900, 0], torch.bfloat16, "packed", _seed("agree"))
-    op = torch.ops.mla_patch
-    prev = op._wgmma_mode(MODES[path])
-    try:
+    with ops.kernel_settings(wgmma_mode=MODES[path]):
         out1, lse1 = run_kernel(*inputs)
-        assert op._last_path() == MODES[path]
-        op._wgmma_mode(0)
+        assert torch.ops.mla_patch._last_path() == MODES[path]
+    with ops.kernel_settings(wgmma_mode=0):
         out0, lse0 = run_kernel(*inputs)
-    finally:
-        op._wgmma_mode(prev)
     assert _rel(out1, out0) < 1e-2
     torch.testing.assert_close(lse1, lse0, rtol=0, atol=1e-3)
 
@@ -399,15 +391,14 @@ def test_bad_lengths_never_read_out_of_range():
     assert _rel(out, ref) < 1e-2 and math.isinf(lse[1].max().item())
 
 
+@pytest.mark.parametrize("fp32_partials", [0, 1], ids=["dtype_partials", "fp32_partials"])
 @pytest.mark.parametrize("splits", [1, 2, 3, 4, 7, 8, 12, 64, 128])
 @pytest.mark.parametrize("path", PATHS)
-def test_paths_forced_splits(path, splits):
-    """Any split-KV factor (the benchmark's sweep hook): the combine with empty splits (a 1-row sequence cut
-    128 ways), uneven chunks, one split (no combine); batch 1 with two tokens, 40 heads, R = 256, fp16 (few
-    combine rows: the column-chunked combine)."""
-    op = torch.ops.mla_patch
-    prev = op._force_splits(splits)
-    try:
+def test_paths_forced_splits(path, splits, fp32_partials):
+    """Any split-KV factor (the benchmark's sweep hook), split partials in the input dtype (the default) or
+    fp32: the combine with empty splits (a 1-row sequence cut 128 ways), uneven chunks, one split (no
+    combine); batch 1 with two tokens, 40 heads, R = 256, fp16 (few combine rows: the column-chunked combine)."""
+    with ops.kernel_settings(force_splits=splits, fp32_partials=fp32_partials):
         seed = _seed("paths-splits", splits)
         lens = [4000, 1, 777]
         inputs = make_case(3, 1, 128, 512, 64, 4096, lens, torch.bfloat16, "packed", seed)
@@ -415,8 +406,43 @@ def test_paths_forced_splits(path, splits):
         seed += 1
         inputs = make_case(1, 2, 40, 256, 32, 3000, [2999], torch.float16, "separate", seed)
         _check_path(path, inputs, f"B=1 S=2 H=40 R=256 fp16 splits={splits} seed={seed}")
-    finally:
-        op._force_splits(prev)
+
+
+def _fp16_score_rounding_up():
+    """An fp16 score x (with a unit query and sm_scale 1) whose probability 2^(x log2 e) against a running max
+    of 0 is rounded up by fp16 by at least 4e-4 relative: found by search, as the kernel computes it in fp32."""
+    xs = torch.linspace(-4.0, -0.05, 200001).half().unique().float()
+    p = torch.exp2(xs * 1.4426950408889634)
+    up = p.half().float() / p - 1
+    best = int(up.argmax())
+    assert up[best] > 4e-4, up.max()
+    return xs[best].item()
+
+
+@pytest.mark.parametrize("splits", [1, 8])
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_fp16_at_range_edge(path, splits):
+    """fp16 where the cache holds the largest finite fp16 value, 65504. P is rounded to fp16 for the tensor
+    cores and its row sum is not, so a row (output or split partial) can come out a hair above 65504, which
+    fp16 rounds to inf unless clamped. Scores are set so that it does: the first row of every 32 rows scores
+    0 (the running max), every other row x, whose probability fp16 rounds up by >= 4e-4 (inf from 2.4e-4)."""
+    seed = _seed("fp16-edge", splits)
+    x = _fp16_score_rounding_up()
+    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(2, 1, 16, 512, 64, 2048, [2048, 1500], torch.float16,
+                                                             "packed", seed)
+    visible = ~torch.isnan(k_pe[..., :1])
+    q_latent.zero_()
+    q_pe.zero_()
+    q_pe[..., 0] = 1.0
+    # Tiles (32 rows for mma.sync, 64 for v7) start at kv_start.
+    rows = torch.arange(k_pe.shape[1], device=DEV)[None, :, None] - kv_start[:, None, None]
+    k_pe.copy_(torch.where(visible, torch.zeros_like(k_pe), k_pe))
+    k_pe[..., :1] = torch.where(visible & (rows % 32 != 0), torch.full_like(k_pe[..., :1], x), k_pe[..., :1])
+    c_kv[..., :8] = torch.where(visible, torch.full_like(c_kv[..., :8], 65504.0), c_kv[..., :8])
+    for fp32_partials in (0, 1):
+        with ops.kernel_settings(force_splits=splits, fp32_partials=fp32_partials):
+            _check_path(path, (q_latent, q_pe, c_kv, k_pe, kv_start, kv_end),
+                        f"fp16 range edge splits={splits} fp32_partials={fp32_partials} seed={seed}", sm_scale=1.0)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -426,14 +452,10 @@ def test_paths_pdl_off_same_bits_and_graph(path):
     _skip_unless_sm90(path)
     op = torch.ops.mla_patch
     sets = [make_case(1, 1, 128, 512, 64, 8192, [8192 - 5 * i], torch.bfloat16, "packed", _seed("pdl", i)) for i in range(3)]
-    prev_mode = op._wgmma_mode(MODES[path])
-    try:
+    with ops.kernel_settings(wgmma_mode=MODES[path]):
         want = [run_kernel(*s) for s in sets]
-        prev = op._pdl_mode(0)
-        try:
+        with ops.kernel_settings(pdl_mode=0):
             off = [run_kernel(*s) for s in sets]
-        finally:
-            op._pdl_mode(prev)
         for (o1, l1), (o0, l0) in zip(want, off):
             assert torch.equal(o1, o0) and torch.equal(l1, l0)
         stream = torch.cuda.Stream()
@@ -451,5 +473,3 @@ def test_paths_pdl_off_same_bits_and_graph(path):
         torch.cuda.synchronize()
         for (o, l), (ow, lw) in zip(outs, want):
             assert torch.equal(o, ow) and torch.equal(l, lw)
-    finally:
-        op._wgmma_mode(prev_mode)
