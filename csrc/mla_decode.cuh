@@ -46,7 +46,8 @@ struct DtypeTraits<MlaDtype::kFP16> {
 // combination of cache rows, so it lies in the input dtype's range, and one more rounding in that dtype is at
 // most the output's own: a model of the splits put the error at 1.0-1.45x that of fp32 partials (FlashInfer's
 // fa3 also keeps them in the output dtype). fp16 clamps to its finite range: P is rounded to fp16 for the
-// tensor cores while its row sum is not, which can lift a row a hair past the largest cache value.
+// tensor cores while its row sum is not, which can lift a row a hair past the largest cache value (in the
+// output, a partial, or the combine's output of fp32 partials).
 template <MlaDtype DT>
 __device__ __forceinline__ typename DtypeTraits<DT>::T2 pack_out(float a, float b) {
   if constexpr (DT == MlaDtype::kFP16) {
@@ -469,35 +470,43 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
     }
   }
   __syncthreads();
+  // 16-bit rows (the output, or split partials in the input dtype) leave in whole 32-byte sectors. A quad's
+  // fragments hold columns 8j + 2tq, +1 of a row: 16 bytes a store in the input dtype, and a half-sector store
+  // costs as much as a whole one (and may make L2 fetch the sector from DRAM to merge it: measured slower than
+  // fp32 partials before this). Shuffles regroup columns 16j'..16j'+15 so thread tq stores 4tq..4tq+3 as one
+  // 8-byte word (lanes q_src, q_src + 1 of the quad hold them, in fragment j = 2j' for tq < 2, else 2j' + 1).
+  static_assert(NF % 2 == 0, "column fragments in pairs");
+  const int q_src = (lane & ~3) | ((2 * tq) & 3);
+  auto store_row16 = [&](T* row, int i, int hi, float inv, bool keep) {  // row: this warp's first column
+#pragma unroll
+    for (int j = 0; j < NF; j += 2) {
+      T2 w[2] = {pack_out<DT>(o[i][j][2 * hi] * inv, o[i][j][2 * hi + 1] * inv),
+                 pack_out<DT>(o[i][j + 1][2 * hi] * inv, o[i][j + 1][2 * hi + 1] * inv)};
+      const uint32_t a = *reinterpret_cast<const uint32_t*>(&w[0]), c = *reinterpret_cast<const uint32_t*>(&w[1]);
+      const uint32_t a0 = __shfl_sync(0xffffffffu, a, q_src), a1 = __shfl_sync(0xffffffffu, a, q_src + 1);
+      const uint32_t c0 = __shfl_sync(0xffffffffu, c, q_src), c1 = __shfl_sync(0xffffffffu, c, q_src + 1);
+      if (keep) *reinterpret_cast<uint2*>(row + 8 * j + 4 * tq) = tq < 2 ? make_uint2(a0, a1) : make_uint2(c0, c1);
+    }
+  };
 #pragma unroll
   for (int i = 0; i < MF; ++i) {
 #pragma unroll
     for (int hi = 0; hi < 2; ++hi) {
       const int r = i * 16 + gq + hi * 8;
       const int g = row0 + r;
-      if (g >= MT) continue;
+      const bool real = g < MT;  // padding rows still take part in the shuffles
       const float l = s_l[r];
       const float inv = l > 0.f ? 1.f / l : 0.f;
-      if (nsplit == 1) {
-        T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(b) * MT + g) * R + warp * DW + 2 * tq;
+      const size_t row = nsplit == 1 ? static_cast<size_t>(b) * MT + g : (static_cast<size_t>(b) * nsplit + split) * MT + g;
+      if (nsplit > 1 && p.partial_f32) {
+        float* out = static_cast<float*>(p.o_partial) + row * R + warp * DW + 2 * tq;
 #pragma unroll
         for (int j = 0; j < NF; ++j) {
-          *reinterpret_cast<T2*>(out + j * 8) = pack_out<DT>(o[i][j][2 * hi] * inv, o[i][j][2 * hi + 1] * inv);
-        }
-      } else if (p.partial_f32) {
-        float* out = static_cast<float*>(p.o_partial) + ((static_cast<size_t>(b) * nsplit + split) * MT + g) * R +
-                     warp * DW + 2 * tq;
-#pragma unroll
-        for (int j = 0; j < NF; ++j) {
-          *reinterpret_cast<float2*>(out + j * 8) = make_float2(o[i][j][2 * hi] * inv, o[i][j][2 * hi + 1] * inv);
+          if (real) *reinterpret_cast<float2*>(out + j * 8) = make_float2(o[i][j][2 * hi] * inv, o[i][j][2 * hi + 1] * inv);
         }
       } else {
-        T* out = static_cast<T*>(p.o_partial) + ((static_cast<size_t>(b) * nsplit + split) * MT + g) * R + warp * DW +
-                 2 * tq;
-#pragma unroll
-        for (int j = 0; j < NF; ++j) {
-          *reinterpret_cast<T2*>(out + j * 8) = pack_out<DT>(o[i][j][2 * hi] * inv, o[i][j][2 * hi + 1] * inv);
-        }
+        T* out = static_cast<T*>(nsplit == 1 ? p.out_latent : p.o_partial) + row * R + warp * DW;
+        store_row16(out, i, hi, inv, real);
       }
     }
   }
@@ -603,7 +612,7 @@ __global__ void __launch_bounds__(CW / 4 * JG) mla_combine_kernel(const MlaDecod
   }
   const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
   T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(b) * MT + g) * R + col;
-  T2 lo = Tr::pack(acc.x * inv, acc.y * inv), hi = Tr::pack(acc.z * inv, acc.w * inv);
+  T2 lo = pack_out<DT>(acc.x * inv, acc.y * inv), hi = pack_out<DT>(acc.z * inv, acc.w * inv);
   uint2 packed;
   packed.x = *reinterpret_cast<uint32_t*>(&lo);
   packed.y = *reinterpret_cast<uint32_t*>(&hi);
