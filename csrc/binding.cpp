@@ -44,7 +44,6 @@ struct DeviceInfo {
   int smem_optin = 0;
   int cc_major = 0;
   int cc_minor = 0;
-  int cooperative = 0;  // cooperative launches supported
 };
 
 DeviceInfo device_info(int dev) {
@@ -53,7 +52,6 @@ DeviceInfo device_info(int dev) {
   DeviceInfo info;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.num_sms, cudaDevAttrMultiProcessorCount, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.cooperative, cudaDevAttrCooperativeLaunch, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.cc_major, cudaDevAttrComputeCapabilityMajor, dev));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&info.cc_minor, cudaDevAttrComputeCapabilityMinor, dev));
   if (dev >= 0 && dev < 64) cache[dev] = info;
@@ -152,36 +150,6 @@ int64_t fp32_partials_op(int64_t mode) {
   return g_fp32_partials_mode.exchange(static_cast<int>(mode));
 }
 
-// The split combine fused into the decode kernel (fused_combine in mla_decode.cuh): on by default where it can
-// serve; MLA_PATCH_FUSED_COMBINE=0 turns it off (read once per process), the hook mla_patch::_fused_combine(0|1|-1)
-// overrides (the benchmark's A/B and the tests). _last_fused() says whether the last call used it.
-std::atomic<int> g_fused_mode{-1};
-std::atomic<int> g_last_fused{0};
-bool fused_combine_enabled() {
-  const int mode = g_fused_mode.load();
-  if (mode >= 0) return mode == 1;
-  static const bool env_on = [] {
-    const char* e = std::getenv("MLA_PATCH_FUSED_COMBINE");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
-  return env_on;
-}
-int64_t fused_combine_op(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _fused_combine takes -1 (default), 0 (off) or 1 (on)");
-  return g_fused_mode.exchange(static_cast<int>(mode));
-}
-int64_t last_fused_op() { return g_last_fused.load(); }
-
-// Where the fused combine can serve: a split launch, as a cooperative grid of at most one CTA per SM (both
-// kernels take one SM each), with one output row's split partials (and their weights) fitting in the kernel's
-// shared memory.
-bool can_fuse_combine(const DeviceInfo& info, int64_t grid_ctas, int num_splits, size_t kernel_smem,
-                      int64_t R, bool partial_f32) {
-  if (num_splits < 2 || !info.cooperative || grid_ctas > info.num_sms) return false;
-  const size_t row_bytes = static_cast<size_t>(R) * (partial_f32 ? 4 : 2) + 4;
-  return static_cast<size_t>(num_splits) * row_bytes + 16 <= kernel_smem;
-}
-
 // Split-KV factor forced by the benchmark's sweep (mla_patch::_force_splits(n), n > 0); 0 = the heuristic.
 std::atomic<int> g_forced_splits{0};
 int64_t force_splits_op(int64_t n) {
@@ -276,14 +244,6 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
                          : path == kPathMma ? mla_decode_num_splits(b32, s32, h32, t32, num_sms)
                                             : mla_seesaw_num_splits(b32, s32, h32, t32, num_sms);
   const bool partial_f32 = fp32_partials();
-  // The kernel's grid and shared memory (launch_mla_decode picks 4 stages where the device allows them).
-  const int m_tile = path == kPathMma ? mla_decode_m_tile(s32, h32) : kMlaSeesawMTile;
-  const int64_t grid_ctas = (S * H + m_tile - 1) / m_tile * num_splits * B;
-  const bool deep = static_cast<size_t>(info.smem_optin) >= mla_decode_smem_bytes(static_cast<int>(R), static_cast<int>(P), 32, kMlaMaxStages);
-  const size_t kernel_smem = path == kPathMma ? mla_decode_smem_bytes(static_cast<int>(R), static_cast<int>(P), m_tile,
-                                                                      deep ? kMlaMaxStages : kMlaMinStages)
-                                              : mla_seesaw_smem_bytes(static_cast<int>(R), static_cast<int>(P));
-  const bool fused = fused_combine_enabled() && can_fuse_combine(info, grid_ctas, num_splits, kernel_smem, R, partial_f32);
   at::Tensor o_partial, lse_partial;
   if (num_splits > 1) {
     auto f32 = q_latent.options().dtype(at::kFloat);
@@ -320,12 +280,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.sm_scale = static_cast<float>(sm_scale);
   p.pdl = pdl_enabled(info) ? 1 : 0;
   p.partial_f32 = partial_f32 ? 1 : 0;
-  p.fused_combine = fused ? 1 : 0;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   cudaError_t err;
   g_last_path.store(path);
-  g_last_fused.store(fused ? 1 : 0);
   if (path == kPathSeesaw) {
     if (R == 512) {
       err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64>(p, stream)
@@ -363,15 +321,12 @@ TORCH_LIBRARY(mla_patch, m) {
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor c_kv, Tensor k_pe, Tensor kv_start, Tensor kv_end, "
       "float sm_scale) -> (Tensor, Tensor)");
   // Test and benchmark hooks: the kernel mode (returns the previous one), the kernel of the last call,
-  // programmatic dependent launch on/off, a forced split-KV factor, fp32 split partials on/off, the fused
-  // combine on/off and whether the last call used it.
+  // programmatic dependent launch on/off, a forced split-KV factor, fp32 split partials on/off.
   m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
   m.def("_last_path() -> int", &last_path_op);
   m.def("_pdl_mode(int mode) -> int", &pdl_mode_op);
   m.def("_force_splits(int n) -> int", &force_splits_op);
   m.def("_fp32_partials(int mode) -> int", &fp32_partials_op);
-  m.def("_fused_combine(int mode) -> int", &fused_combine_op);
-  m.def("_last_fused() -> int", &last_fused_op);
 }
 
 TORCH_LIBRARY_IMPL(mla_patch, CUDA, m) { m.impl("mla_decode", &mla_decode_cuda); }

@@ -11,7 +11,6 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -161,7 +160,7 @@ constexpr float kLog2e = 1.4426950408889634f;
 // tile is staged in the last one before the first prefetch reaches it), partial scores
 // [4][M][40] fp32, P [M][40], per-row alpha/m/l.
 template <MlaDtype DT, int R, int P, int M, int STAGES>
-__device__ __forceinline__ void mla_decode_cta(const MlaDecodeParams& p, unsigned char* smem) {
+__global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParams p) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
@@ -181,6 +180,7 @@ __device__ __forceinline__ void mla_decode_cta(const MlaDecodeParams& p, unsigne
   static_assert(N == 32 && (M == 16 || M == 32) && STAGES >= 3, "warp layout assumes 32-row tiles");
   static_assert(KR >= 1 && KR <= 4 && R % 64 == 0 && NF % 2 == 0, "unsupported (R, P)");
 
+  extern __shared__ __align__(16) unsigned char smem[];
   T* s_kv = reinterpret_cast<T*>(smem);
   T* s_q = s_kv + (STAGES - 1) * N * ROW;
   float* s_part = reinterpret_cast<float*>(smem + static_cast<size_t>(STAGES) * N * ROW * sizeof(T));
@@ -512,129 +512,6 @@ __device__ __forceinline__ void mla_decode_cta(const MlaDecodeParams& p, unsigne
   }
 }
 
-// ---- The split combine fused into the decode kernel (MlaDecodeParams::fused_combine): the kernel is launched
-// cooperatively (all CTAs resident: the host allows it only when the grid fits one CTA per SM) and, after every
-// CTA has written its partial rows, a grid-wide barrier; then CTA i of G combines rows [i rows / G, (i+1) rows
-// / G) of the B * S * H output rows. This replaces the second kernel: its launch, its wait for the whole decode
-// grid to complete and flush, and its cold start (an ncu run at H = 128, B = 16, 1K had the combine at 10 us
-// beside the decode kernel's 28; FlashInfer's fa3 merges in its own kernel the same way). The partial rows are
-// still warm in L2, and each CTA takes all of its rows' partials into shared memory at once (16-byte cp.async
-// by every thread, several rows' worth in flight), so the phase costs about one L2 round trip.
-// Shared memory: weights [nr][ns] fp32, then partial rows [nr][ns][R] (nr rows a pass; the host checks that
-// at least one row's splits fit).
-template <MlaDtype DT, int R, typename PT>
-__device__ __forceinline__ void fused_combine(const MlaDecodeParams& p, unsigned char* smem, int smem_bytes) {
-  using Tr = DtypeTraits<DT>;
-  using T = typename Tr::T;
-  constexpr int ROWB = R * static_cast<int>(sizeof(PT));  // bytes of one partial row
-  constexpr int CH = ROWB / 16;                            // its 16-byte chunks
-  constexpr int C8 = R / 8;                                // 8-column groups of an output row
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
-  const int MT = p.S * p.H, ns = p.num_splits;
-  const long long rows = static_cast<long long>(p.B) * MT;
-  const int G = gridDim.x * gridDim.y * gridDim.z;
-  const int cta = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-  const int r_begin = static_cast<int>(rows * cta / G), r_end = static_cast<int>(rows * (cta + 1) / G);
-  const int per_row = ns * (ROWB + 4);
-  const int chunk = (smem_bytes - 16) / per_row;
-  if (chunk < 1) __trap();  // the host's check failed: never combine wrongly
-  float* s_w = reinterpret_cast<float*>(smem);
-  const auto* part = static_cast<const unsigned char*>(p.o_partial);
-  for (int r0 = r_begin; r0 < r_end; r0 += chunk) {
-    const int nr = min(chunk, r_end - r0);
-    unsigned char* s_rows = smem + ((static_cast<size_t>(nr) * ns * 4 + 15) & ~static_cast<size_t>(15));
-    // Every partial row of this pass in flight at once.
-    for (int i = tid; i < nr * ns * CH; i += blockDim.x) {
-      const int c = i % CH, rs = i / CH, sp = rs % ns, r = rs / ns;
-      const long long row = r0 + r;
-      const long long b = row / MT, g = row % MT;
-      cp_async_16(smem_addr(s_rows + static_cast<size_t>(rs) * ROWB + c * 16),
-                  part + ((b * ns + sp) * MT + g) * ROWB + c * 16, true);
-    }
-    cp_async_commit();
-    // Weights of each row's splits, one warp a row: w = exp(lse_s - lse), 0 for an empty split (its partial
-    // row was never written and may be NaN: it is skipped, never multiplied); the row's lse.
-    for (int r = warp; r < nr; r += nwarps) {
-      const long long row = r0 + r;
-      const long long b = row / MT, g = row % MT;
-      const float* lp = p.lse_partial + b * ns * MT + g;
-      float* w = s_w + r * ns;
-      float mx = -INFINITY;
-      for (int sp = lane; sp < ns; sp += 32) {
-        w[sp] = lp[static_cast<long long>(sp) * MT];
-        mx = fmaxf(mx, w[sp]);
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-      float sum = 0.f;
-      for (int sp = lane; sp < ns; sp += 32) {
-        w[sp] = w[sp] == -INFINITY ? 0.f : __expf(w[sp] - mx);
-        sum += w[sp];
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;
-      for (int sp = lane; sp < ns; sp += 32) w[sp] *= inv;
-      if (lane == 0) p.lse[row] = sum > 0.f ? mx + __logf(sum) : -INFINITY;
-    }
-    cp_async_wait<0>();
-    __syncthreads();
-    for (int i = tid; i < nr * C8; i += blockDim.x) {
-      const int r = i / C8, c8 = i % C8;
-      float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      for (int sp = 0; sp < ns; ++sp) {
-        const float w = s_w[r * ns + sp];
-        const unsigned char* src = s_rows + static_cast<size_t>(r * ns + sp) * ROWB + c8 * 8 * sizeof(PT);
-        float v[8];
-        if constexpr (sizeof(PT) == 4) {
-          const float4 lo = *reinterpret_cast<const float4*>(src), hi = *reinterpret_cast<const float4*>(src + 16);
-          v[0] = lo.x; v[1] = lo.y; v[2] = lo.z; v[3] = lo.w; v[4] = hi.x; v[5] = hi.y; v[6] = hi.z; v[7] = hi.w;
-        } else {
-          const uint4 raw = *reinterpret_cast<const uint4*>(src);
-          const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
-#pragma unroll
-          for (int k = 0; k < 4; ++k) {
-            const float2 f = Tr::unpack(*reinterpret_cast<const typename Tr::T2*>(&words[k]));
-            v[2 * k] = f.x;
-            v[2 * k + 1] = f.y;
-          }
-        }
-#pragma unroll
-        for (int k = 0; k < 8; ++k) acc[k] += w > 0.f ? w * v[k] : 0.f;
-      }
-      uint4 packed;
-      uint32_t* out_words = reinterpret_cast<uint32_t*>(&packed);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const typename Tr::T2 two = pack_out<DT>(acc[2 * k], acc[2 * k + 1]);
-        out_words[k] = *reinterpret_cast<const uint32_t*>(&two);
-      }
-      *reinterpret_cast<uint4*>(static_cast<T*>(p.out_latent) + static_cast<size_t>(r0 + r) * R + c8 * 8) = packed;
-    }
-    __syncthreads();  // this pass's shared memory is read before the next pass overwrites it
-  }
-}
-
-// After the CTA's decode work: with a fused combine, wait for every CTA's partial rows (grid-wide barrier of a
-// cooperative launch; every CTA reaches it, empty ones too) and combine this CTA's share of the rows.
-template <MlaDtype DT, int R>
-__device__ __forceinline__ void finish_fused_combine(const MlaDecodeParams& p, unsigned char* smem, int smem_bytes) {
-  if (!p.fused_combine) return;
-  cooperative_groups::this_grid().sync();
-  if (p.partial_f32) {
-    fused_combine<DT, R, float>(p, smem, smem_bytes);
-  } else {
-    fused_combine<DT, R, typename DtypeTraits<DT>::T>(p, smem, smem_bytes);
-  }
-}
-
-template <MlaDtype DT, int R, int P, int M, int STAGES>
-__global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParams p) {
-  extern __shared__ __align__(16) unsigned char smem[];
-  mla_decode_cta<DT, R, P, M, STAGES>(p, smem);
-  finish_fused_combine<DT, R>(p, smem, static_cast<int>(mla_decode_smem_bytes(R, P, M, STAGES)));
-}
-
 // LSE combine of the split partials. Grid: one block per (b, query row, CW-column chunk); CW / 4 column
 // threads (4 columns each) times JG split groups. One pass: thread (group jg, column c) walks splits jg,
 // jg + JG, ... with an online max over their lse (the same for every thread of a group: broadcast loads),
@@ -754,28 +631,20 @@ constexpr int kCombineGroupedMaxRows = 128;
 // 18.2 us at 4K and 20.3 to 22.9 us at 16K; 32 splits at 1K gained 0.6 to 0.9 us).
 constexpr int kCombinePdlMaxSplits = 32;
 
-// Launches kernel(params) on `stream`, with programmatic dependent launch when params.pdl is set, and as a
-// cooperative grid (all CTAs resident, grid-wide barriers allowed) when asked.
+// Launches kernel(params) on `stream`, with programmatic dependent launch when params.pdl is set.
 template <typename Kernel>
 cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
-                          const MlaDecodeParams& params, bool cooperative = false) {
+                          const MlaDecodeParams& params) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[2];
-  int n = 0;
-  if (params.pdl) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cooperative) {
-    attr[n].id = cudaLaunchAttributeCooperative;
-    attr[n++].val.cooperative = 1;
-  }
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
-  cfg.numAttrs = n;
+  cfg.numAttrs = params.pdl ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, params);
 }
 
@@ -816,7 +685,7 @@ cudaError_t launch_main_kernel(Kernel kernel, int m_tile, size_t smem, bool (&sm
   const cudaError_t err = allow_dynamic_smem(kernel, smem, dev, smem_set);
   if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(params.S * params.H, m_tile), params.num_splits, params.B);
-  return launch_kernel(kernel, grid, 256, smem, stream, params, params.fused_combine != 0);
+  return launch_kernel(kernel, grid, 256, smem, stream, params);
 }
 
 template <MlaDtype DT, int R, int P, int M, int STAGES>
@@ -849,6 +718,6 @@ cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream
     err = deep ? mla::launch_variant<DT, R, P, 32, kMlaMaxStages>(params, stream, dev)
                : mla::launch_variant<DT, R, P, 32, kMlaMinStages>(params, stream, dev);
   }
-  if (err != cudaSuccess || params.num_splits == 1 || params.fused_combine) return err;
+  if (err != cudaSuccess || params.num_splits == 1) return err;
   return mla::launch_mla_combine<DT, R>(params, stream);
 }

@@ -484,7 +484,8 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
 }
 
 template <MlaDtype DT, int R, int P, bool LATE>
-__device__ __forceinline__ void seesaw_cta(const MlaDecodeParams& p, unsigned char* smem_raw) {
+__global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename DtypeTraits<DT>::T;
   constexpr int M = kMlaSeesawMTile, N = kMlaSeesawNTile, D = R + P;
   constexpr int NB = mla_wgmma_col_blocks(R, P);
@@ -494,6 +495,7 @@ __device__ __forceinline__ void seesaw_cta(const MlaDecodeParams& p, unsigned ch
   static_assert(mla_seesaw_smem_bytes(R, P) == 1024 + 3 * TILE + 4 * 1024 + 32, "smem size");
   static_assert(M * (R + 8) * 4 <= 3 * TILE, "the fp32 output rows are staged in the Q tile and the buffers");
 
+  extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
   SeesawCtx c;
   c.smem_base = raw_addr;
@@ -576,14 +578,6 @@ __device__ __forceinline__ void seesaw_cta(const MlaDecodeParams& p, unsigned ch
   } else {
     seesaw_warpgroup<DT, R, P, 1, LATE>(p, c);
   }
-}
-
-template <MlaDtype DT, int R, int P, bool LATE>
-__global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p) {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  extern __shared__ __align__(1024) unsigned char smem_raw[];
-  seesaw_cta<DT, R, P, LATE>(p, smem_raw);
-  finish_fused_combine<DT, R>(p, smem_raw, static_cast<int>(mla_seesaw_smem_bytes(R, P)));
 #else
   // Built without sm_90a: never dispatched (binding.cpp checks the loaded binary); fail loudly if it is.
   __trap();
@@ -604,7 +598,7 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
   auto kernel = late ? mla::mla_decode_seesaw_kernel<DT, R, P, true> : mla::mla_decode_seesaw_kernel<DT, R, P, false>;
   static bool smem_set[2][64] = {};
   err = mla::launch_main_kernel(kernel, kMlaSeesawMTile, smem, smem_set[late ? 1 : 0], dev, params, stream);
-  if (err != cudaSuccess || params.num_splits == 1 || params.fused_combine) return err;
+  if (err != cudaSuccess || params.num_splits == 1) return err;
   return mla::launch_mla_combine<DT, R>(params, stream);
 }
 

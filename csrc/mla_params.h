@@ -34,8 +34,7 @@ struct MlaDecodeParams {
   int num_splits;  // split-KV factor (1: the main kernel writes out_latent and lse itself)
   float sm_scale;  // softmax scale of the un-absorbed head dim
   int pdl;         // 1: launch with programmatic dependent launch (compute capability >= 9.0 only)
-  int partial_f32; // 1: split partials in fp32; 0: in the input dtype (half the bytes, see pack_out)
-  int fused_combine;  // 1: cooperative launch, the decode kernel combines the splits itself (fused_combine)
+  int partial_f32; // 1: split partials in fp32; 0: in the input dtype (half the bytes, see kPartialsNote)
 };
 
 // Cache rows per pipeline stage.

@@ -64,7 +64,6 @@ KERNEL_HOOKS = {
     "pdl_mode": "_pdl_mode",  # -1 default, 0 plain launches, 1 programmatic dependent launch
     "force_splits": "_force_splits",  # 0 the split-KV heuristic, n > 0 that many splits
     "fp32_partials": "_fp32_partials",  # -1 default (input dtype), 0 input dtype, 1 fp32
-    "fused_combine": "_fused_combine",  # -1 default (on where it serves), 0 a separate combine kernel, 1 on
 }
 
 

@@ -18,8 +18,7 @@ sets with the same graph timing and checked once per cell against the float64 re
 imports (not on the device image: carry the wheels and AOT modules of scripts/fetch_flashinfer.sh).
 --peer-only-check runs only a small FlashInfer check (for a quick smoke on the GPU).
 Each row also times the default dispatch with each --ab switch flipped (same sets, same run): `nopdl`
-(programmatic dependent launch off, nopdl_us), `f32part` (fp32 split partials, f32part_us) and `nofuse` (the
-split combine as a second kernel, nofuse_us), and
+(programmatic dependent launch off, nopdl_us) and `f32part` (fp32 split partials, f32part_us), and
 --sweep-splits N,N,... times every kernel with those split-KV factors forced on the --sweep-batches
 cells (the data behind the split heuristics in csrc/mla_params.h).
 Writes bench_kernel.json and bench_kernel.png under --out.
@@ -139,7 +138,7 @@ def time_kernels(fns, first_set, default_path, wanted, copy_gbs, cache_bytes):
 
 
 # A/B switches (--ab): the kernel setting that turns the default's feature off.
-AB_SWITCHES = {"nopdl": {"pdl_mode": 0}, "f32part": {"fp32_partials": 1}, "nofuse": {"fused_combine": 0}}
+AB_SWITCHES = {"nopdl": {"pdl_mode": 0}, "f32part": {"fp32_partials": 1}}
 
 
 def time_switched(fns, name):
@@ -168,8 +167,8 @@ def main() -> None:
     ap.add_argument("--heads", default="16,128")
     ap.add_argument("--batches", default="1,16,64,128")
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
-    ap.add_argument("--profile-one", default="", metavar="H,B,L[;H,B,L...]",
-                    help="only call the op (and each --fi-backends peer) 5 times on these configs (for ncu), no timing")
+    ap.add_argument("--profile-one", default="", metavar="H,B,L",
+                    help="only call the op 5 times on one config (for ncu), no timing")
     ap.add_argument("--kernels", default="v7,mma",
                     help="kernels also timed on every cell's sets (sm_90a ones only on compute capability 9.0)")
     ap.add_argument("--ref-max-bytes", type=float, default=2.5e9, help="skip the reference above this cache size")
@@ -177,7 +176,7 @@ def main() -> None:
     ap.add_argument("--sweep-splits", default="", metavar="N,N,...",
                     help="also time each kernel with these forced split-KV factors on the --sweep-batches cells")
     ap.add_argument("--sweep-batches", default="1")
-    ap.add_argument("--ab", default="nopdl,f32part,nofuse",
+    ap.add_argument("--ab", default="nopdl,f32part",
                     help=f"A/B switches timed on every cell, of {','.join(AB_SWITCHES)} ('' = none)")
     ap.add_argument("--peer-only-check", action="store_true", help="only check and time FlashInfer on one small config")
     args = ap.parse_args()
@@ -186,16 +185,11 @@ def main() -> None:
         sys.exit(peer_flashinfer.smoke(fi, make_set, time_graph, SCALE))
     assert ops.has_kernel(), ops.extension_error()
     if args.profile_one:
-        for cell in args.profile_one.split(";"):
-            H, B, L = map(int, cell.split(","))
-            s = make_set(B, 1, H, L)
-            for _ in range(5):
-                torch.ops.mla_patch.mla_decode(*s, SCALE)
-            for backend in filter(None, args.fi_backends.split(",") if not isinstance(fi, str) else []):
-                fn = peer_flashinfer.make_decode(*s[:4], s[5] - s[4], SCALE, backend, fi)
-                for _ in range(5):
-                    fn()
-            torch.cuda.synchronize()
+        H, B, L = map(int, args.profile_one.split(","))
+        s = make_set(B, 1, H, L)
+        for _ in range(5):
+            torch.ops.mla_patch.mla_decode(*s, SCALE)
+        torch.cuda.synchronize()
         return
     torch.backends.cuda.matmul.allow_tf32 = False
 

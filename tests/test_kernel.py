@@ -391,34 +391,21 @@ def test_bad_lengths_never_read_out_of_range():
     assert _rel(out, ref) < 1e-2 and math.isinf(lse[1].max().item())
 
 
-def _fused_expected(path, B, S, H, splits):
-    """Whether the split combine runs inside the decode kernel (binding.cpp, can_fuse_combine): a split
-    launch whose grid fits one CTA per SM (these cases' partial rows always fit in shared memory)."""
-    m_tile = 64 if path == "v7" else (16 if S * H <= 16 else 32)
-    grid = -(-S * H // m_tile) * splits * B
-    return splits > 1 and grid <= torch.cuda.get_device_properties(DEV).multi_processor_count
-
-
-@pytest.mark.parametrize("fused", [0, 1], ids=["combine_kernel", "fused_combine"])
 @pytest.mark.parametrize("fp32_partials", [0, 1], ids=["dtype_partials", "fp32_partials"])
 @pytest.mark.parametrize("splits", [1, 2, 3, 4, 7, 8, 12, 64, 128])
 @pytest.mark.parametrize("path", PATHS)
-def test_paths_forced_splits(path, splits, fp32_partials, fused):
+def test_paths_forced_splits(path, splits, fp32_partials):
     """Any split-KV factor (the benchmark's sweep hook), split partials in the input dtype (the default) or
-    fp32, combined by a second kernel or inside the decode kernel (where the grid fits): the combine with empty
-    splits (a 1-row sequence cut 128 ways; its empty CTAs must still reach the grid barrier), uneven chunks,
-    one split (no combine); batch 1 with two tokens, 40 heads, R = 256, fp16 (few combine rows)."""
-    op = torch.ops.mla_patch
-    with ops.kernel_settings(force_splits=splits, fp32_partials=fp32_partials, fused_combine=fused):
+    fp32: the combine with empty splits (a 1-row sequence cut 128 ways), uneven chunks, one split (no
+    combine); batch 1 with two tokens, 40 heads, R = 256, fp16 (few combine rows: the column-chunked combine)."""
+    with ops.kernel_settings(force_splits=splits, fp32_partials=fp32_partials):
         seed = _seed("paths-splits", splits)
         lens = [4000, 1, 777]
         inputs = make_case(3, 1, 128, 512, 64, 4096, lens, torch.bfloat16, "packed", seed)
-        _check_path(path, inputs, f"splits={splits} lens={lens} fused={fused} seed={seed}")
-        assert op._last_fused() == int(fused == 1 and _fused_expected(path, 3, 1, 128, splits))
+        _check_path(path, inputs, f"splits={splits} lens={lens} seed={seed}")
         seed += 1
         inputs = make_case(1, 2, 40, 256, 32, 3000, [2999], torch.float16, "separate", seed)
-        _check_path(path, inputs, f"B=1 S=2 H=40 R=256 fp16 splits={splits} fused={fused} seed={seed}")
-        assert op._last_fused() == int(fused == 1 and _fused_expected(path, 1, 2, 40, splits))
+        _check_path(path, inputs, f"B=1 S=2 H=40 R=256 fp16 splits={splits} seed={seed}")
 
 
 def _fp16_score_rounding_up():
@@ -461,14 +448,12 @@ def test_paths_fp16_at_range_edge(path, splits):
 @pytest.mark.parametrize("path", PATHS)
 def test_paths_pdl_off_same_bits_and_graph(path):
     """Programmatic dependent launch changes scheduling only: with it off the outputs are bit-identical, and
-    a CUDA graph of back-to-back calls (cooperative decode kernels with the fused combine, each the next one's
-    PDL primary) replays to the same bits."""
+    a CUDA graph of back-to-back calls (main kernel, combine, next main kernel) replays to the same bits."""
     _skip_unless_sm90(path)
     op = torch.ops.mla_patch
     sets = [make_case(1, 1, 128, 512, 64, 8192, [8192 - 5 * i], torch.bfloat16, "packed", _seed("pdl", i)) for i in range(3)]
     with ops.kernel_settings(wgmma_mode=MODES[path]):
         want = [run_kernel(*s) for s in sets]
-        assert op._last_fused() == 1  # a cooperative launch (the fused combine) under PDL and graph capture
         with ops.kernel_settings(pdl_mode=0):
             off = [run_kernel(*s) for s in sets]
         for (o1, l1), (o0, l0) in zip(want, off):
