@@ -167,8 +167,8 @@ def main() -> None:
     ap.add_argument("--heads", default="16,128")
     ap.add_argument("--batches", default="1,16,64,128")
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
-    ap.add_argument("--profile-one", default="", metavar="H,B,L",
-                    help="only call the op 5 times on one config (for ncu), no timing")
+    ap.add_argument("--profile-one", default="", metavar="H,B,L[;H,B,L...]",
+                    help="only call the op (and each --fi-backends peer) 5 times on these configs (for ncu), no timing")
     ap.add_argument("--kernels", default="v7,mma",
                     help="kernels also timed on every cell's sets (sm_90a ones only on compute capability 9.0)")
     ap.add_argument("--ref-max-bytes", type=float, default=2.5e9, help="skip the reference above this cache size")
@@ -185,11 +185,16 @@ def main() -> None:
         sys.exit(peer_flashinfer.smoke(fi, make_set, time_graph, SCALE))
     assert ops.has_kernel(), ops.extension_error()
     if args.profile_one:
-        H, B, L = map(int, args.profile_one.split(","))
-        s = make_set(B, 1, H, L)
-        for _ in range(5):
-            torch.ops.mla_patch.mla_decode(*s, SCALE)
-        torch.cuda.synchronize()
+        for cell in args.profile_one.split(";"):
+            H, B, L = map(int, cell.split(","))
+            s = make_set(B, 1, H, L)
+            for _ in range(5):
+                torch.ops.mla_patch.mla_decode(*s, SCALE)
+            for backend in filter(None, args.fi_backends.split(",") if not isinstance(fi, str) else []):
+                fn = peer_flashinfer.make_decode(*s[:4], s[5] - s[4], SCALE, backend, fi)
+                for _ in range(5):
+                    fn()
+            torch.cuda.synchronize()
         return
     torch.backends.cuda.matmul.allow_tf32 = False
 
