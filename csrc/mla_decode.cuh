@@ -512,118 +512,131 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   }
 }
 
-// LSE combine of the split partials. Grid: one block per (b, query row, CW-column chunk); CW / 4 column
-// threads (4 columns each) times JG split groups. One pass: thread (group jg, column c) walks splits jg,
-// jg + JG, ... with an online max over their lse (the same for every thread of a group: broadcast loads),
-// loading 8 splits' lse and partial columns at once, so the lse and the partials are in flight together
-// (no block-wide max before the first partial load). The JG groups meet in shared memory. (Few rows and
-// many splits, as at batch 1, leave few blocks: column chunks spread them over more SMs and the split
-// groups keep enough loads in flight.) Empty splits (lse = -inf, rows never written) get weight 0 and
-// their loaded values are discarded by a select, never multiplied (they may be NaN).
-template <MlaDtype DT, int R, int CW, int JG, bool F32>
-__global__ void __launch_bounds__(CW / 4 * JG) mla_combine_kernel(const MlaDecodeParams p) {
+// LSE combine of the split partials. Blocks of 128 threads; a thread takes VEC consecutive columns (one 16-byte
+// load a split: 8 columns of 16-bit partials, 4 of fp32) of one output row, and JG threads of different split
+// groups share those columns; a block holds RB rows x NC column threads x JG groups over a CW-column chunk.
+// One pass: thread (row, group jg, column c) walks splits jg, jg + JG, ... with an online max over their lse
+// (the same for every thread of a group: broadcast loads), loading DEPTH splits' lse and partial columns at
+// once, so the lse and the partials are in flight together. The JG groups meet in shared memory.
+// Shapes (launch_mla_combine): few rows (batch 1) take 128-column chunks and several split groups, so the many
+// splits are read by more blocks and more loads are in flight; many rows take whole rows, one group, and
+// DEPTH = 4 where there are at most 4 splits (at 8 the unused load slots cost registers, so fewer blocks fit
+// an SM: an ncu run at H = 128, B = 16, 1K had this kernel at 10 us with 3 waves of 8-byte loads).
+// Empty splits (lse = -inf, rows never written) get weight 0 and their loaded values are discarded by a select,
+// never multiplied (they may be NaN).
+template <MlaDtype DT, int R, int CW, int JG, bool F32, int DEPTH>
+__global__ void __launch_bounds__(128) mla_combine_kernel(const MlaDecodeParams p) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
   using PT = std::conditional_t<F32, float, T>;  // partial element (MlaDecodeParams::partial_f32)
-  constexpr int NC = CW / 4, CHUNKS = R / CW, DEPTH = 8;
-  static_assert(R % CW == 0 && NC % 32 == 0, "column chunks of whole warps");
-  __shared__ float2 s_mw[JG];                        // (max, weight sum) of each group
-  __shared__ float4 s_acc[JG > 1 ? JG - 1 : 1][NC];  // column sums of groups 1..JG-1
+  constexpr int VEC = 16 / static_cast<int>(sizeof(PT)), NC = CW / VEC, RB = 128 / (NC * JG), CHUNKS = R / CW;
+  static_assert(R % CW == 0 && RB >= 1 && RB * NC * JG == 128, "a block is RB rows x NC columns x JG groups");
+  __shared__ float2 s_mw[RB][JG];                            // (max, weight sum) of each group
+  __shared__ float s_acc[RB][JG > 1 ? JG - 1 : 1][NC][VEC];  // column sums of groups 1..JG-1
   pdl_launch_dependents();
   pdl_wait();
   const int MT = p.S * p.H;
-  const int row = blockIdx.x / CHUNKS, chunk = blockIdx.x % CHUNKS;
-  const int b = row / MT, g = row % MT;
-  const int ns = p.num_splits;
   const int tid = threadIdx.x;
-  const int c = tid % NC, jg = tid / NC;
-  const int col = chunk * CW + c * 4;
+  const int c = tid % NC, jg = (tid / NC) % JG, rl = tid / (NC * JG);
+  const long long row = static_cast<long long>(blockIdx.x / CHUNKS) * RB + rl;
+  const int chunk = blockIdx.x % CHUNKS;
+  const bool real = row < static_cast<long long>(p.B) * MT;  // the last block may hold fewer rows
+  const long long b = real ? row / MT : 0, g = real ? row % MT : 0;
+  const int ns = p.num_splits;
+  const int col = chunk * CW + c * VEC;
   const size_t split_stride = static_cast<size_t>(MT) * R;
-  const float* lp = p.lse_partial + static_cast<size_t>(b) * ns * MT + g;
-  const PT* op = static_cast<const PT*>(p.o_partial) + (static_cast<size_t>(b) * ns * MT + g) * R + col;
-  // Four consecutive partial columns as floats.
-  auto load4 = [](const PT* src) {
-    if constexpr (F32) {
-      return *reinterpret_cast<const float4*>(src);
-    } else {
-      const uint2 raw = *reinterpret_cast<const uint2*>(src);
-      const float2 lo = Tr::unpack(*reinterpret_cast<const T2*>(&raw.x));
-      const float2 hi = Tr::unpack(*reinterpret_cast<const T2*>(&raw.y));
-      return make_float4(lo.x, lo.y, hi.x, hi.y);
-    }
-  };
+  const float* lp = p.lse_partial + b * ns * MT + g;
+  const PT* op = static_cast<const PT*>(p.o_partial) + (b * ns * MT + g) * R + col;
   float m = -INFINITY, wsum = 0.f;
-  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-  for (int j0 = jg; j0 < ns; j0 += DEPTH * JG) {
+  float acc[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
+  for (int j0 = jg; real && j0 < ns; j0 += DEPTH * JG) {
     float l[DEPTH];
-    float4 v[DEPTH];
+    uint4 v[DEPTH];
 #pragma unroll
     for (int u = 0; u < DEPTH; ++u) {
       const int j = j0 + u * JG;
       l[u] = j < ns ? lp[static_cast<size_t>(j) * MT] : -INFINITY;
-      v[u] = j < ns ? load4(op + j * split_stride) : make_float4(0.f, 0.f, 0.f, 0.f);
+      v[u] = j < ns ? *reinterpret_cast<const uint4*>(op + j * split_stride) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < DEPTH; ++u) {
-      if (l[u] > m) {  // uniform across the block (every thread reads the same lse)
+      if (l[u] > m) {  // uniform across the group (its threads read the same lse)
         const float a = m == -INFINITY ? 0.f : __expf(m - l[u]);
-        acc.x *= a;
-        acc.y *= a;
-        acc.z *= a;
-        acc.w *= a;
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[k] *= a;
         wsum *= a;
         m = l[u];
       }
       const float w = l[u] == -INFINITY ? 0.f : __expf(l[u] - m);
       wsum += w;
-      acc.x += w > 0.f ? w * v[u].x : 0.f;
-      acc.y += w > 0.f ? w * v[u].y : 0.f;
-      acc.z += w > 0.f ? w * v[u].z : 0.f;
-      acc.w += w > 0.f ? w * v[u].w : 0.f;
+      float x[VEC];
+      if constexpr (F32) {
+        x[0] = __uint_as_float(v[u].x);
+        x[1] = __uint_as_float(v[u].y);
+        x[2] = __uint_as_float(v[u].z);
+        x[3] = __uint_as_float(v[u].w);
+      } else {
+        const uint32_t words[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float2 f = Tr::unpack(*reinterpret_cast<const T2*>(&words[k]));
+          x[2 * k] = f.x;
+          x[2 * k + 1] = f.y;
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] += w > 0.f ? w * x[k] : 0.f;
     }
   }
   if constexpr (JG > 1) {
-    if (c == 0) s_mw[jg] = make_float2(m, wsum);
-    if (jg > 0) s_acc[jg - 1][c] = acc;
+    if (c == 0) s_mw[rl][jg] = make_float2(m, wsum);
+    if (jg > 0) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) s_acc[rl][jg - 1][c][k] = acc[k];
+    }
     __syncthreads();
     if (jg != 0) return;
     float mx = m;
 #pragma unroll
-    for (int k = 1; k < JG; ++k) mx = fmaxf(mx, s_mw[k].x);
+    for (int q = 1; q < JG; ++q) mx = fmaxf(mx, s_mw[rl][q].x);
     const float a0 = m == -INFINITY ? 0.f : __expf(m - mx);
-    acc.x *= a0;
-    acc.y *= a0;
-    acc.z *= a0;
-    acc.w *= a0;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] *= a0;
     wsum *= a0;
 #pragma unroll
-    for (int k = 1; k < JG; ++k) {
-      const float2 mw = s_mw[k];
+    for (int q = 1; q < JG; ++q) {
+      const float2 mw = s_mw[rl][q];
       const float a = mw.x == -INFINITY ? 0.f : __expf(mw.x - mx);
-      const float4 o = s_acc[k - 1][c];
-      acc.x += a * o.x;
-      acc.y += a * o.y;
-      acc.z += a * o.z;
-      acc.w += a * o.w;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] += a * s_acc[rl][q - 1][c][k];
       wsum += a * mw.y;
     }
     m = mx;
   }
+  if (!real) return;
   const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-  T* out = static_cast<T*>(p.out_latent) + (static_cast<size_t>(b) * MT + g) * R + col;
-  T2 lo = pack_out<DT>(acc.x * inv, acc.y * inv), hi = pack_out<DT>(acc.z * inv, acc.w * inv);
-  uint2 packed;
-  packed.x = *reinterpret_cast<uint32_t*>(&lo);
-  packed.y = *reinterpret_cast<uint32_t*>(&hi);
-  *reinterpret_cast<uint2*>(out) = packed;
-  if (tid == 0 && chunk == 0) p.lse[static_cast<size_t>(b) * MT + g] = wsum > 0.f ? m + __logf(wsum) : -INFINITY;
+  T* out = static_cast<T*>(p.out_latent) + row * R + col;
+  uint32_t words[VEC / 2];
+#pragma unroll
+  for (int k = 0; k < VEC / 2; ++k) {
+    const T2 two = pack_out<DT>(acc[2 * k] * inv, acc[2 * k + 1] * inv);
+    words[k] = *reinterpret_cast<const uint32_t*>(&two);
+  }
+  if constexpr (VEC == 8) {
+    *reinterpret_cast<uint4*>(out) = make_uint4(words[0], words[1], words[2], words[3]);
+  } else {
+    *reinterpret_cast<uint2*>(out) = make_uint2(words[0], words[1]);
+  }
+  if (c == 0 && jg == 0 && chunk == 0) p.lse[row] = wsum > 0.f ? m + __logf(wsum) : -INFINITY;
 }
 
 // Both decode kernels (mma.sync and wgmma) finish a split launch with this, so the combine's block
-// shape is stated once. Few rows (batch 1): 128-column chunks and 4 split groups (H100: split groups took
-// B = 1 from 16.1 to 15.5 us at H = 128, 1K, but B = 16 from 34.7 to 40.8 us at H = 128, 1K); whole rows
-// and one group from this many (b, query row) pairs on.
+// shapes are stated once. Few rows (batch 1): 128-column chunks and several split groups (H100: split groups
+// took B = 1 from 16.1 to 15.5 us at H = 128, 1K, but B = 16 from 34.7 to 40.8 us); whole rows and one group
+// from this many (b, query row) pairs on.
 constexpr int kCombineGroupedMaxRows = 128;
 // Programmatic dependent launch of the combine only up to this many splits: its blocks are then scheduled
 // while the main kernel runs, onto the few SMs it leaves free, several a SM, which pays when each block
@@ -648,19 +661,26 @@ cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cu
   return cudaLaunchKernelEx(&cfg, kernel, params);
 }
 
+// The combine's shape (see mla_combine_kernel) for partial elements of `F32`.
+template <MlaDtype DT, int R, bool F32>
+cudaError_t launch_mla_combine_as(const MlaDecodeParams& p, cudaStream_t stream) {
+  constexpr int VEC = F32 ? 4 : 8;
+  const long long rows = static_cast<long long>(p.B) * p.S * p.H;
+  if (rows <= kCombineGroupedMaxRows) {
+    constexpr int CW = 128, JG = 128 / (CW / VEC);
+    return launch_kernel(mla_combine_kernel<DT, R, CW, JG, F32, 8>, dim3(rows * (R / CW)), 128, 0, stream, p);
+  }
+  constexpr int RB = 128 / (R / VEC);
+  const dim3 grid((rows + RB - 1) / RB);
+  return p.num_splits <= 4 ? launch_kernel(mla_combine_kernel<DT, R, R, 1, F32, 4>, grid, 128, 0, stream, p)
+                           : launch_kernel(mla_combine_kernel<DT, R, R, 1, F32, 8>, grid, 128, 0, stream, p);
+}
+
 template <MlaDtype DT, int R>
 cudaError_t launch_mla_combine(const MlaDecodeParams& params, cudaStream_t stream) {
   MlaDecodeParams p = params;
   p.pdl = params.pdl && params.num_splits <= kCombinePdlMaxSplits;
-  const int rows = p.B * p.S * p.H;
-  if (rows <= kCombineGroupedMaxRows) {
-    constexpr int CW = 128, JG = 4;
-    const dim3 grid(rows * (R / CW));
-    return p.partial_f32 ? launch_kernel(mla_combine_kernel<DT, R, CW, JG, true>, grid, CW / 4 * JG, 0, stream, p)
-                         : launch_kernel(mla_combine_kernel<DT, R, CW, JG, false>, grid, CW / 4 * JG, 0, stream, p);
-  }
-  return p.partial_f32 ? launch_kernel(mla_combine_kernel<DT, R, R, 1, true>, dim3(rows), R / 4, 0, stream, p)
-                       : launch_kernel(mla_combine_kernel<DT, R, R, 1, false>, dim3(rows), R / 4, 0, stream, p);
+  return p.partial_f32 ? launch_mla_combine_as<DT, R, true>(p, stream) : launch_mla_combine_as<DT, R, false>(p, stream);
 }
 
 }  // namespace mla

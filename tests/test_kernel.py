@@ -397,7 +397,8 @@ def test_bad_lengths_never_read_out_of_range():
 def test_paths_forced_splits(path, splits, fp32_partials):
     """Any split-KV factor (the benchmark's sweep hook), split partials in the input dtype (the default) or
     fp32: the combine with empty splits (a 1-row sequence cut 128 ways), uneven chunks, one split (no
-    combine); batch 1 with two tokens, 40 heads, R = 256, fp16 (few combine rows: the column-chunked combine)."""
+    combine); batch 1 with two tokens, 40 heads, R = 256, fp16 (few combine rows: the column-chunked combine);
+    135 rows of R = 256 (several rows a combine block, the last one partly empty)."""
     with ops.kernel_settings(force_splits=splits, fp32_partials=fp32_partials):
         seed = _seed("paths-splits", splits)
         lens = [4000, 1, 777]
@@ -406,6 +407,9 @@ def test_paths_forced_splits(path, splits, fp32_partials):
         seed += 1
         inputs = make_case(1, 2, 40, 256, 32, 3000, [2999], torch.float16, "separate", seed)
         _check_path(path, inputs, f"B=1 S=2 H=40 R=256 fp16 splits={splits} seed={seed}")
+        seed += 1  # 135 rows: the combine's last block (2 or 4 rows a block) is partly empty
+        inputs = make_case(3, 1, 45, 256, 32, 700, [700, 3, 555], torch.bfloat16, "packed", seed)
+        _check_path(path, inputs, f"B=3 H=45 R=256 splits={splits} seed={seed}")
 
 
 def _fp16_score_rounding_up():
