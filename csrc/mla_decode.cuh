@@ -638,11 +638,6 @@ __global__ void __launch_bounds__(128) mla_combine_kernel(const MlaDecodeParams 
 // took B = 1 from 16.1 to 15.5 us at H = 128, 1K, but B = 16 from 34.7 to 40.8 us); whole rows and one group
 // from this many (b, query row) pairs on.
 constexpr int kCombineGroupedMaxRows = 128;
-// Programmatic dependent launch of the combine only up to this many splits: its blocks are then scheduled
-// while the main kernel runs, onto the few SMs it leaves free, several a SM, which pays when each block
-// reads little and costs when it reads much (H200, 0f56021: 128 splits at H = 16, B = 1 went from 15.4 to
-// 18.2 us at 4K and 20.3 to 22.9 us at 16K; 32 splits at 1K gained 0.6 to 0.9 us).
-constexpr int kCombinePdlMaxSplits = 32;
 
 // Launches kernel(params) on `stream`, with programmatic dependent launch when params.pdl is set.
 template <typename Kernel>
@@ -676,10 +671,13 @@ cudaError_t launch_mla_combine_as(const MlaDecodeParams& p, cudaStream_t stream)
                            : launch_kernel(mla_combine_kernel<DT, R, R, 1, F32, 8>, grid, 128, 0, stream, p);
 }
 
+// The combine launches with programmatic dependent launch like the decode kernels, at any split count. (Until
+// the combine's rewrite (22e8c3c) only up to 32 splits: the early blocks of the old one, 8-byte loads and 96
+// registers, packed onto the few SMs the decode kernel left free and cost 1-3 us with 64-128 splits. H200 after
+// the rewrite, two rounds each: H = 128, B = 1, 4K 15.7 vs 16.5-16.6 us, 16K 24.4-24.5 vs 25.2-25.6, 64K
+// 52.6-52.7 vs 53.1-54.3; H = 16, B = 1, 4K 9.3 vs 9.8-9.9.)
 template <MlaDtype DT, int R>
-cudaError_t launch_mla_combine(const MlaDecodeParams& params, cudaStream_t stream) {
-  MlaDecodeParams p = params;
-  p.pdl = params.pdl && params.num_splits <= kCombinePdlMaxSplits;
+cudaError_t launch_mla_combine(const MlaDecodeParams& p, cudaStream_t stream) {
   return p.partial_f32 ? launch_mla_combine_as<DT, R, true>(p, stream) : launch_mla_combine_as<DT, R, false>(p, stream);
 }
 
