@@ -56,19 +56,23 @@ if [ "$mode" != "--bench-only" ]; then
     echo "V7 SUSPECT: the benchmark runs with MLA_PATCH_WGMMA=0" | tee -a "$OUT/gpu.txt"
     export MLA_PATCH_WGMMA=0
   fi
+  # Worst cases: the error, its ratio to the reference op's own error in the dtype, and the fraction of the
+  # tests' bound (2 x that error + 1e-4, tests/test_kernel.py) it uses; the ratio alone overstates cases whose
+  # reference error is tiny, where the 1e-4 floor is what the test applies.
   python3 - "$OUT/kernel_errors.jsonl" <<'PY'
 import json, sys, collections
-worst = collections.defaultdict(lambda: [0.0, 0.0, 0.0, ""])
+worst = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0.0, ""])
 try:
     for line in open(sys.argv[1]):
         r = json.loads(line)
-        key = r["dtype"]
-        w = worst[key]
-        ratio = r["rel_err"] / max(r["ref_rel_err"], 1e-12)
-        if r["rel_err"] > w[0]: w[0], w[3] = r["rel_err"], r["case"]
-        w[1] = max(w[1], ratio); w[2] = max(w[2], r["lse_abs_err"])
-    for k, (e, ratio, lse, case) in worst.items():
-        print(f"{k}: max rel err {e:.2e} (at {case[:90]}), max ratio to reference-in-dtype {ratio:.2f}, max lse abs err {lse:.1e}")
+        w = worst[r["dtype"]]
+        if r["rel_err"] > w[0]: w[0], w[4] = r["rel_err"], r["case"]
+        w[1] = max(w[1], r["rel_err"] / max(r["ref_rel_err"], 1e-12))
+        w[2] = max(w[2], r["rel_err"] / (2.0 * r["ref_rel_err"] + 1e-4))
+        w[3] = max(w[3], r["lse_abs_err"])
+    for k, (e, ratio, bound, lse, case) in worst.items():
+        print(f"{k}: max rel err {e:.2e} (at {case[:90]}), max ratio to reference-in-dtype {ratio:.2f}, "
+              f"max fraction of the test bound {bound:.2f}, max lse abs err {lse:.1e}")
 except FileNotFoundError:
     print("no error log")
 PY
