@@ -132,7 +132,7 @@ int64_t pdl_mode_op(int64_t mode) {
   return g_pdl_mode.exchange(static_cast<int>(mode));
 }
 
-// Split partials in fp32 instead of the input dtype (mla_decode.cuh, pack_partial): off by default;
+// Split partials in fp32 instead of the input dtype (mla_decode.cuh, pack_out): off by default;
 // MLA_PATCH_FP32_PARTIALS=1 turns it on (read once per process), the hook mla_patch::_fp32_partials(0|1|-1)
 // overrides (the benchmark's A/B and the tests).
 std::atomic<int> g_fp32_partials_mode{-1};

@@ -34,7 +34,7 @@ struct MlaDecodeParams {
   int num_splits;  // split-KV factor (1: the main kernel writes out_latent and lse itself)
   float sm_scale;  // softmax scale of the un-absorbed head dim
   int pdl;         // 1: launch with programmatic dependent launch (compute capability >= 9.0 only)
-  int partial_f32; // 1: split partials in fp32; 0: in the input dtype (half the bytes, see kPartialsNote)
+  int partial_f32; // 1: split partials in fp32; 0: in the input dtype (half the bytes; pack_out in mla_decode.cuh)
 };
 
 // Cache rows per pipeline stage.
@@ -54,8 +54,9 @@ inline int mla_decode_m_tile(int S, int H) { return S * H <= 16 ? 16 : 32; }
 // fill one wave: splits = floor(SMs / (B * m_tiles)), with at least two 32-row tiles of capacity a split
 // unless that leaves fewer than 32 splits (then one tile a split, up to 32). Fitted to a forced-split sweep
 // at B = 1 on the H200 (5a48c3d): H = 16 at 4K 10.3 us with 64 splits, 11.8 with 128; at 1K 7.1 us with 32
-// splits, 7.8 with 16; H = 128 at 1K 12.2 us with 32, 13.0 with 16. The kernel cuts each sequence's actual range evenly, so a short sequence in a long
-// buffer still gets balanced splits (the surplus ones are empty and exit at once).
+// splits, 7.8 with 16; H = 128 at 1K 12.2 us with 32, 13.0 with 16. The kernel cuts each sequence's actual
+// range evenly, so a short sequence in a long buffer still gets balanced splits (the surplus ones are empty
+// and exit at once).
 inline int mla_num_splits_for(int B, int S, int H, int T, int num_sms, int m_tile) {
   const long m_tiles = (static_cast<long>(S) * H + m_tile - 1) / m_tile;
   const long base = static_cast<long>(B) * m_tiles;

@@ -111,11 +111,15 @@ KERNEL_NAMES = {0: "mma", 1: "v7"}
 KERNEL_MODES = {name: mode for mode, name in KERNEL_NAMES.items()}
 
 
+def kernel_runs_here(name):
+    """mma.sync runs on every GPU; the sm_90a kernels only on compute capability 9.0."""
+    return name == "mma" or torch.cuda.get_device_capability() == (9, 0)
+
+
 def time_kernels(fns, first_set, default_path, wanted, copy_gbs, cache_bytes):
     """Times each kernel in `wanted` (comma list) other than the default one on the same sets; checks each
     against the mma.sync kernel's output on the first set. Returns {name_us, name_pct, name_err}."""
     op = torch.ops.mla_patch
-    sm90 = torch.cuda.get_device_capability() == (9, 0)
     out = {}
     with ops.kernel_settings(wgmma_mode=0):
         want, _ = op.mla_decode(*first_set, SCALE)
@@ -123,7 +127,7 @@ def time_kernels(fns, first_set, default_path, wanted, copy_gbs, cache_bytes):
     if default_path != "mma":
         out["err"] = rel(op.mla_decode(*first_set, SCALE)[0])
     for name in [k for k in wanted.split(",") if k]:
-        if name == default_path or (name != "mma" and not sm90):
+        if name == default_path or not kernel_runs_here(name):
             continue
         with ops.kernel_settings(wgmma_mode=KERNEL_MODES[name]):
             got, _ = op.mla_decode(*first_set, SCALE)
@@ -149,10 +153,9 @@ def time_switched(fns, name):
 
 def sweep_splits(fns, splits, kernels):
     """{kernel: {splits: us}} with the split-KV factor forced (the data behind the split heuristics)."""
-    sm90 = torch.cuda.get_device_capability() == (9, 0)
     res = {}
     for name in kernels:
-        if name != "mma" and not sm90:
+        if not kernel_runs_here(name):
             continue
         res[name] = {}
         for n in splits:
