@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -158,6 +159,26 @@ int64_t force_splits_op(int64_t n) {
   return g_forced_splits.exchange(static_cast<int>(n));
 }
 
+// Per-CTA timeline buffer (mla_patch::_timeline(stamps), scripts/kernel_timeline.py): while one is set, each call
+// on its device has its CTAs write their stamps into it (each call overwrites the last). Held here so it lives
+// as long as the kernels that write it; the holder is never destroyed, so process exit needs no CUDA.
+at::Tensor& timeline_buffer() {
+  static auto* held = new at::Tensor();
+  return *held;
+}
+void timeline_op(const std::optional<at::Tensor>& stamps) {
+  if (!stamps.has_value() || !stamps->defined()) {
+    timeline_buffer() = at::Tensor();
+    return;
+  }
+  const at::Tensor& t = *stamps;
+  TORCH_CHECK(t.is_cuda() && t.scalar_type() == at::kLong && t.is_contiguous() && t.dim() == 3 && t.size(0) == 2 &&
+                  t.size(2) == 32 && t.size(1) > 0 && t.size(1) < (1LL << 31),
+              "mla_decode: _timeline takes a contiguous int64 CUDA tensor [2, blocks, 32] or None, got ",
+              dims_str(t.sizes()));
+  timeline_buffer() = t;
+}
+
 int64_t wgmma_mode_op(int64_t mode) {
   TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _wgmma_mode takes -1 (default), 0 (mma.sync) or 1 (v7)");
   return g_wgmma_mode.exchange(static_cast<int>(mode));
@@ -280,6 +301,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.sm_scale = static_cast<float>(sm_scale);
   p.pdl = pdl_enabled(info) ? 1 : 0;
   p.partial_f32 = partial_f32 ? 1 : 0;
+  const at::Tensor& timeline = timeline_buffer();
+  if (timeline.defined() && timeline.device() == device) {
+    p.timeline = reinterpret_cast<unsigned long long*>(timeline.data_ptr<int64_t>());
+    p.timeline_blocks = static_cast<int>(timeline.size(1));
+  }
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   cudaError_t err;
@@ -327,6 +353,7 @@ TORCH_LIBRARY(mla_patch, m) {
   m.def("_pdl_mode(int mode) -> int", &pdl_mode_op);
   m.def("_force_splits(int n) -> int", &force_splits_op);
   m.def("_fp32_partials(int mode) -> int", &fp32_partials_op);
+  m.def("_timeline(Tensor? stamps) -> ()", &timeline_op);
 }
 
 TORCH_LIBRARY_IMPL(mla_patch, CUDA, m) { m.impl("mla_decode", &mla_decode_cuda); }

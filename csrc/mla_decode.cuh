@@ -133,6 +133,56 @@ __device__ __forceinline__ void pdl_launch_dependents() {
 #endif
 }
 
+// ---- Per-CTA timeline (scripts/kernel_timeline.py): where a CTA's time goes, without a profiler's replays.
+// Off unless MlaDecodeParams::timeline is set; then one thread a CTA writes a row of 32 u64 at
+// (kernel, linear block index): [0] SM id, [1] x | y << 20 | z << 40 of the block, [2] its cache tiles, [3] 0,
+// then stamp s as (globaltimer ns, clock64) at [2 s + 2, 2 s + 3]. globaltimer orders CTAs of different
+// SMs; clock64 times the phases within one.
+enum TimelineKernel : int { kTlDecode = 0, kTlCombine = 1 };
+enum TimelineSlot : int {
+  kTlEntry = 1,    // first instruction (read before pdl_wait, written after it)
+  kTlWaited = 2,   // pdl_wait returned: the previous kernel in the stream is complete
+  kTlLengths = 3,  // the sequence's lengths are read and the CTA's cache rows known
+  kTlQ = 4,        // the query tile landed (v7)
+  kTlFirst = 5,    // the first tile's scores are done (v7: warpgroup 0's first QK; mma.sync: the loop's first barrier)
+  kTlLoopEnd = 6,  // the main loop is done (v7: warpgroup 0)
+  kTlLoopEnd1 = 7, // v7: warpgroup 1's loop is done
+  kTlExit = 8,     // the CTA's last global store is issued
+};
+struct TimelineStamp {
+  unsigned long long ns, clk;
+};
+__device__ __forceinline__ TimelineStamp timeline_now() {
+  TimelineStamp t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t.ns));
+  t.clk = clock64();
+  return t;
+}
+__device__ __forceinline__ unsigned long long* timeline_row(const MlaDecodeParams& p, int kernel) {
+  const long long blk = blockIdx.x + static_cast<long long>(gridDim.x) * (blockIdx.y + static_cast<long long>(gridDim.y) * blockIdx.z);
+  if (p.timeline == nullptr || blk >= p.timeline_blocks) return nullptr;
+  return p.timeline + (static_cast<long long>(kernel) * p.timeline_blocks + blk) * 32;
+}
+__device__ __forceinline__ void timeline_put(const MlaDecodeParams& p, int kernel, int slot, TimelineStamp t) {
+  if (unsigned long long* row = timeline_row(p, kernel)) {
+    row[2 * slot + 2] = t.ns;
+    row[2 * slot + 3] = t.clk;
+  }
+}
+__device__ __forceinline__ void timeline_stamp(const MlaDecodeParams& p, int kernel, int slot) {
+  if (p.timeline != nullptr) timeline_put(p, kernel, slot, timeline_now());
+}
+__device__ __forceinline__ void timeline_meta(const MlaDecodeParams& p, int kernel, int tiles) {
+  if (unsigned long long* row = timeline_row(p, kernel)) {
+    unsigned smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    row[0] = smid;
+    row[1] = blockIdx.x | (static_cast<unsigned long long>(blockIdx.y) << 20) | (static_cast<unsigned long long>(blockIdx.z) << 40);
+    row[2] = static_cast<unsigned long long>(tiles);
+    row[3] = 0;
+  }
+}
+
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -196,8 +246,13 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   const int row0 = blockIdx.x * M;
   const int nsplit = p.num_splits;
 
+  const TimelineStamp t_entry = timeline_now();
   pdl_launch_dependents();
   pdl_wait();
+  if (tid == 0) {
+    timeline_put(p, kTlDecode, kTlEntry, t_entry);
+    timeline_stamp(p, kTlDecode, kTlWaited);
+  }
   // Q tile -> the last stage (rows past S*H are zero-filled), issued before the lengths are read so
   // the two loads are in flight together.
   for (int c = tid; c < M * CHUNKS; c += NTHREADS) {
@@ -222,6 +277,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   const bool s_valid = sg < MT;
   const bool s_lead = (tid % TPR) == 0;
 
+  if (tid == 0) timeline_meta(p, kTlDecode, n_tiles);
   if (n_tiles == 0) {
     // Nothing visible in this chunk: out = 0, lse = -inf (or only lse = -inf for a split partial).
     cp_async_wait<0>();  // the Q copy lands before the CTA exits
@@ -240,6 +296,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
     }
     return;
   }
+  if (tid == 0) timeline_stamp(p, kTlDecode, kTlLengths);
 
   const T* c_kv = static_cast<const T*>(p.c_kv) + static_cast<long long>(b) * p.c_kv_sb;
   const T* k_pe = static_cast<const T*>(p.k_pe) + static_cast<long long>(b) * p.k_pe_sb;
@@ -356,6 +413,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
     // [X] Groups so far: Q, tiles 0..it+STAGES-2; tile it+1 must have landed.
     cp_async_wait<STAGES - 3>();
     __syncthreads();
+    if (it == 0 && tid == 0) timeline_stamp(p, kTlDecode, kTlFirst);
     {
       const int nt = it + STAGES - 1;
       if (nt < n_tiles) load_tile(nt, nt % STAGES);
@@ -455,6 +513,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
     }
   }
   cp_async_wait<0>();
+  if (tid == 0) timeline_stamp(p, kTlDecode, kTlLoopEnd);
 
   // ---- epilogue: normalize, write out/lse (or the split's partials)
   if (s_lead) {
@@ -510,6 +569,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
       }
     }
   }
+  if (tid == 0) timeline_stamp(p, kTlDecode, kTlExit);
 }
 
 // LSE combine of the split partials. Blocks of 128 threads; a thread takes VEC consecutive columns (one 16-byte
@@ -534,10 +594,16 @@ __global__ void __launch_bounds__(128) mla_combine_kernel(const MlaDecodeParams 
   static_assert(R % CW == 0 && RB >= 1 && RB * NC * JG == 128, "a block is RB rows x NC columns x JG groups");
   __shared__ float2 s_mw[RB][JG];                            // (max, weight sum) of each group
   __shared__ float s_acc[RB][JG > 1 ? JG - 1 : 1][NC][VEC];  // column sums of groups 1..JG-1
+  const TimelineStamp t_entry = timeline_now();
   pdl_launch_dependents();
   pdl_wait();
   const int MT = p.S * p.H;
   const int tid = threadIdx.x;
+  if (tid == 0) {
+    timeline_meta(p, kTlCombine, 0);
+    timeline_put(p, kTlCombine, kTlEntry, t_entry);
+    timeline_stamp(p, kTlCombine, kTlWaited);
+  }
   const int c = tid % NC, jg = (tid / NC) % JG, rl = tid / (NC * JG);
   const long long row = static_cast<long long>(blockIdx.x / CHUNKS) * RB + rl;
   const int chunk = blockIdx.x % CHUNKS;
@@ -631,6 +697,7 @@ __global__ void __launch_bounds__(128) mla_combine_kernel(const MlaDecodeParams 
     *reinterpret_cast<uint2*>(out) = make_uint2(words[0], words[1]);
   }
   if (c == 0 && jg == 0 && chunk == 0) p.lse[row] = wsum > 0.f ? m + __logf(wsum) : -INFINITY;
+  if (tid == 0) timeline_stamp(p, kTlCombine, kTlExit);  // thread 0's row is real: the grid has no empty block
 }
 
 // Both decode kernels (mma.sync and wgmma) finish a split launch with this, so the combine's block

@@ -290,6 +290,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   cp_async_wait<0>();
   fence_proxy_async();
   named_bar_sync(kBarQ, 256);  // every thread's part of Q landed and is visible to the tensor cores
+  if (threadIdx.x == 0) timeline_stamp(p, kTlDecode, kTlQ);
 
   for (int k = 0; k < c.n_pairs; ++k) {
     const int tile = 2 * k + W;
@@ -308,6 +309,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       qk_cross(parity);
       wgmma_wait<0>();
       fence_operand(s);
+      if (k == 0 && wt == 0) timeline_stamp(p, kTlDecode, kTlFirst);
       softmax(tile, m0, m1, mn0, mn1, sum0, sum1);
       pack_p(pa);
       send_p(pa, 0);
@@ -420,6 +422,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
     wgmma_wait<0>();  // the last PV over buffer 1
     fence_operand(o);
   }
+  if (wt == 0) timeline_stamp(p, kTlDecode, W == 0 ? kTlLoopEnd : kTlLoopEnd1);
 
   // ---- epilogue: the row sums of both warpgroups (same fragment positions in slot t), then each
   // warpgroup normalizes and writes its R/2 columns.
@@ -470,6 +473,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
             *reinterpret_cast<const uint4*>(stage + r * ROWB + cc * 16);
       }
     }
+    if (threadIdx.x == 0) timeline_stamp(p, kTlDecode, kTlExit);
   };
   const size_t partial_row = (static_cast<size_t>(c.b) * nsplit + c.split) * MT + c.row0;
   if (nsplit == 1) {
@@ -522,8 +526,13 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   c.nsplit = p.num_splits;
   const int b = c.b, MT = c.MT, row0 = c.row0, nsplit = c.nsplit;
 
+  const TimelineStamp t_entry = timeline_now();
   pdl_launch_dependents();
   pdl_wait();
+  if (tid == 0) {
+    timeline_put(p, kTlDecode, kTlEntry, t_entry);
+    timeline_stamp(p, kTlDecode, kTlWaited);
+  }
   // Q tile (rows past S*H zero-filled), swizzled, by all 256 threads; issued before the lengths are read
   // so the two loads are in flight together.
   for (int i = tid; i < M * CHUNKS; i += 256) {
@@ -542,6 +551,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   c.ce = static_cast<int>(min(cb_l + per, static_cast<long long>(end)));
   const int n_tiles = c.ce > c.cb ? ceil_div(c.ce - c.cb, N) : 0;
   c.n_pairs = ceil_div(n_tiles, 2);
+  if (tid == 0) timeline_meta(p, kTlDecode, n_tiles);
 
   if (n_tiles == 0) {
     cp_async_wait<0>();  // the Q copy lands before the CTA exits
@@ -559,6 +569,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
     }
     return;
   }
+  if (tid == 0) timeline_stamp(p, kTlDecode, kTlLengths);
 
   // Rows of this thread's fragments may see cache rows [cb, vis): causal among the S new tokens.
   c.g0 = row0 + r0;

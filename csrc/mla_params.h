@@ -35,6 +35,11 @@ struct MlaDecodeParams {
   float sm_scale;  // softmax scale of the un-absorbed head dim
   int pdl;         // 1: launch with programmatic dependent launch (compute capability >= 9.0 only)
   int partial_f32; // 1: split partials in fp32; 0: in the input dtype (half the bytes; pack_out in mla_decode.cuh)
+
+  // Per-CTA timeline, a profiling aid (scripts/kernel_timeline.py): null unless the _timeline hook set it.
+  // [2][timeline_blocks][32]: the decode kernel's CTAs, then the combine's (layout at mla::TimelineSlot).
+  unsigned long long* timeline;
+  int timeline_blocks;
 };
 
 // Cache rows per pipeline stage.

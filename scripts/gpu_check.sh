@@ -2,7 +2,7 @@
 # The one GPU script: build the extension, disassembly check, kernel tests (slow ones too), benchmark.
 # Everything lands in $OUT (default ./out): gpu.txt, build.log, pytest.log, kernel_errors.jsonl,
 # bench.log, bench_kernel.json, bench_kernel.png (at most 8 files, as the device tool returns; KEEP_SO=1
-# adds the built extension as the eighth).
+# adds the built extension as the eighth, TIMELINE=... timeline.json instead).
 # Usage: OUT=/some/dir scripts/gpu_check.sh [--no-bench|--bench-only] [extra bench args]
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -76,6 +76,13 @@ try:
 except FileNotFoundError:
     print("no error log")
 PY
+fi
+
+# TIMELINE="H,B,L;...": per-CTA phase timelines of those cells (scripts/kernel_timeline.py) into gpu.txt and
+# timeline.json, before the benchmark.
+if [ -n "${TIMELINE:-}" ]; then
+  python3 scripts/kernel_timeline.py --out "$OUT" --cells "$TIMELINE" --kernels "${TIMELINE_KERNELS:-default}" 2>&1 \
+    | tee -a "$OUT/gpu.txt" | tail -n 200
 fi
 
 if [ "$mode" != "--no-bench" ]; then

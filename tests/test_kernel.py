@@ -477,3 +477,51 @@ def test_paths_pdl_off_same_bits_and_graph(path):
         torch.cuda.synchronize()
         for (o, l), (ow, lw) in zip(outs, want):
             assert torch.equal(o, ow) and torch.equal(l, lw)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_paths_timeline_stamps(path):
+    """The profiling hook (scripts/kernel_timeline.py): outputs bit-identical with it on; one stamped row per
+    CTA of the decode grid and per combine block, with the block index and tiles the split arithmetic gives,
+    stamps in phase order within a CTA and the combine's after every decode CTA's exit; bad buffers raise."""
+    _skip_unless_sm90(path)
+    op = torch.ops.mla_patch
+    H, L = 128, 5000
+    case = make_case(1, 1, H, 512, 64, L, [L], torch.bfloat16, "packed", _seed("timeline", path))
+    # TimelineSlot (csrc/mla_decode.cuh): entry, waited, lengths, (v7: q), first, loop_end, exit.
+    order = [1, 2, 3, 4, 5, 6, 8] if path == "v7" else [1, 2, 3, 5, 6, 8]
+    with ops.kernel_settings(wgmma_mode=MODES[path], force_splits=6):
+        want = run_kernel(*case)
+        stamps = torch.zeros(2, 64, 32, dtype=torch.int64, device=DEV)
+        op._timeline(stamps)
+        try:
+            got = run_kernel(*case)
+        finally:
+            op._timeline(None)
+        after = run_kernel(*case)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(after[0], want[0])
+    m_tile, n_tile = (64, 128) if path == "v7" else (32, 32)  # rows a CTA, cache rows a split is rounded to
+    x_tiles = H // m_tile
+    per = -(-(-(-L // 6)) // n_tile) * n_tile
+    decode = stamps[0].cpu()
+    ran = decode[:, 4] != 0
+    assert ran.sum().item() == x_tiles * 6 and not ran[x_tiles * 6:].any()
+    for blk in range(x_tiles * 6):
+        row = decode[blk].tolist()
+        x, y = blk % x_tiles, blk // x_tiles
+        assert row[1] == x | (y << 20), f"block {blk}: index word {row[1]:#x}"
+        rows = max(0, min(L, (y + 1) * per) - min(L, y * per))
+        tile = 64 if path == "v7" else 32
+        assert row[2] == -(-rows // tile), f"block {blk}: {row[2]} tiles for {rows} rows"
+        ns = [row[2 * s + 2] for s in order]
+        clk = [row[2 * s + 3] for s in order]
+        assert all(v > 0 for v in ns) and ns == sorted(ns) and clk == sorted(clk), f"block {blk}: {ns} {clk}"
+    combine = stamps[1].cpu()
+    used = combine[:, 4] != 0
+    assert used.any()
+    last_exit = decode[ran][:, 2 * 8 + 2].max()
+    assert (combine[used][:, 2 * 2 + 2] >= last_exit).all(), "a combine block passed pdl_wait before the decode grid ended"
+    for bad in (torch.zeros(2, 8, 31, dtype=torch.int64, device=DEV), torch.zeros(2, 8, 32, dtype=torch.int32, device=DEV),
+                torch.zeros(2, 8, 32, dtype=torch.int64)):
+        with pytest.raises(RuntimeError, match="_timeline takes"):
+            op._timeline(bad)

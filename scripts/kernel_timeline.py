@@ -1,0 +1,163 @@
+"""Per-CTA timeline of one decode call: where the kernel's time goes, phase by phase.
+
+The kernels write a stamp row per CTA when the extension's `_timeline` hook holds a buffer (csrc/mla_decode.cuh,
+TimelineSlot): the SM, the block, its cache tiles, and (globaltimer ns, clock64) at each phase boundary. For each
+--cells "H,B,L;..." cell (bf16, R=512, P=64, S=1, packed cache) this script
+  - times the call as bench_kernel.py does (CUDA-graph replays over rotating input sets), for reference;
+  - records the last call of a graph over the same sets (so it follows a call, as in decode and in the timing,
+    and its programmatic dependent launch overlaps that call's combine);
+  - prints, relative to the first CTA's entry: when CTAs enter, pass pdl_wait, know their rows, have the query
+    tile, finish the first tile, end the loop, exit; the same for the combine's blocks; then per-CTA phase
+    lengths (clock64, converted at the clock rate globaltimer measures), and how CTAs spread over the SMs.
+Writes timeline.json (every stamp) under --out. Needs the built extension and a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_kernel import KERNEL_MODES, KERNEL_NAMES, SCALE, make_set, time_graph  # noqa: E402
+
+from mla_patch import ops  # noqa: E402
+
+# TimelineSlot in csrc/mla_decode.cuh.
+SLOTS = {"entry": 1, "waited": 2, "lengths": 3, "q": 4, "first": 5, "loop_end": 6, "loop_end_wg1": 7, "exit": 8}
+MAX_BLOCKS = 1 << 15
+
+
+def record(sets, capacity=MAX_BLOCKS):
+    """Stamps of the last call of a CUDA graph that calls the op on every set in turn (as bench_kernel.py
+    times it: the recorded call follows another, with caches as cold as the rotation leaves them), from the
+    third replay. int64 [2, capacity, 32] on the CPU."""
+    op = torch.ops.mla_patch.mla_decode
+    stamps = torch.zeros(2, capacity, 32, dtype=torch.int64, device="cuda")
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        op(*sets[0], SCALE)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for s in sets[:-1]:
+                op(*s, SCALE)
+            torch.ops.mla_patch._timeline(stamps)  # host-side: the last call's launch carries the pointer
+            op(*sets[-1], SCALE)
+            torch.ops.mla_patch._timeline(None)
+    finally:
+        torch.ops.mla_patch._timeline(None)
+    for _ in range(2):
+        graph.replay()
+    torch.cuda.synchronize()
+    stamps.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    del graph
+    return stamps.cpu()
+
+
+def ctas(stamps, kernel):
+    """The rows of one kernel's CTAs that ran: dicts of SM, block, tiles, ns and clk by slot name."""
+    out = []
+    rows = stamps[kernel]
+    for row in rows[rows[:, 2 * SLOTS["entry"] + 2] != 0].tolist():
+        ns = {n: row[2 * s + 2] for n, s in SLOTS.items() if row[2 * s + 2]}
+        clk = {n: row[2 * s + 3] for n, s in SLOTS.items() if row[2 * s + 2]}
+        blk = row[1]
+        out.append(dict(sm=row[0], x=blk & 0xFFFFF, y=(blk >> 20) & 0xFFFFF, z=blk >> 40, tiles=row[2], ns=ns, clk=clk))
+    return out
+
+
+def spread(values):
+    if not values:
+        return "-"
+    values = sorted(values)
+    return f"{values[0]:7.2f} {values[len(values) // 2]:7.2f} {values[-1]:7.2f}"
+
+
+def summarize(decode, combine):
+    """Printable lines and a dict of the key numbers (us)."""
+    t0 = min(c["ns"]["entry"] for c in decode)
+    lines = [f"  {'stamp (us after first entry)':32s}    min  median     max   CTAs"]
+    for kernel, rows in (("decode", decode), ("combine", combine)):
+        for name in SLOTS:
+            vals = [(c["ns"][name] - t0) / 1e3 for c in rows if name in c["ns"]]
+            if vals:
+                lines.append(f"  {kernel + ' ' + name:32s} {spread(vals)} {len(vals):6d}")
+    # The SM clock from the longest CTA (globaltimer ticks coarsely; a long span averages that out).
+    longest = max(decode, key=lambda c: c["ns"].get("exit", 0) - c["ns"]["entry"])
+    span_ns = longest["ns"].get("exit", longest["ns"]["entry"]) - longest["ns"]["entry"]
+    span_clk = longest["clk"].get("exit", longest["clk"]["entry"]) - longest["clk"]["entry"]
+    ghz = span_clk / span_ns if span_ns > 0 else 1.98
+    phases = [("entry", "waited"), ("waited", "lengths"), ("lengths", "q"), ("q", "first"), ("lengths", "first"),
+              ("first", "loop_end"), ("loop_end", "exit"), ("entry", "exit")]
+    lines.append(f"  per-CTA phases (clock64 at {ghz:.2f} GHz, us)      min  median     max")
+    key = {}
+    for a, b in phases:
+        vals = [(c["clk"][b] - c["clk"][a]) / ghz / 1e3 for c in decode if a in c["clk"] and b in c["clk"]]
+        if vals:
+            lines.append(f"  {a + ' -> ' + b:32s}       {spread(vals)}")
+            key[f"{a}->{b}"] = statistics.median(vals)
+    per_tile = [(c["clk"]["loop_end"] - c["clk"]["first"]) / ghz / 1e3 / (c["tiles"] - 1)
+                for c in decode if "first" in c["clk"] and "loop_end" in c["clk"] and c["tiles"] > 1]
+    if per_tile:
+        lines.append(f"  {'loop per tile after the first':32s}       {spread(per_tile)}")
+        key["per_tile"] = statistics.median(per_tile)
+    sms = {}
+    for c in decode:
+        sms[c["sm"]] = sms.get(c["sm"], 0) + 1
+    end_decode = max(c["ns"].get("exit", c["ns"]["entry"]) for c in decode)
+    end_all = max([end_decode] + [c["ns"].get("exit", 0) for c in combine])
+    key.update(decode_ctas=len(decode), sms=len(sms), max_ctas_per_sm=max(sms.values()),
+               tiles_max=max(c["tiles"] for c in decode), decode_end=(end_decode - t0) / 1e3,
+               end=(end_all - t0) / 1e3, combine_blocks=len(combine))
+    lines.append(f"  {len(decode)} decode CTAs on {len(sms)} SMs (at most {key['max_ctas_per_sm']} a SM), "
+                 f"tiles a CTA up to {key['tiles_max']}; {len(combine)} combine blocks; last decode exit "
+                 f"{key['decode_end']:.2f} us, last exit {key['end']:.2f} us after the first entry")
+    return lines, key
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cells", default="128,1,1024;128,1,16384;128,1,65536;128,16,1024;128,128,16384;16,1,16384")
+    ap.add_argument("--kernels", default="default", help="comma list of default, v7, mma")
+    args = ap.parse_args()
+    assert ops.has_kernel(), ops.extension_error()
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size or 50 * 2**20
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    results = []
+    for cell in args.cells.split(";"):
+        H, B, L = map(int, cell.split(","))
+        cache_bytes = B * L * 1152
+        n_sets = max(3, min(64, math.ceil(4 * l2 / cache_bytes)))
+        sets = [make_set(B, 1, H, L, gen=gen) for _ in range(n_sets)]
+        for kernel in args.kernels.split(","):
+            settings = {} if kernel == "default" else {"wgmma_mode": KERNEL_MODES[kernel]}
+            with ops.kernel_settings(**settings):
+                us = time_graph([lambda s=s: torch.ops.mla_patch.mla_decode(*s, SCALE) for s in sets])
+                path = KERNEL_NAMES[torch.ops.mla_patch._last_path()]
+                stamps = record(sets)
+            decode, combine = ctas(stamps, 0), ctas(stamps, 1)
+            lines, key = summarize(decode, combine)
+            print(f"H={H} B={B} L={L} kernel {path}: {us:.1f} us a call (graph replays)", flush=True)
+            print("\n".join(lines), flush=True)
+            results.append(dict(H=H, B=B, L=L, kernel=path, us=us, key=key, decode=decode, combine=combine))
+        del sets
+        torch.cuda.empty_cache()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "timeline.json"), "w") as f:
+        json.dump(dict(device=torch.cuda.get_device_name(), results=results), f)
+
+
+if __name__ == "__main__":
+    main()
