@@ -253,17 +253,23 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
     timeline_put(p, kTlDecode, kTlEntry, t_entry);
     timeline_stamp(p, kTlDecode, kTlWaited);
   }
-  // Q tile -> the last stage (rows past S*H are zero-filled), issued before the lengths are read so
-  // the two loads are in flight together.
-  for (int c = tid; c < M * CHUNKS; c += NTHREADS) {
+  // The lengths are loaded before the Q copy is issued: the loop that issues it stalls once the SM's copies in
+  // flight fill up (4.5 us for v7's 73 KB a CTA at batch 1, kernel_timeline.py on the H200), and the lengths'
+  // latency now hides under that stall instead of following it.
+  const int start_raw = p.kv_start[b], end_raw = p.kv_end[b];
+  // Q tile -> the last stage (rows past S*H are zero-filled). Every split of a sequence copies the same Q
+  // tile at the same moment; each starts at its own offset, so they do not all ask for the same lines at once.
+  const int q_rot = (split * NTHREADS) % (M * CHUNKS);
+  for (int c0 = tid; c0 < M * CHUNKS; c0 += NTHREADS) {
+    const int c = c0 + q_rot < M * CHUNKS ? c0 + q_rot : c0 + q_rot - M * CHUNKS;
     const int r = c / CHUNKS, cc = c % CHUNKS;
     cp_async_16(smem_addr(s_q + r * ROW + cc * 8), query_chunk_src<T, R>(p, b, row0 + r, cc), row0 + r < MT);
   }
   cp_async_commit();
 
   // This CTA's cache rows. Clamping to [0, T) keeps bad lengths from ever addressing out of range.
-  const int start = max(p.kv_start[b], 0);
-  const int end = min(p.kv_end[b], p.T);
+  const int start = max(start_raw, 0);
+  const int end = min(end_raw, p.T);
   const int len = max(end - start, 0);
   const int per = ceil_div(ceil_div(len, nsplit), N) * N;
   const long long cb_l = static_cast<long long>(start) + static_cast<long long>(split) * per;

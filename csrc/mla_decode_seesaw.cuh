@@ -533,17 +533,20 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
     timeline_put(p, kTlDecode, kTlEntry, t_entry);
     timeline_stamp(p, kTlDecode, kTlWaited);
   }
-  // Q tile (rows past S*H zero-filled), swizzled, by all 256 threads; issued before the lengths are read
-  // so the two loads are in flight together.
-  for (int i = tid; i < M * CHUNKS; i += 256) {
+  // The lengths first, then the Q tile (rows past S*H zero-filled), swizzled, by all 256 threads, starting at
+  // an offset of its own in each split: the same order and reasons as mla_decode_kernel.
+  const int start_raw = p.kv_start[b], end_raw = p.kv_end[b];
+  const int q_rot = (c.split * 256) % (M * CHUNKS);
+  for (int i0 = tid; i0 < M * CHUNKS; i0 += 256) {
+    const int i = i0 + q_rot < M * CHUNKS ? i0 + q_rot : i0 + q_rot - M * CHUNKS;
     const int r = i / CHUNKS, cc = i % CHUNKS;
     cp_async_16(c.s_q + (cc >> 3) * BLK + r * 128 + (((cc & 7) ^ (r & 7)) << 4),
                 query_chunk_src<T, R>(p, b, row0 + r, cc), row0 + r < MT);
   }
   cp_async_commit();  // waited for in seesaw_warpgroup, after the first tile loads are issued
   // This CTA's rows: the visible range cut into num_splits chunks of whole pairs of tiles.
-  const int start = max(p.kv_start[b], 0);
-  const int end = min(p.kv_end[b], p.T);
+  const int start = max(start_raw, 0);
+  const int end = min(end_raw, p.T);
   const int len = max(end - start, 0);
   const int per = ceil_div(ceil_div(len, nsplit), 2 * N) * 2 * N;
   const long long cb_l = static_cast<long long>(start) + static_cast<long long>(c.split) * per;
