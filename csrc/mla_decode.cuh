@@ -149,6 +149,13 @@ enum TimelineSlot : int {
   kTlLoopEnd1 = 7, // v7: warpgroup 1's loop is done
   kTlExit = 8,     // the CTA's last global store is issued
 };
+// The stamps inside v7's warpgroup code (q, first, loop_end, the epilogue's exit) change how ptxas schedules its
+// loop even when off: its H = 16 (late-QK_b) cells ran 3-7 % slower with them (same-machine A/B). They are
+// built only with MLA_PATCH_TIMELINE_PHASES=1 (setup.py); the other stamps are always there.
+#ifndef MLA_PATCH_TIMELINE_PHASES
+#define MLA_PATCH_TIMELINE_PHASES 0
+#endif
+constexpr bool kTimelinePhases = MLA_PATCH_TIMELINE_PHASES != 0;
 struct TimelineStamp {
   unsigned long long ns, clk;
 };

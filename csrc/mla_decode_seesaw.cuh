@@ -290,7 +290,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   cp_async_wait<0>();
   fence_proxy_async();
   named_bar_sync(kBarQ, 256);  // every thread's part of Q landed and is visible to the tensor cores
-  if (threadIdx.x == 0) timeline_stamp(p, kTlDecode, kTlQ);
+  if (kTimelinePhases && threadIdx.x == 0) timeline_stamp(p, kTlDecode, kTlQ);
 
   for (int k = 0; k < c.n_pairs; ++k) {
     const int tile = 2 * k + W;
@@ -309,7 +309,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       qk_cross(parity);
       wgmma_wait<0>();
       fence_operand(s);
-      if (k == 0 && wt == 0) timeline_stamp(p, kTlDecode, kTlFirst);
+      if (kTimelinePhases && k == 0 && wt == 0) timeline_stamp(p, kTlDecode, kTlFirst);
       softmax(tile, m0, m1, mn0, mn1, sum0, sum1);
       pack_p(pa);
       send_p(pa, 0);
@@ -422,7 +422,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
     wgmma_wait<0>();  // the last PV over buffer 1
     fence_operand(o);
   }
-  if (wt == 0) timeline_stamp(p, kTlDecode, W == 0 ? kTlLoopEnd : kTlLoopEnd1);
+  if (kTimelinePhases && wt == 0) timeline_stamp(p, kTlDecode, W == 0 ? kTlLoopEnd : kTlLoopEnd1);
 
   // ---- epilogue: the row sums of both warpgroups (same fragment positions in slot t), then each
   // warpgroup normalizes and writes its R/2 columns.
@@ -473,7 +473,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
             *reinterpret_cast<const uint4*>(stage + r * ROWB + cc * 16);
       }
     }
-    if (threadIdx.x == 0) timeline_stamp(p, kTlDecode, kTlExit);
+    if (kTimelinePhases && threadIdx.x == 0) timeline_stamp(p, kTlDecode, kTlExit);
   };
   const size_t partial_row = (static_cast<size_t>(c.b) * nsplit + c.split) * MT + c.row0;
   if (nsplit == 1) {

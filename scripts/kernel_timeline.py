@@ -9,7 +9,9 @@ TimelineSlot): the SM, the block, its cache tiles, and (globaltimer ns, clock64)
   - prints, relative to the first CTA's entry: when CTAs enter, pass pdl_wait, know their rows, have the query
     tile, finish the first tile, end the loop, exit; the same for the combine's blocks; then per-CTA phase
     lengths (clock64, converted at the clock rate globaltimer measures), and how CTAs spread over the SMs.
-Writes timeline.json (every stamp) under --out. Needs the built extension and a GPU.
+v7's stamps inside its warpgroup code (q, first, loop_end, exit) are built only with MLA_PATCH_TIMELINE_PHASES=1
+(`MLA_PATCH_TIMELINE_PHASES=1 python setup.py build_ext --inplace`): they cost its H = 16 cells 3-7 % even when
+off. Writes timeline.json (every stamp) under --out. Needs the built extension and a GPU.
 """
 
 from __future__ import annotations
@@ -94,9 +96,10 @@ def summarize(decode, combine):
             if vals:
                 lines.append(f"  {kernel + ' ' + name:32s} {spread(vals)} {len(vals):6d}")
     # The SM clock from the longest CTA (globaltimer ticks coarsely; a long span averages that out).
-    longest = max(decode, key=lambda c: c["ns"].get("exit", 0) - c["ns"]["entry"])
-    span_ns = longest["ns"].get("exit", longest["ns"]["entry"]) - longest["ns"]["entry"]
-    span_clk = longest["clk"].get("exit", longest["clk"]["entry"]) - longest["clk"]["entry"]
+    last = lambda c: max(c["ns"], key=c["ns"].get)  # noqa: E731  (the CTA's latest stamp)
+    longest = max(decode, key=lambda c: c["ns"][last(c)] - c["ns"]["entry"])
+    span_ns = longest["ns"][last(longest)] - longest["ns"]["entry"]
+    span_clk = longest["clk"][last(longest)] - longest["clk"]["entry"]
     ghz = span_clk / span_ns if span_ns > 0 else 1.98
     phases = [("entry", "waited"), ("waited", "lengths"), ("lengths", "q"), ("q", "first"), ("lengths", "first"),
               ("first", "loop_end"), ("loop_end", "exit"), ("entry", "exit")]
@@ -115,14 +118,19 @@ def summarize(decode, combine):
     sms = {}
     for c in decode:
         sms[c["sm"]] = sms.get(c["sm"], 0) + 1
-    end_decode = max(c["ns"].get("exit", c["ns"]["entry"]) for c in decode)
+    exits = [c["ns"]["exit"] for c in decode if "exit" in c["ns"]]
+    # v7 stamps its exit only in a build with its phase stamps (MLA_PATCH_TIMELINE_PHASES=1): without them the
+    # combine's pdl_wait, which returns once the decode grid is done, bounds its end.
+    end_decode = max(exits) if exits else max([c["ns"]["waited"] for c in combine if "waited" in c["ns"]]
+                                                 or [c["ns"][last(c)] for c in decode])
     end_all = max([end_decode] + [c["ns"].get("exit", 0) for c in combine])
     key.update(decode_ctas=len(decode), sms=len(sms), max_ctas_per_sm=max(sms.values()),
                tiles_max=max(c["tiles"] for c in decode), decode_end=(end_decode - t0) / 1e3,
                end=(end_all - t0) / 1e3, combine_blocks=len(combine))
     lines.append(f"  {len(decode)} decode CTAs on {len(sms)} SMs (at most {key['max_ctas_per_sm']} a SM), "
-                 f"tiles a CTA up to {key['tiles_max']}; {len(combine)} combine blocks; last decode exit "
-                 f"{key['decode_end']:.2f} us, last exit {key['end']:.2f} us after the first entry")
+                 f"tiles a CTA up to {key['tiles_max']}; {len(combine)} combine blocks; "
+                 + ("last decode exit" if exits else "decode grid done (no exit stamps; combine waited) by")
+                 + f" {key['decode_end']:.2f} us, last exit {key['end']:.2f} us after the first entry")
     return lines, key
 
 
