@@ -179,6 +179,12 @@ __device__ __forceinline__ void timeline_put(const MlaDecodeParams& p, int kerne
 __device__ __forceinline__ void timeline_stamp(const MlaDecodeParams& p, int kernel, int slot) {
   if (p.timeline != nullptr) timeline_put(p, kernel, slot, timeline_now());
 }
+// The first two stamps of every kernel: its entry (taken before pdl_wait, when no global write is allowed yet)
+// and pdl_wait's return.
+__device__ __forceinline__ void timeline_entered(const MlaDecodeParams& p, int kernel, TimelineStamp entry) {
+  timeline_put(p, kernel, kTlEntry, entry);
+  timeline_stamp(p, kernel, kTlWaited);
+}
 __device__ __forceinline__ void timeline_meta(const MlaDecodeParams& p, int kernel, int tiles) {
   if (unsigned long long* row = timeline_row(p, kernel)) {
     unsigned smid;
@@ -256,10 +262,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   const TimelineStamp t_entry = timeline_now();
   pdl_launch_dependents();
   pdl_wait();
-  if (tid == 0) {
-    timeline_put(p, kTlDecode, kTlEntry, t_entry);
-    timeline_stamp(p, kTlDecode, kTlWaited);
-  }
+  if (tid == 0) timeline_entered(p, kTlDecode, t_entry);
   // The lengths are loaded before the Q copy is issued: the loop that issues it stalls once the SM's copies in
   // flight fill up (4.5 us for v7's 73 KB a CTA at batch 1, kernel_timeline.py on the H200), and the lengths'
   // latency now hides under that stall instead of following it.
@@ -614,8 +617,7 @@ __global__ void __launch_bounds__(128) mla_combine_kernel(const MlaDecodeParams 
   const int tid = threadIdx.x;
   if (tid == 0) {
     timeline_meta(p, kTlCombine, 0);
-    timeline_put(p, kTlCombine, kTlEntry, t_entry);
-    timeline_stamp(p, kTlCombine, kTlWaited);
+    timeline_entered(p, kTlCombine, t_entry);
   }
   const int c = tid % NC, jg = (tid / NC) % JG, rl = tid / (NC * JG);
   const long long row = static_cast<long long>(blockIdx.x / CHUNKS) * RB + rl;

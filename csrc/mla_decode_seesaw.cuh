@@ -529,10 +529,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   const TimelineStamp t_entry = timeline_now();
   pdl_launch_dependents();
   pdl_wait();
-  if (tid == 0) {
-    timeline_put(p, kTlDecode, kTlEntry, t_entry);
-    timeline_stamp(p, kTlDecode, kTlWaited);
-  }
+  if (tid == 0) timeline_entered(p, kTlDecode, t_entry);
   // The lengths first, then the Q tile (rows past S*H zero-filled), swizzled, by all 256 threads, starting at
   // an offset of its own in each split: the same order and reasons as mla_decode_kernel.
   const int start_raw = p.kv_start[b], end_raw = p.kv_end[b];
