@@ -501,9 +501,14 @@ def test_paths_timeline_stamps(path):
             op._timeline(None)
         after = run_kernel(*case)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(after[0], want[0])
-    m_tile, n_tile = (64, 128) if path == "v7" else (32, 32)  # rows a CTA, cache rows a split is rounded to
+    # Query rows a CTA, cache rows a split is rounded to, cache rows a tile.
+    m_tile, n_split, tile = (64, 128, 64) if path == "v7" else (32, 32, 32)
     x_tiles = H // m_tile
-    per = -(-(-(-L // 6)) // n_tile) * n_tile
+
+    def ceil_div(a, b):
+        return -(-a // b)
+
+    per = ceil_div(ceil_div(L, 6), n_split) * n_split
     decode = stamps[0].cpu()
     if path == "v7":
         phases = decode[0, [2 * s + 2 for s in (4, 5, 6, 7, 8)]] != 0
@@ -516,8 +521,7 @@ def test_paths_timeline_stamps(path):
         x, y = blk % x_tiles, blk // x_tiles
         assert row[1] == x | (y << 20), f"block {blk}: index word {row[1]:#x}"
         rows = max(0, min(L, (y + 1) * per) - min(L, y * per))
-        tile = 64 if path == "v7" else 32
-        assert row[2] == -(-rows // tile), f"block {blk}: {row[2]} tiles for {rows} rows"
+        assert row[2] == ceil_div(rows, tile), f"block {blk}: {row[2]} tiles for {rows} rows"
         ns = [row[2 * s + 2] for s in order]
         clk = [row[2 * s + 3] for s in order]
         assert all(v > 0 for v in ns) and ns == sorted(ns) and clk == sorted(clk), f"block {blk}: {ns} {clk}"
