@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_kernel import KERNEL_MODES, KERNEL_NAMES, SCALE, make_set, time_graph  # noqa: E402
+from bench_kernel import KERNEL_MODES, KERNEL_NAMES, P, R, SCALE, make_set, time_graph  # noqa: E402
 
 from mla_patch import ops  # noqa: E402
 
@@ -54,7 +54,6 @@ def record(sets, capacity=MAX_BLOCKS):
                 op(*s, SCALE)
             torch.ops.mla_patch._timeline(stamps)  # host-side: the last call's launch carries the pointer
             op(*sets[-1], SCALE)
-            torch.ops.mla_patch._timeline(None)
     finally:
         torch.ops.mla_patch._timeline(None)
     for _ in range(2):
@@ -146,7 +145,7 @@ def main() -> None:
     results = []
     for cell in args.cells.split(";"):
         H, B, L = map(int, cell.split(","))
-        cache_bytes = B * L * 1152
+        cache_bytes = B * L * (R + P) * 2
         n_sets = max(3, min(64, math.ceil(4 * l2 / cache_bytes)))
         sets = [make_set(B, 1, H, L, gen=gen) for _ in range(n_sets)]
         for kernel in args.kernels.split(","):
