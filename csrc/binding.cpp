@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -61,10 +62,11 @@ DeviceInfo device_info(int dev) {
 
 // ---- Which kernel serves a call: the portable mma.sync kernel (v4, every GPU) or, on compute capability 9.0
 // when the binary holds its sm_90a body, the seesaw wgmma kernel (v7, csrc/mla_decode_seesaw.cuh).
-// Mode: -1 default (below), 0 mma.sync everywhere, 1 v7 wherever it serves (any S*H). The environment
-// variable MLA_PATCH_WGMMA ("0" or "1") sets it, read once per process; the test-only op
-// mla_patch::_wgmma_mode overrides both.
-enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1 };
+// Mode: -1 default (below), 0 mma.sync everywhere, 1 v7 wherever it serves (any S*H), 2 the pair kernel (v8,
+// experimental: v7's order with the two query tiles of a split as a 2-CTA cluster sharing each cache tile by TMA
+// multicast) where it serves (mla_pair_serves), else v7. The environment variable MLA_PATCH_WGMMA ("0", "1" or
+// "2") sets it, read once per process; the test-only op mla_patch::_wgmma_mode overrides both.
+enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1, kPathPair = 2 };
 // Default, from cached rows a call (B x cache capacity), measured on an H200 (docs/BENCHMARKS.md): with
 // S*H >= 64 query rows v7 wins from 16K rows (92afede, H = 128: B = 1 at 16K 27.7 vs 35.9 us, B = 16 at 1K
 // 27.9 vs 37.1 us; below, at B = 1 with 1K-4K, mma.sync: 12.4 vs 15.6 us, 18.4 vs 18.8 us); with fewer
@@ -82,7 +84,7 @@ int wgmma_setting() {
   static const int env_mode = [] {
     const char* e = std::getenv("MLA_PATCH_WGMMA");
     if (e == nullptr || *e == '\0') return -1;
-    return std::strcmp(e, "0") == 0 ? 0 : 1;
+    return std::strcmp(e, "0") == 0 ? 0 : std::strcmp(e, "2") == 0 ? 2 : 1;
   }();
   return env_mode;
 }
@@ -112,7 +114,21 @@ int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P
   }
   const size_t smem = mla_seesaw_smem_bytes(static_cast<int>(R), static_cast<int>(P));
   if (static_cast<size_t>(info.smem_optin) < smem || !seesaw_built(dev, bf16, R)) return kPathMma;
-  return kPathSeesaw;
+  const bool pair = setting == 2 && mla_pair_serves(static_cast<int>(R), static_cast<int>(S), static_cast<int>(H)) &&
+                    static_cast<size_t>(info.smem_optin) >= mla_pair_smem_bytes(static_cast<int>(R), static_cast<int>(P));
+  return pair ? kPathPair : kPathSeesaw;
+}
+
+// SMs the pair kernel can fill: two per 2-CTA cluster the device runs at once (cached per device and dtype), so
+// its split count keeps the grid one wave; the SM count if the occupancy query fails (the launch then reports it).
+int pair_sms(int dev, bool bf16, int num_sms) {
+  static int cache[64][2] = {};
+  int& slot = cache[dev >= 0 && dev < 64 ? dev : 0][bf16 ? 0 : 1];
+  if (slot == 0) {
+    const int clusters = bf16 ? mla_pair_max_clusters<MlaDtype::kBF16, 512, 64>() : mla_pair_max_clusters<MlaDtype::kFP16, 512, 64>();
+    slot = clusters > 0 ? std::min(2 * clusters, num_sms) : num_sms;
+  }
+  return slot;
 }
 
 // Programmatic dependent launch of our kernels (compute capability >= 9.0): on by default; MLA_PATCH_PDL=0
@@ -180,7 +196,7 @@ void timeline_op(const std::optional<at::Tensor>& stamps) {
 }
 
 int64_t wgmma_mode_op(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _wgmma_mode takes -1 (default), 0 (mma.sync) or 1 (v7)");
+  TORCH_CHECK(mode >= -1 && mode <= 2, "mla_decode: _wgmma_mode takes -1 (default), 0 (mma.sync), 1 (v7) or 2 (v8)");
   return g_wgmma_mode.exchange(static_cast<int>(mode));
 }
 
@@ -261,9 +277,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const int path = choose_path(info, device.index(), bf16, R, P, B, S, H, T);
   const int b32 = static_cast<int>(B), s32 = static_cast<int>(S), h32 = static_cast<int>(H), t32 = static_cast<int>(T);
   const int forced = g_forced_splits.load();
-  const int num_splits = forced > 0              ? forced
-                         : path == kPathMma ? mla_decode_num_splits(b32, s32, h32, t32, num_sms)
-                                            : mla_seesaw_num_splits(b32, s32, h32, t32, num_sms);
+  const int num_splits = forced > 0             ? forced
+                         : path == kPathMma    ? mla_decode_num_splits(b32, s32, h32, t32, num_sms)
+                         : path == kPathSeesaw ? mla_seesaw_num_splits(b32, s32, h32, t32, num_sms)
+                                               : mla_seesaw_num_splits(b32, s32, h32, t32, pair_sms(device.index(), bf16, num_sms));
   const bool partial_f32 = fp32_partials();
   at::Tensor o_partial, lse_partial;
   if (num_splits > 1) {
@@ -310,7 +327,12 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   cudaError_t err;
   g_last_path.store(path);
-  if (path == kPathSeesaw) {
+  if (path == kPathPair) {  // R = 512 (mla_pair_serves); falls back to v7 where the tensor maps do not encode
+    bool launched_pair = false;
+    err = bf16 ? launch_mla_decode_pair<MlaDtype::kBF16, 512, 64>(p, stream, &launched_pair)
+               : launch_mla_decode_pair<MlaDtype::kFP16, 512, 64>(p, stream, &launched_pair);
+    if (!launched_pair) g_last_path.store(kPathSeesaw);
+  } else if (path == kPathSeesaw) {
     if (R == 512) {
       err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64>(p, stream)
                  : launch_mla_decode_seesaw<MlaDtype::kFP16, 512, 64>(p, stream);

@@ -721,10 +721,10 @@ __global__ void __launch_bounds__(128) mla_combine_kernel(const MlaDecodeParams 
 // from this many (b, query row) pairs on.
 constexpr int kCombineGroupedMaxRows = 128;
 
-// Launches kernel(params) on `stream`, with programmatic dependent launch when params.pdl is set.
-template <typename Kernel>
+// Launches kernel(params, extra...) on `stream`, with programmatic dependent launch when params.pdl is set.
+template <typename Kernel, typename... Extra>
 cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
-                          const MlaDecodeParams& params) {
+                          const MlaDecodeParams& params, const Extra&... extra) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = dim3(threads);
@@ -735,7 +735,7 @@ cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cu
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = params.pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, params);
+  return cudaLaunchKernelEx(&cfg, kernel, params, extra...);
 }
 
 // The combine's shape (see mla_combine_kernel) for partial elements of `F32`.
@@ -779,13 +779,13 @@ cudaError_t allow_dynamic_smem(Kernel kernel, size_t smem, int dev, bool (&done)
 
 // Launches a main decode kernel (both kernels share the grid: x = m_tile-row tile of the S*H query rows,
 // y = KV split, z = sequence; 256 threads) after letting it take `smem` bytes on device `dev`.
-template <typename Kernel>
+template <typename Kernel, typename... Extra>
 cudaError_t launch_main_kernel(Kernel kernel, int m_tile, size_t smem, bool (&smem_set)[64], int dev,
-                               const MlaDecodeParams& params, cudaStream_t stream) {
+                               const MlaDecodeParams& params, cudaStream_t stream, const Extra&... extra) {
   const cudaError_t err = allow_dynamic_smem(kernel, smem, dev, smem_set);
   if (err != cudaSuccess) return err;
   const dim3 grid(ceil_div(params.S * params.H, m_tile), params.num_splits, params.B);
-  return launch_kernel(kernel, grid, 256, smem, stream, params);
+  return launch_kernel(kernel, grid, 256, smem, stream, params, extra...);
 }
 
 template <MlaDtype DT, int R, int P, int M, int STAGES>

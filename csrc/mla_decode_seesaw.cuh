@@ -36,10 +36,16 @@
 // Shared memory (1024-aligned; 128-byte swizzle: 16-byte chunk c of a 128-byte row r at chunk c ^ (r % 8),
 // the layout wgmma reads): Q [NB][64][64], buffer 0 and 1 [NB][64][64] (NB = R/64 latent blocks + one rope
 // block), m slots A and B [128] float2, l slots [2][128] float2, 4 mbarriers.
+// v8 (PAIR, the same template): where H = 128 puts two 64-row query tiles on the same cache rows, the two CTAs
+// of a (sequence, split) run as a 2-CTA cluster and each cache tile part is read from L2 once, by TMA multicast
+// into both (tma_part below); v7 reads it once per CTA. Same arithmetic in the same order, so the same bits.
 #pragma once
+
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled (the pair kernel's host side)
 
 #include <type_traits>
 
+#include "mla_cluster_ops.cuh"
 #include "mla_decode.cuh"
 #include "mla_wgmma_ops.cuh"
 
@@ -88,6 +94,11 @@ struct SeesawCtx {
   int g0, g1;      // their query rows (>= MT: padding)
   int b, split, MT, nsplit, row0;
   float scale_log2;
+  // The pair kernel (v8) only: the cache's tensor maps (its __grid_constant__ parameter), the "part free"
+  // mbarriers (u, part) at s_empty + 8 (2u + part), and this CTA's rank in its cluster.
+  const PairMaps* maps;
+  uint32_t s_empty;
+  int rank;
 };
 
 // The two parts of a tile buffer: the self part of buffer u is reloaded by warpgroup u, the cross part by
@@ -102,7 +113,7 @@ enum SeesawPart : int { kSelf = 0, kCross = 1 };
 // slower at 4K-16K (B = 128, 16K 1108-1115 vs 1061-1078 us), within noise at 1K.
 constexpr int kSeesawLateMaxRows = 32;
 
-template <MlaDtype DT, int R, int P, int W, bool LATE>
+template <MlaDtype DT, int R, int P, int W, bool LATE, bool PAIR>
 __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const SeesawCtx& c) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
@@ -128,38 +139,80 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   const int r_row = wt / PCH, r_cc = wt % PCH;
   const uint32_t l_dst = (W * HALF + l_cc / 8) * BLK + l_row * 128;
   const uint32_t r_dst = LB * BLK + r_row * 128;
+  // v8: one thread of each CTA issues its half of the part's rows (rank r: rows [32 r, 32 r + 32)) by TMA
+  // multicast into both CTAs, once both CTAs' readers of the part's previous tile are done (the "part free"
+  // mbarrier, count 2: this arrival and the other CTA's, made at the same point of the same warpgroup's
+  // program). Each CTA's "full" mbarrier expects the whole part: its own half and the other CTA's.
+  auto tma_part = [&](int tile, int u, bool rope, uint32_t bar) {
+    if (tile >= 2) {  // a reload (the first fill of each part has nothing to wait for)
+      const uint32_t empty = c.s_empty + 8 * (2 * u + (rope ? kCross : kSelf));
+      mbar_arrive_cluster(empty, 0);
+      mbar_arrive_cluster(empty, 1);
+      mbar_wait(empty, static_cast<uint32_t>(((tile >> 1) - 1) & 1));
+    }
+    mbar_arrive_expect_tx(bar, (HALF + (rope ? 1 : 0)) * BLK);
+    const int row = c.cb + tile * N + c.rank * (N / 2);
+    const uint32_t half = c.rank * (N / 2) * 128;
+#pragma unroll
+    for (int j = 0; j < HALF; ++j) {
+      tma_load_3d_multicast(c.s_buf[u] + (W * HALF + j) * BLK + half, &c.maps->c_kv, (W * HALF + j) * 64, row, c.b,
+                            bar, 0x3);
+    }
+    if (rope) tma_load_3d_multicast(c.s_buf[u] + LB * BLK + half, &c.maps->k_pe, 0, row, c.b, bar, 0x3);
+  };
   auto load_part = [&](int tile, int u, bool rope, uint32_t bar) {
-    const int base = c.cb + tile * N;
-    const uint32_t buf = c.s_buf[u];
-    const T* src = c_kv + static_cast<long long>(base + l_row) * p.c_kv_st + W * HALF * 64 + l_cc * 8;
+    if constexpr (PAIR) {
+      if (wt == 0) tma_part(tile, u, rope, bar);
+    } else {
+      const int base = c.cb + tile * N;
+      const uint32_t buf = c.s_buf[u];
+      const T* src = c_kv + static_cast<long long>(base + l_row) * p.c_kv_st + W * HALF * 64 + l_cc * 8;
 #pragma unroll
-    for (int k = 0; k < LPASS; ++k) {
-      const int r = l_row + k * LROWS;
-      const bool valid = base + r < c.ce;
-      cp_async_16(buf + l_dst + k * LROWS * 128 + (((l_cc & 7) ^ (r & 7)) << 4),
-                  valid ? src + static_cast<long long>(k) * LROWS * p.c_kv_st : c_kv, valid);
-    }
-    if (rope) {
-      const T* rsrc = k_pe + static_cast<long long>(base + r_row) * p.k_pe_st + r_cc * 8;
-#pragma unroll
-      for (int k = 0; k < PPASS; ++k) {
-        const int r = r_row + k * PROWS;
+      for (int k = 0; k < LPASS; ++k) {
+        const int r = l_row + k * LROWS;
         const bool valid = base + r < c.ce;
-        cp_async_16(buf + r_dst + k * PROWS * 128 + ((r_cc ^ (r & 7)) << 4),
-                    valid ? rsrc + static_cast<long long>(k) * PROWS * p.k_pe_st : k_pe, valid);
+        cp_async_16(buf + l_dst + k * LROWS * 128 + (((l_cc & 7) ^ (r & 7)) << 4),
+                    valid ? src + static_cast<long long>(k) * LROWS * p.c_kv_st : c_kv, valid);
       }
+      if (rope) {
+        const T* rsrc = k_pe + static_cast<long long>(base + r_row) * p.k_pe_st + r_cc * 8;
+#pragma unroll
+        for (int k = 0; k < PPASS; ++k) {
+          const int r = r_row + k * PROWS;
+          const bool valid = base + r < c.ce;
+          cp_async_16(buf + r_dst + k * PROWS * 128 + ((r_cc ^ (r & 7)) << 4),
+                      valid ? rsrc + static_cast<long long>(k) * PROWS * p.k_pe_st : k_pe, valid);
+        }
+      }
+      cp_async_mbar_arrive(bar);
     }
-    cp_async_mbar_arrive(bar);
   };
 
   // QK of this warpgroup's tile in buffer W: the self blocks first, then (once landed) the cross blocks
   // and the rope block. Q and the tile share the block layout, so one byte offset serves both operands.
   const uint32_t q_lo = smem_desc_lo(c.s_q, 16), k_lo = smem_desc_lo(c.s_buf[W], 16);
   float s[32];
+  // v8: TMA fills whole 64-row boxes (zeros only past the capacity T), so the rows of `tile` past the split's
+  // end ce hold real (or NaN) cache rows. Softmax masks their scores, but PV would multiply P = 0 by them:
+  // zero latent blocks [blk0, blk0 + HALF) of those rows, for the tensor cores, before this warpgroup's QK
+  // (the other warpgroup's PV over them follows barrier A or B). Only a split's last tile takes the branch.
+  auto zero_tail = [&](int tile, int blk0) {
+    const int keep = max(c.ce - (c.cb + tile * N), 0);
+    if (keep < N) {
+      unsigned char* buf = c.smem + (c.s_buf[W] + blk0 * BLK - c.smem_base);
+      const int chunks = (N - keep) * 8;  // 16-byte chunks of one block's dead rows (swizzling stays within a row)
+      for (int i = wt; i < HALF * chunks; i += 128) {
+        *reinterpret_cast<uint4*>(buf + (i / chunks) * BLK + keep * 128 + (i % chunks) * 16) = make_uint4(0, 0, 0, 0);
+      }
+      fence_proxy_async();
+      named_bar_sync(W == 0 ? kBarWg0 : kBarWg1, 128);
+    }
+  };
   // Two commit groups: the self part (landed early) and the cross part (landed last), so warpgroup 0 can
   // queue its self part behind the previous pair's last PV before it waits for that PV.
-  auto qk_self = [&](uint32_t parity) {
+  auto qk_self = [&](int tile, uint32_t parity) {
     mbar_wait(mbar(W, kSelf), parity);
+    if constexpr (PAIR) zero_tail(tile, W * HALF);
     fence_proxy_async();
     fence_operand(s);
     wgmma_fence();
@@ -170,8 +223,9 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
     }
     wgmma_commit();
   };
-  auto qk_cross = [&](uint32_t parity) {
+  auto qk_cross = [&](int tile, uint32_t parity) {
     mbar_wait(mbar(W, kCross), parity);
+    if constexpr (PAIR) zero_tail(tile, OTHER * HALF);
     fence_proxy_async();
     wgmma_fence();  // after the wait loop's branches (ptxas would inject one, C7519)
 #pragma unroll
@@ -297,7 +351,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
     const uint32_t parity = static_cast<uint32_t>(k & 1);
     float mn0, mn1, sum0 = 0.f, sum1 = 0.f;
     if constexpr (W == 0) {
-      qk_self(parity);
+      qk_self(tile, parity);
       if (k > 0) {
         // The previous pair's PV over buffer 1 (queued ahead of this QK) is done: reload its cross part.
         wgmma_wait<1>();
@@ -306,7 +360,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
         named_bar_sync(kBarMine, 128);  // buffer 1's V half of this warpgroup and wg1's P slots are read
         if (tile + 1 < tiles_total) load_part(tile + 1, 1, true, mbar(1, kCross));
       }
-      qk_cross(parity);
+      qk_cross(tile, parity);
       wgmma_wait<0>();
       fence_operand(s);
       if (kTimelinePhases && k == 0 && wt == 0) timeline_stamp(p, kTlDecode, kTlFirst);
@@ -358,8 +412,8 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       wgmma_commit();  // waited for after the next pair's QK is queued (or after the loop)
     } else {
       if constexpr (!LATE) {
-        qk_self(parity);
-        qk_cross(parity);
+        qk_self(tile, parity);
+        qk_cross(tile, parity);
       }
       // wg0's m_a and P_a. O_R moves to m_a at once and takes P_a V_a,R while this QK finishes and the
       // softmax runs, so buffer 0 is free (and reloaded) early in the pair.
@@ -376,8 +430,8 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       if constexpr (LATE) {
         // QK_b after P_a V_a,R: the reload of this tile (issued at the end of the last pair) has the time of
         // QK_a, softmax_a and both PVs over buffer 0 to land, instead of none.
-        qk_self(parity);
-        qk_cross(parity);
+        qk_self(tile, parity);
+        qk_cross(tile, parity);
         wgmma_wait<2>();  // the PV over buffer 0 is done, this QK may still run
         fence_operand(o);
         fence_operand(pb);
@@ -487,8 +541,13 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   }
 }
 
-template <MlaDtype DT, int R, int P, bool LATE>
-__global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p) {
+// Both kernels: v7 (PAIR = false: one CTA per 64 query rows, cp.async loads, `maps` empty) and v8 (PAIR: the two
+// 64-row query tiles of a (sequence, split) as a 2-CTA cluster sharing each cache tile by TMA multicast, `maps`
+// the cache's tensor maps; launched with cluster dims (2, 1, 1), so the grid's x must be even). One __global__
+// template rather than a shared __device__ body: ptxas allocates v7's late order differently through one.
+template <MlaDtype DT, int R, int P, bool LATE, bool PAIR>
+__global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p,
+                                                                   const __grid_constant__ KernelMaps<PAIR> maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename DtypeTraits<DT>::T;
   constexpr int M = kMlaSeesawMTile, N = kMlaSeesawNTile, D = R + P;
@@ -578,16 +637,33 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   c.vis1 = c.g1 < MT ? min(end - (p.S - 1 - c.g1 / p.H), c.ce) : c.cb;
   c.scale_log2 = p.sm_scale * kLog2e;
 
-  if (tid == 0) {
+  if constexpr (PAIR) {
+    // Full mbarriers: one arrival (the expect_tx of this CTA's issuing thread) plus the bytes; "part free": one
+    // arrival from each CTA. The other CTA's copies and arrivals target them, so the cluster syncs after init.
+    c.maps = &maps;
+    c.s_empty = c.s_mbar + 4 * 8;
+    c.rank = static_cast<int>(cluster_ctarank());
+    if (tid == 0) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) mbar_init(c.s_mbar + 8 * i, 128);
+      for (int i = 0; i < 4; ++i) {
+        mbar_init(c.s_mbar + 8 * i, 1);
+        mbar_init(c.s_empty + 8 * i, 2);
+      }
+      fence_mbarrier_init();
+    }
+    cluster_sync();
+  } else {
+    if (tid == 0) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mbar_init(c.s_mbar + 8 * i, 128);
+    }
+    __syncthreads();  // the mbarriers are initialized before any copy arrives on them
   }
-  __syncthreads();  // the mbarriers are initialized before any copy arrives on them
 
   if (wg == 0) {
-    seesaw_warpgroup<DT, R, P, 0, LATE>(p, c);
+    seesaw_warpgroup<DT, R, P, 0, LATE, PAIR>(p, c);
   } else {
-    seesaw_warpgroup<DT, R, P, 1, LATE>(p, c);
+    seesaw_warpgroup<DT, R, P, 1, LATE, PAIR>(p, c);
   }
 #else
   // Built without sm_90a: never dispatched (binding.cpp checks the loaded binary); fail loudly if it is.
@@ -606,9 +682,9 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
   // The late-QK_b order where the CTA's 64 query rows are mostly padding (memory-bound), the seesaw where
   // they are real (compute-bound): see kSeesawLateMaxRows.
   const bool late = params.S * params.H <= mla::kSeesawLateMaxRows;
-  auto kernel = late ? mla::mla_decode_seesaw_kernel<DT, R, P, true> : mla::mla_decode_seesaw_kernel<DT, R, P, false>;
+  auto kernel = late ? mla::mla_decode_seesaw_kernel<DT, R, P, true, false> : mla::mla_decode_seesaw_kernel<DT, R, P, false, false>;
   static bool smem_set[2][64] = {};
-  err = mla::launch_main_kernel(kernel, kMlaSeesawMTile, smem, smem_set[late ? 1 : 0], dev, params, stream);
+  err = mla::launch_main_kernel(kernel, kMlaSeesawMTile, smem, smem_set[late ? 1 : 0], dev, params, stream, mla::NoMaps{});
   if (err != cudaSuccess || params.num_splits == 1) return err;
   return mla::launch_mla_combine<DT, R>(params, stream);
 }
@@ -617,9 +693,138 @@ template <MlaDtype DT, int R, int P>
 bool mla_seesaw_built() {
   // The sm_90a body exists only in an sm_90a cubin; a build without it has the trap stub.
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, mla::mla_decode_seesaw_kernel<DT, R, P, false>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, mla::mla_decode_seesaw_kernel<DT, R, P, false, false>) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
   return attr.binaryVersion == 90 && attr.numRegs >= 64;
+}
+
+// ---- v8 host side: the cache's tensor maps and the cluster launch.
+namespace mla {
+
+// cuTensorMapEncodeTiled from the driver through the runtime, so the extension does not link libcuda; null
+// where the driver lacks it.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      f = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// One cache tensor ([B, T, cols] by element strides sb, st; last dim contiguous) as a 3-D map {cols, T, B}
+// with a {64, 32, 1} box in the 128-byte swizzle (our shared layout); rows past T read as zeros. Strides of a
+// size-1 dim are arbitrary in torch: replaced by dense ones. False if the driver refuses it.
+template <MlaDtype DT>
+bool encode_cache_map(CUtensorMap* map, const void* base, int cols, int T, int B, int64_t st, int64_t sb) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const int64_t row = T > 1 ? st : cols, seq = B > 1 ? sb : row * T;
+  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(T), static_cast<cuuint64_t>(B)};
+  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(row) * 2, static_cast<cuuint64_t>(seq) * 2};  // bytes
+  const cuuint32_t box[3] = {64, kMlaSeesawNTile / 2, 1};
+  const cuuint32_t elem_strides[3] = {1, 1, 1};
+  return encode(map, DT == MlaDtype::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
+                const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The maps of the call's cache, re-encoded only when its pointers, sizes or strides change (decode steps of
+// one model reuse the same cache tensors).
+template <MlaDtype DT>
+bool cache_maps(const MlaDecodeParams& p, int R, PairMaps* maps) {
+  struct Key {
+    const void *c_kv, *k_pe;
+    int T, B;
+    int64_t c_kv_st, c_kv_sb, k_pe_st, k_pe_sb;
+    bool operator==(const Key& o) const {  // C++17: the device's torch builds extensions with -std=c++17
+      return c_kv == o.c_kv && k_pe == o.k_pe && T == o.T && B == o.B && c_kv_st == o.c_kv_st && c_kv_sb == o.c_kv_sb &&
+             k_pe_st == o.k_pe_st && k_pe_sb == o.k_pe_sb;
+    }
+  };
+  thread_local Key last{};
+  thread_local PairMaps last_maps{};
+  thread_local bool valid = false;
+  const Key key{p.c_kv, p.k_pe, p.T, p.B, p.c_kv_st, p.c_kv_sb, p.k_pe_st, p.k_pe_sb};
+  if (!(valid && key == last)) {
+    valid = encode_cache_map<DT>(&last_maps.c_kv, p.c_kv, R, p.T, p.B, p.c_kv_st, p.c_kv_sb) &&
+            encode_cache_map<DT>(&last_maps.k_pe, p.k_pe, 64, p.T, p.B, p.k_pe_st, p.k_pe_sb);
+    last = key;
+    if (!valid) return false;
+  }
+  *maps = last_maps;
+  return true;
+}
+
+// The launch configuration of the pair kernel: cluster (2, 1, 1), and PDL like launch_kernel.
+struct PairLaunch {
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr[2];
+  PairLaunch(dim3 grid, size_t smem, cudaStream_t stream, bool pdl) {
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(256);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = 2;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl ? 2 : 1;
+  }
+};
+
+}  // namespace mla
+
+template <MlaDtype DT, int R, int P>
+cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t stream, bool* launched_pair) {
+  static_assert(R == 512 && P == 64, "the pair kernel's copies assume 128-byte rows in every block");
+  static_assert(mla::kSeesawLateMaxRows == 32, "mla_pair_serves leaves S*H <= 32 to v7's late order");
+  *launched_pair = false;
+  mla::PairMaps maps;
+  if (!mla_pair_serves(R, params.S, params.H) || !mla::cache_maps<DT>(params, R, &maps)) {
+    return launch_mla_decode_seesaw<DT, R, P>(params, stream);
+  }
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  constexpr size_t smem = mla_pair_smem_bytes(R, P);
+  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true>;
+  static bool smem_set[64] = {};
+  err = mla::allow_dynamic_smem(kernel, smem, dev, smem_set);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(mla::ceil_div(params.S * params.H, kMlaSeesawMTile), params.num_splits, params.B);
+  mla::PairLaunch launch(grid, smem, stream, params.pdl != 0);
+  err = cudaLaunchKernelEx(&launch.cfg, kernel, params, maps);
+  if (err != cudaSuccess) return err;
+  *launched_pair = true;
+  if (params.num_splits == 1) return err;
+  return mla::launch_mla_combine<DT, R>(params, stream);
+}
+
+template <MlaDtype DT, int R, int P>
+int mla_pair_max_clusters() {
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  constexpr size_t smem = mla_pair_smem_bytes(R, P);
+  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true>;
+  static bool smem_set[64] = {};
+  int clusters = 0;
+  mla::PairLaunch launch(dim3(2, 1, 1), smem, nullptr, false);
+  if (mla::allow_dynamic_smem(kernel, smem, dev, smem_set) != cudaSuccess ||
+      cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  return clusters;
 }

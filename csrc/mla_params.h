@@ -124,3 +124,21 @@ template <MlaDtype DT, int R, int P>
 cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream);
 template <MlaDtype DT, int R, int P>
 bool mla_seesaw_built();
+
+// ---- sm_90a pair path (kernel v8): v7's seesaw order with the two 64-row query tiles of a (sequence, split)
+// as a 2-CTA cluster that fetches each cache tile once, by TMA multicast into both. It serves R = 512 (the
+// 64-column rope block: 128-byte rows, like the latent blocks) with an even count of query tiles and more
+// than 32 query rows (v7's late-QK_b order, which it lacks, serves fewer); 8 more mbarriers than v7.
+inline bool mla_pair_serves(int R, int S, int H) {
+  const long rows = static_cast<long>(S) * H;
+  return R == 512 && rows > 32 && ((rows + kMlaSeesawMTile - 1) / kMlaSeesawMTile) % 2 == 0;
+}
+constexpr size_t mla_pair_smem_bytes(int R, int P) { return mla_seesaw_smem_bytes(R, P) + 4 * 8; }
+// Host launcher: v8 where it serves and the cache's tensor maps encode, else v7 (*launched_pair says which).
+// Instantiated for R = 512 in mla_decode_seesaw_<dtype>_r512.cu.
+template <MlaDtype DT, int R, int P>
+cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t stream, bool* launched_pair);
+// 2-CTA clusters of the pair kernel the device runs at once (0 if it cannot run it): splits are sized so the
+// grid is one wave of them.
+template <MlaDtype DT, int R, int P>
+int mla_pair_max_clusters();

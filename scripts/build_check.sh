@@ -20,7 +20,8 @@ trap 'rm -rf "$tmp"' EXIT
 status=0
 for f in csrc/*.cu; do
   log="$tmp/$(basename "$f").log"
-  if ! "$NVCC" -std=c++20 -O3 -lineinfo --use_fast_math --expt-relaxed-constexpr "${GENCODE[@]}" \
+  # C++17: what the device image's torch (2.11) builds the extension with; newer torch uses C++20.
+  if ! "$NVCC" -std=c++17 -O3 -lineinfo --use_fast_math --expt-relaxed-constexpr "${GENCODE[@]}" \
       --resource-usage -Icsrc -c "$f" -o "$tmp/$(basename "$f").o" >"$log" 2>&1; then
     echo "FAIL nvcc $f"; cat "$log"; status=1; continue
   fi

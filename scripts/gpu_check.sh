@@ -40,11 +40,19 @@ if [ "$mode" != "--bench-only" ]; then
   # rest of the run to the mma.sync kernel (MLA_PATCH_WGMMA=0) and
   # leaves the v7 tests out, so the run still yields the other kernels' tests and numbers.
   deselect=()
-  timeout 90 python3 scripts/wgmma_smoke.py 2>&1 | tee -a "$OUT/gpu.txt"
+  timeout 90 python3 scripts/wgmma_smoke.py v7 2>&1 | tee -a "$OUT/gpu.txt"
   smoke=${PIPESTATUS[0]}
   if [ "$smoke" != 0 ] && [ "$smoke" != 2 ]; then
     echo "V7 SMOKE FAILED (status $smoke): MLA_PATCH_WGMMA=0 from here on" | tee -a "$OUT/gpu.txt"
-    export MLA_PATCH_WGMMA=0; deselect=(-k "not v7")
+    export MLA_PATCH_WGMMA=0 MLA_PATCH_SKIP_KERNELS=v7,v8; deselect=(-k "not v7 and not v8")
+  else
+    # The pair kernel (v8) likewise: its failure keeps only v8 out (tests and benchmark timings).
+    timeout 60 python3 scripts/wgmma_smoke.py v8 2>&1 | tee -a "$OUT/gpu.txt"
+    smoke=${PIPESTATUS[0]}
+    if [ "$smoke" != 0 ] && [ "$smoke" != 2 ]; then
+      echo "V8 SMOKE FAILED (status $smoke): no v8 tests or timings from here on" | tee -a "$OUT/gpu.txt"
+      export MLA_PATCH_SKIP_KERNELS=v8; deselect=(-k "not v8")
+    fi
   fi
   # --noconftest: the kernel tests need none of the shared fixtures (keeps them independent of the patch code).
   MLA_PATCH_SLOW=1 MLA_PATCH_KERNEL_ERRLOG="$OUT/kernel_errors.jsonl" timeout ${KERNEL_TEST_TIMEOUT:-300} \
@@ -54,7 +62,10 @@ if [ "$mode" != "--bench-only" ]; then
   # A failed v7 case or a crash (it poisons the CUDA context) also keeps v7 out of the benchmark.
   if grep -qE "FAILED .*v7|Fatal Python error|illegal|unspecified launch failure" "$OUT/pytest.log"; then
     echo "V7 SUSPECT: the benchmark runs with MLA_PATCH_WGMMA=0" | tee -a "$OUT/gpu.txt"
-    export MLA_PATCH_WGMMA=0
+    export MLA_PATCH_WGMMA=0 MLA_PATCH_SKIP_KERNELS=v7,v8
+  elif grep -qE "FAILED .*v8" "$OUT/pytest.log"; then
+    echo "V8 SUSPECT: the benchmark leaves it out" | tee -a "$OUT/gpu.txt"
+    export MLA_PATCH_SKIP_KERNELS=v8
   fi
   # Worst cases: the error, its ratio to the reference op's own error in the dtype, and the fraction of the
   # tests' bound (2 x that error + 1e-4, tests/test_kernel.py) it uses; the ratio alone overstates cases whose

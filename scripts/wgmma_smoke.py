@@ -1,8 +1,10 @@
-"""A few calls of the sm_90a seesaw kernel (v7) against the float64 reference, before the test suite.
+"""A few calls of an sm_90a kernel (v7, the seesaw; v8, its 2-CTA pair) against the float64 reference, before the
+test suite.
 
 A hang or a crash here costs seconds under `timeout`, not the whole test run; scripts/gpu_check.sh
-then sends the rest of the run to the mma.sync kernel (MLA_PATCH_WGMMA=0) and
-leaves the v7 tests out.
+then keeps that kernel out of the rest of the run (v7: MLA_PATCH_WGMMA=0 and no v7 tests; v8: no v8 tests or
+timings), so the run still yields the other kernels' tests and numbers.
+Usage: python3 scripts/wgmma_smoke.py [v7|v8]
 Exit status 0: it ran and matched; 1: wrong or NaN; 2: the kernel did not run (not sm_90 / not built).
 """
 
@@ -16,17 +18,22 @@ import torch
 from mla_patch import ops
 from mla_patch.reference import mla_decode_ref
 
-V7 = 1
+MODES = {"v7": 1, "v8": 2}  # _wgmma_mode / _last_path values
+# (R, P, H, S, B, L); v8 serves only R = 512 with an even number of 64-row query tiles.
+CASES = {
+    "v7": [(512, 64, 128, 1, 2, 1000), (512, 64, 16, 1, 3, 4100), (256, 32, 64, 2, 3, 300), (512, 64, 128, 1, 1, 70000)],
+    "v8": [(512, 64, 128, 1, 2, 1000), (512, 64, 128, 2, 3, 300), (512, 64, 128, 1, 1, 70000)],
+}
 
 
-def main() -> int:
+def main(name: str) -> int:
     assert ops.has_kernel(), ops.extension_error()
     op = torch.ops.mla_patch
-    op._wgmma_mode(V7)
+    mode = MODES[name]
+    op._wgmma_mode(mode)
     g = torch.Generator(device="cuda").manual_seed(7)
     worst = 0.0
-    cases = [(512, 64, 128, 1, 2, 1000), (512, 64, 16, 1, 3, 4100), (256, 32, 64, 2, 3, 300), (512, 64, 128, 1, 1, 70000)]
-    for R, P, H, S, B, L in cases:
+    for R, P, H, S, B, L in CASES[name]:
         q = torch.randn(B, S, H, R + P, generator=g, device="cuda").bfloat16()
         buf = torch.randn(B, L, R + P, generator=g, device="cuda").bfloat16()
         start = torch.tensor([0, 17, 0][:B], dtype=torch.int32, device="cuda")
@@ -35,16 +42,16 @@ def main() -> int:
         out, lse = op.mla_decode(q[..., :R], q[..., R:], buf[..., :R], buf[..., R:], start, end, 0.07)
         torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
-        if op._last_path() != V7:
-            print(f"v7 did not run for R={R} H={H} S={S} (kernel {op._last_path()})")
+        if op._last_path() != mode:
+            print(f"{name} did not run for R={R} H={H} S={S} (kernel {op._last_path()})")
             return 2
         ref, _ = mla_decode_ref(q[..., :R].double(), q[..., R:].double(), buf[..., :R].double(),
                                 buf[..., R:].double(), start, end, 0.07)
         err = ((out.double() - ref).norm() / ref.norm()).item()
-        print(f"v7 R={R} P={P} H={H} S={S} B={B} L={L}: rel err {err:.2e}, NaN {bool(out.isnan().any())}, {ms:.1f} ms")
+        print(f"{name} R={R} P={P} H={H} S={S} B={B} L={L}: rel err {err:.2e}, NaN {bool(out.isnan().any())}, {ms:.1f} ms")
         worst = max(worst, err if err == err else float("inf"))
     return 0 if worst < 1e-2 else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1] if len(sys.argv) > 1 else "v7"))

@@ -192,11 +192,21 @@ def test_long_context(H, S):
 
 
 # ---- The kernels behind the dispatch, each forced through the test hook torch.ops.mla_patch._wgmma_mode:
-# 0 the portable mma.sync kernel (v4), 1 the sm_90a seesaw kernel (v7, any S*H). _last_path() names the
-# kernel the last call launched.
+# 0 the portable mma.sync kernel (v4), 1 the sm_90a seesaw kernel (v7, any S*H), 2 its 2-CTA pair kernel (v8)
+# where that serves, else v7. _last_path() names the kernel the last call launched.
 IS_SM90 = torch.cuda.get_device_capability() == (9, 0)
-PATHS = ["v7", "mma"]
-MODES = {"mma": 0, "v7": 1}
+PATHS = ["v7", "v8", "mma"]
+MODES = {"mma": 0, "v7": 1, "v8": 2}
+
+
+def _expected_kernel(path, q_latent):
+    """The kernel `path` launches for these queries: v8 serves R = 512 with more than 32 query rows in an even
+    number of 64-row tiles (mla_pair_serves, csrc/mla_params.h); elsewhere its mode runs v7."""
+    if path != "v8":
+        return MODES[path]
+    _, S, H, R = q_latent.shape
+    tiles = -(-S * H // 64)
+    return MODES["v8"] if R == 512 and S * H > 32 and tiles % 2 == 0 else MODES["v7"]
 
 
 def _skip_unless_sm90(path):
@@ -210,7 +220,7 @@ def _check_path(path, inputs, tag, sm_scale=SM_SCALE):
     with ops.kernel_settings(wgmma_mode=MODES[path]):
         check_case(inputs, f"{path} {tag}", sm_scale=sm_scale)
         ran = torch.ops.mla_patch._last_path()
-    want = MODES[path]
+    want = _expected_kernel(path, inputs[0])
     assert ran == want, f"{path} {tag}: launched kernel {ran}, expected {want}"
 
 
@@ -302,6 +312,26 @@ def test_paths_agree():
         out0, lse0 = run_kernel(*inputs)
     assert _rel(out1, out0) < 1e-2
     torch.testing.assert_close(lse1, lse0, rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("splits", [1, 5, 64])
+def test_v8_same_bits_as_v7(splits):
+    """The pair kernel runs v7's arithmetic in v7's order on the same tiles (TMA instead of cp.async, rows past a
+    split's end zeroed in shared memory instead of zero-filled), so at one split count its outputs are v7's bits:
+    batch 1 at 128 heads, and a ragged batch of two new tokens (four query tiles, two clusters) in fp16."""
+    _skip_unless_sm90("v8")
+    cases = [
+        make_case(1, 1, 128, 512, 64, 9000, [8999], torch.bfloat16, "packed", _seed("v8-bits", splits)),
+        make_case(3, 2, 128, 512, 64, 3000, [3000, 65, 1711], torch.float16, "separate", _seed("v8-bits", splits, 1)),
+    ]
+    for inputs in cases:
+        with ops.kernel_settings(wgmma_mode=MODES["v7"], force_splits=splits):
+            want = run_kernel(*inputs)
+            assert torch.ops.mla_patch._last_path() == MODES["v7"]
+        with ops.kernel_settings(wgmma_mode=MODES["v8"], force_splits=splits):
+            got = run_kernel(*inputs)
+            assert torch.ops.mla_patch._last_path() == MODES["v8"]
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_dispatch_through_ops():
@@ -502,7 +532,7 @@ def test_paths_timeline_stamps(path):
         after = run_kernel(*case)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(after[0], want[0])
     # Query rows a CTA, cache rows a split is rounded to, cache rows a tile.
-    m_tile, n_split, tile = (64, 128, 64) if path == "v7" else (32, 32, 32)
+    m_tile, n_split, tile = (64, 128, 64) if path in ("v7", "v8") else (32, 32, 32)
     x_tiles = H // m_tile
 
     def ceil_div(a, b):
@@ -510,7 +540,7 @@ def test_paths_timeline_stamps(path):
 
     per = ceil_div(ceil_div(L, 6), n_split) * n_split
     decode = stamps[0].cpu()
-    if path == "v7":
+    if path in ("v7", "v8"):
         phases = decode[0, [2 * s + 2 for s in (4, 5, 6, 7, 8)]] != 0
         assert phases.all() or not phases.any(), f"v7 phase stamps partly written: {phases.tolist()}"
         order = [1, 2, 3, 4, 5, 6, 8] if phases.all() else [1, 2, 3]

@@ -1,0 +1,71 @@
+// Thread-block-cluster, transaction-count mbarrier and bulk-tensor-copy (TMA) wrappers for the sm_90a pair
+// kernel (v8, mla_decode_seesaw.cuh). Empty bodies outside sm_90a (the kernel is never launched there).
+#pragma once
+#include <cstdint>
+#include <type_traits>
+
+#include <cuda.h>  // CUtensorMap (a plain 128-byte struct; nothing here links libcuda)
+
+namespace mla {
+
+// The tensor maps of the cache, built on the host (launch_mla_decode_pair) and passed by value as a
+// __grid_constant__ kernel parameter: c_kv and k_pe as 3-D {columns, rows T, sequences B}.
+struct PairMaps {
+  CUtensorMap c_kv;
+  CUtensorMap k_pe;
+};
+// v7 shares the kernel template and takes an empty parameter in its place.
+struct NoMaps {};
+template <bool PAIR>
+using KernelMaps = std::conditional_t<PAIR, PairMaps, NoMaps>;
+
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r = 0;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+  return r;
+}
+// Every thread of both CTAs of the cluster; release/acquire, so what one CTA wrote before (its mbarrier
+// initialization) is visible to the other after.
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+// Makes this thread's mbarrier.init visible to the cluster (the other CTA's copies and arrives target them).
+__device__ __forceinline__ void fence_mbarrier_init() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
+}
+// One arrival on the mbarrier at the same shared offset in cluster CTA `rank` (this CTA's own included).
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t addr, uint32_t rank) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(addr),
+      "r"(rank)
+      : "memory");
+#endif
+}
+// This thread's arrival, announcing `bytes` more to land before the phase completes.
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t addr, uint32_t bytes) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(addr), "r"(bytes) : "memory");
+#endif
+}
+// A box of `map` at (c0, c1, c2) into shared offset `dst` of every CTA in `mask`, each signalling its bytes
+// to the mbarrier at offset `bar` of its own shared memory.
+__device__ __forceinline__ void tma_load_3d_multicast(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                                      uint32_t bar, uint16_t mask) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
+      " [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar), "h"(mask)
+      : "memory");
+#endif
+}
+
+}  // namespace mla
