@@ -69,10 +69,12 @@ DeviceInfo device_info(int dev) {
 enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1, kPathPair = 2 };
 // Default, from cached rows a call (B x cache capacity), measured on an H200 (docs/BENCHMARKS.md): with
 // S*H >= 64 query rows v7 wins from 16K rows (92afede, H = 128: B = 1 at 16K 27.7 vs 35.9 us, B = 16 at 1K
-// 27.9 vs 37.1 us; below, at B = 1 with 1K-4K, mma.sync: 12.4 vs 15.6 us, 18.4 vs 18.8 us); with fewer
+// 27.9 vs 37.1 us; below, at B = 1 with 1K-4K, mma.sync: 12.4 vs 15.6 us, 18.4 vs 18.8 us), and from 4K rows where
+// its query tile goes by TMA (session 7, H = 128, B = 1: 4K 13.5 vs 15.2 us; 1K 12.3 vs 11.0 us); with fewer
 // (H = 16, padded to 64 rows; v7's late-QK_b order) from 256K rows (92afede: B = 16 at 16K 88.1 vs 92.2 us,
 // B = 64 at 4K 92.9 vs 95.2 us; below, B = 128 at 1K 48.9 vs 49.1 is a tie and B = 64 at 1K 34.6 vs 30.6 us).
 constexpr int64_t kSeesawMinRowsWide = 16384;
+constexpr int64_t kSeesawMinRowsWideTmaQ = 4096;
 constexpr int64_t kSeesawMinRowsNarrow = 256 * 1024;
 constexpr int64_t kSeesawWideQueryRows = 64;
 std::atomic<int> g_wgmma_mode{-1};
@@ -88,6 +90,26 @@ int wgmma_setting() {
   }();
   return env_mode;
 }
+
+// v7's query tile by TMA where it serves (mla_seesaw_tma_q_serves): on by default; MLA_PATCH_TMA_Q=0 turns it
+// off (read once per process), the hook mla_patch::_tma_q(0|1|-1) overrides (the benchmark's A/B and the tests);
+// _last_q_tma() says whether the last call's query tile went by TMA.
+std::atomic<int> g_tma_q_mode{-1};
+std::atomic<int> g_last_q_tma{0};
+bool tma_q_enabled() {
+  const int mode = g_tma_q_mode.load();
+  if (mode >= 0) return mode == 1;
+  static const bool env_on = [] {
+    const char* e = std::getenv("MLA_PATCH_TMA_Q");
+    return e == nullptr || std::strcmp(e, "0") != 0;
+  }();
+  return env_on;
+}
+int64_t tma_q_op(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _tma_q takes -1 (default), 0 (cp.async) or 1 (TMA)");
+  return g_tma_q_mode.exchange(static_cast<int>(mode));
+}
+int64_t last_q_tma_op() { return g_last_q_tma.load(); }
 
 // Whether the loaded binary has the sm_90a body of v7 (a build without 90a has trap stubs).
 bool seesaw_built(int dev, bool bf16, int64_t R) {
@@ -109,8 +131,12 @@ int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P
   if (info.cc_major != 9 || info.cc_minor != 0) return kPathMma;
   const int setting = wgmma_setting();
   if (setting == 0) return kPathMma;
-  if (setting == -1 && B * T < (S * H >= kSeesawWideQueryRows ? kSeesawMinRowsWide : kSeesawMinRowsNarrow)) {
-    return kPathMma;
+  if (setting == -1) {
+    const bool tma_q = tma_q_enabled() && mla_seesaw_tma_q_serves(static_cast<int>(R), static_cast<int>(H));
+    const int64_t min_rows = S * H < kSeesawWideQueryRows ? kSeesawMinRowsNarrow
+                             : tma_q                      ? kSeesawMinRowsWideTmaQ
+                                                          : kSeesawMinRowsWide;
+    if (B * T < min_rows) return kPathMma;
   }
   const size_t smem = mla_seesaw_smem_bytes(static_cast<int>(R), static_cast<int>(P));
   if (static_cast<size_t>(info.smem_optin) < smem || !seesaw_built(dev, bf16, R)) return kPathMma;
@@ -318,6 +344,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.sm_scale = static_cast<float>(sm_scale);
   p.pdl = pdl_enabled(info) ? 1 : 0;
   p.partial_f32 = partial_f32 ? 1 : 0;
+  p.tma_q = tma_q_enabled() ? 1 : 0;
   const at::Tensor& timeline = timeline_buffer();
   if (timeline.defined() && timeline.device() == device) {
     p.timeline = reinterpret_cast<unsigned long long*>(timeline.data_ptr<int64_t>());
@@ -327,6 +354,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   cudaError_t err;
   g_last_path.store(path);
+  bool q_tma = false;
   if (path == kPathPair) {  // R = 512 (mla_pair_serves); falls back to v7 where the tensor maps do not encode
     bool launched_pair = false;
     err = bf16 ? launch_mla_decode_pair<MlaDtype::kBF16, 512, 64>(p, stream, &launched_pair)
@@ -334,11 +362,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
     if (!launched_pair) g_last_path.store(kPathSeesaw);
   } else if (path == kPathSeesaw) {
     if (R == 512) {
-      err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64>(p, stream)
-                 : launch_mla_decode_seesaw<MlaDtype::kFP16, 512, 64>(p, stream);
+      err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64>(p, stream, &q_tma)
+                 : launch_mla_decode_seesaw<MlaDtype::kFP16, 512, 64>(p, stream, &q_tma);
     } else {
-      err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 256, 32>(p, stream)
-                 : launch_mla_decode_seesaw<MlaDtype::kFP16, 256, 32>(p, stream);
+      err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 256, 32>(p, stream, &q_tma)
+                 : launch_mla_decode_seesaw<MlaDtype::kFP16, 256, 32>(p, stream, &q_tma);
     }
   } else if (R == 512) {
     err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 512, 64>(p, stream)
@@ -347,6 +375,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
     err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 256, 32>(p, stream)
                : launch_mla_decode<MlaDtype::kFP16, 256, 32>(p, stream);
   }
+  g_last_q_tma.store(q_tma ? 1 : 0);
   TORCH_CHECK(err == cudaSuccess, "mla_decode: kernel launch failed: ", cudaGetErrorString(err));
   return {out_latent, lse};
 }
@@ -369,12 +398,15 @@ TORCH_LIBRARY(mla_patch, m) {
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor c_kv, Tensor k_pe, Tensor kv_start, Tensor kv_end, "
       "float sm_scale) -> (Tensor, Tensor)");
   // Test and benchmark hooks: the kernel mode (returns the previous one), the kernel of the last call,
-  // programmatic dependent launch on/off, a forced split-KV factor, fp32 split partials on/off.
+  // programmatic dependent launch on/off, a forced split-KV factor, fp32 split partials on/off, v7's query tile
+  // by TMA on/off and whether the last call's went by TMA.
   m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
   m.def("_last_path() -> int", &last_path_op);
   m.def("_pdl_mode(int mode) -> int", &pdl_mode_op);
   m.def("_force_splits(int n) -> int", &force_splits_op);
   m.def("_fp32_partials(int mode) -> int", &fp32_partials_op);
+  m.def("_tma_q(int mode) -> int", &tma_q_op);
+  m.def("_last_q_tma() -> int", &last_q_tma_op);
   m.def("_timeline(Tensor? stamps) -> ()", &timeline_op);
 }
 

@@ -1,5 +1,6 @@
-// Thread-block-cluster, transaction-count mbarrier and bulk-tensor-copy (TMA) wrappers for the sm_90a pair
-// kernel (v8, mla_decode_seesaw.cuh). Empty bodies outside sm_90a (the kernel is never launched there).
+// Thread-block-cluster, transaction-count mbarrier and bulk-tensor-copy (TMA) wrappers for the sm_90a kernels
+// (mla_decode_seesaw.cuh: v7's query tile by TMA, v8's cache tiles by TMA multicast). Empty bodies outside sm_90a
+// (the kernels are never launched there).
 #pragma once
 #include <cstdint>
 #include <type_traits>
@@ -14,10 +15,15 @@ struct PairMaps {
   CUtensorMap c_kv;
   CUtensorMap k_pe;
 };
-// v7 shares the kernel template and takes an empty parameter in its place.
+// v7 with its query tile by TMA: q_latent and q_pe as 4-D {columns, H, S, B} with a {64, 64, 1, 1} box.
+struct QMaps {
+  CUtensorMap q_latent;
+  CUtensorMap q_pe;
+};
+// The kernel template's maps parameter: v8's, v7's query maps, or empty (v7 with its query tile by cp.async).
 struct NoMaps {};
-template <bool PAIR>
-using KernelMaps = std::conditional_t<PAIR, PairMaps, NoMaps>;
+template <bool PAIR, bool TMAQ>
+using KernelMaps = std::conditional_t<PAIR, PairMaps, std::conditional_t<TMAQ, QMaps, NoMaps>>;
 
 __device__ __forceinline__ uint32_t cluster_ctarank() {
   uint32_t r = 0;
@@ -53,6 +59,18 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint32_t addr, uint32_t rank
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t addr, uint32_t bytes) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(addr), "r"(bytes) : "memory");
+#endif
+}
+// A box of the 4-D `map` at (c0, c1, c2, c3) into this CTA's shared offset `dst`, its bytes signalled to the
+// mbarrier at `bar`.
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, int c3,
+                                            uint32_t bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
 #endif
 }
 // A box of `map` at (c0, c1, c2) into shared offset `dst` of every CTA in `mask`, each signalling its bytes

@@ -41,8 +41,9 @@
 // into both (tma_part below); v7 reads it once per CTA. Same arithmetic in the same order, so the same bits.
 #pragma once
 
-#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled (the pair kernel's host side)
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled (the TMA paths' host side)
 
+#include <array>
 #include <type_traits>
 
 #include "mla_cluster_ops.cuh"
@@ -99,6 +100,7 @@ struct SeesawCtx {
   const PairMaps* maps;
   uint32_t s_empty;
   int rank;
+  uint32_t s_qbar;  // v7 with its query tile by TMA (TMAQ): the mbarrier the tile lands on
 };
 
 // The two parts of a tile buffer: the self part of buffer u is reloaded by warpgroup u, the cross part by
@@ -113,7 +115,7 @@ enum SeesawPart : int { kSelf = 0, kCross = 1 };
 // slower at 4K-16K (B = 128, 16K 1108-1115 vs 1061-1078 us), within noise at 1K.
 constexpr int kSeesawLateMaxRows = 32;
 
-template <MlaDtype DT, int R, int P, int W, bool LATE, bool PAIR>
+template <MlaDtype DT, int R, int P, int W, bool LATE, bool PAIR, bool TMAQ>
 __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const SeesawCtx& c) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
@@ -341,7 +343,11 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   // flight with the Q tile (its cp.async group was committed by the kernel; these are in no group).
   load_part(W, W, false, mbar(W, kSelf));
   load_part(OTHER, OTHER, true, mbar(OTHER, kCross));
-  cp_async_wait<0>();
+  if constexpr (TMAQ) {
+    mbar_wait(c.s_qbar, 0);
+  } else {
+    cp_async_wait<0>();
+  }
   fence_proxy_async();
   named_bar_sync(kBarQ, 256);  // every thread's part of Q landed and is visible to the tensor cores
   if (kTimelinePhases && threadIdx.x == 0) timeline_stamp(p, kTlDecode, kTlQ);
@@ -545,9 +551,11 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
 // 64-row query tiles of a (sequence, split) as a 2-CTA cluster sharing each cache tile by TMA multicast, `maps`
 // the cache's tensor maps; launched with cluster dims (2, 1, 1), so the grid's x must be even). One __global__
 // template rather than a shared __device__ body: ptxas allocates v7's late order differently through one.
-template <MlaDtype DT, int R, int P, bool LATE, bool PAIR>
+// TMAQ (v7 only): the query tile by TMA from one thread (mla_seesaw_tma_q_serves) instead of 4608 16-byte
+// cp.async from all 256, whose issue held every CTA's prologue for ~4.4 us (session 7's timelines).
+template <MlaDtype DT, int R, int P, bool LATE, bool PAIR, bool TMAQ>
 __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p,
-                                                                   const __grid_constant__ KernelMaps<PAIR> maps) {
+                                                                   const __grid_constant__ KernelMaps<PAIR, TMAQ> maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename DtypeTraits<DT>::T;
   constexpr int M = kMlaSeesawMTile, N = kMlaSeesawNTile, D = R + P;
@@ -592,14 +600,31 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   // The lengths first, then the Q tile (rows past S*H zero-filled), swizzled, by all 256 threads, starting at
   // an offset of its own in each split: the same order and reasons as mla_decode_kernel.
   const int start_raw = p.kv_start[b], end_raw = p.kv_end[b];
-  const int q_rot = (c.split * 256) % (M * CHUNKS);
-  for (int i0 = tid; i0 < M * CHUNKS; i0 += 256) {
-    const int i = i0 + q_rot < M * CHUNKS ? i0 + q_rot : i0 + q_rot - M * CHUNKS;
-    const int r = i / CHUNKS, cc = i % CHUNKS;
-    cp_async_16(c.s_q + (cc >> 3) * BLK + r * 128 + (((cc & 7) ^ (r & 7)) << 4),
-                query_chunk_src<T, R>(p, b, row0 + r, cc), row0 + r < MT);
+  if constexpr (TMAQ) {
+    static_assert(!PAIR && R == 512, "v7's TMA query path: 128-byte rows in every block");
+    // H is a multiple of 64 (mla_seesaw_tma_q_serves): the tile is 64 heads of one token, one box a 64-column
+    // block, in the same swizzled layout as the cp.async path.
+    c.s_qbar = c.s_mbar + 4 * 8;
+    if (tid == 0) {
+      mbar_init(c.s_qbar, 1);
+      fence_mbarrier_init();  // visible to the copy engine before its bytes arrive on it
+      mbar_arrive_expect_tx(c.s_qbar, NB * BLK);
+#pragma unroll
+      for (int blk = 0; blk < NB; ++blk) {
+        tma_load_4d(c.s_q + blk * BLK, blk < R / 64 ? &maps.q_latent : &maps.q_pe, blk < R / 64 ? blk * 64 : 0,
+                    row0 % p.H, row0 / p.H, b, c.s_qbar);
+      }
+    }
+  } else {
+    const int q_rot = (c.split * 256) % (M * CHUNKS);
+    for (int i0 = tid; i0 < M * CHUNKS; i0 += 256) {
+      const int i = i0 + q_rot < M * CHUNKS ? i0 + q_rot : i0 + q_rot - M * CHUNKS;
+      const int r = i / CHUNKS, cc = i % CHUNKS;
+      cp_async_16(c.s_q + (cc >> 3) * BLK + r * 128 + (((cc & 7) ^ (r & 7)) << 4),
+                  query_chunk_src<T, R>(p, b, row0 + r, cc), row0 + r < MT);
+    }
+    cp_async_commit();  // waited for in seesaw_warpgroup, after the first tile loads are issued
   }
-  cp_async_commit();  // waited for in seesaw_warpgroup, after the first tile loads are issued
   // This CTA's rows: the visible range cut into num_splits chunks of whole pairs of tiles.
   const int start = max(start_raw, 0);
   const int end = min(end_raw, p.T);
@@ -613,7 +638,11 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   if (tid == 0) timeline_meta(p, kTlDecode, n_tiles);
 
   if (n_tiles == 0) {
-    cp_async_wait<0>();  // the Q copy lands before the CTA exits
+    if constexpr (TMAQ) {
+      if (tid == 0) mbar_wait(c.s_qbar, 0);  // the Q copy lands before the CTA exits (tid 0 initialized the mbarrier)
+    } else {
+      cp_async_wait<0>();  // the Q copy lands before the CTA exits
+    }
     if (nsplit == 1) {
       T* out = static_cast<T*>(p.out_latent);
       for (int i = tid; i < M * (R / 8); i += 256) {
@@ -661,9 +690,9 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   }
 
   if (wg == 0) {
-    seesaw_warpgroup<DT, R, P, 0, LATE, PAIR>(p, c);
+    seesaw_warpgroup<DT, R, P, 0, LATE, PAIR, TMAQ>(p, c);
   } else {
-    seesaw_warpgroup<DT, R, P, 1, LATE, PAIR>(p, c);
+    seesaw_warpgroup<DT, R, P, 1, LATE, PAIR, TMAQ>(p, c);
   }
 #else
   // Built without sm_90a: never dispatched (binding.cpp checks the loaded binary); fail loudly if it is.
@@ -673,34 +702,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
 
 }  // namespace mla
 
-template <MlaDtype DT, int R, int P>
-cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream) {
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
-  // The late-QK_b order where the CTA's 64 query rows are mostly padding (memory-bound), the seesaw where
-  // they are real (compute-bound): see kSeesawLateMaxRows.
-  const bool late = params.S * params.H <= mla::kSeesawLateMaxRows;
-  auto kernel = late ? mla::mla_decode_seesaw_kernel<DT, R, P, true, false> : mla::mla_decode_seesaw_kernel<DT, R, P, false, false>;
-  static bool smem_set[2][64] = {};
-  err = mla::launch_main_kernel(kernel, kMlaSeesawMTile, smem, smem_set[late ? 1 : 0], dev, params, stream, mla::NoMaps{});
-  if (err != cudaSuccess || params.num_splits == 1) return err;
-  return mla::launch_mla_combine<DT, R>(params, stream);
-}
-
-template <MlaDtype DT, int R, int P>
-bool mla_seesaw_built() {
-  // The sm_90a body exists only in an sm_90a cubin; a build without it has the trap stub.
-  cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, mla::mla_decode_seesaw_kernel<DT, R, P, false, false>) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return attr.binaryVersion == 90 && attr.numRegs >= 64;
-}
-
-// ---- v8 host side: the cache's tensor maps and the cluster launch.
+// ---- Host side of the TMA paths: tensor maps (v7's query tile, v8's cache tiles) and v8's cluster launch.
 namespace mla {
 
 // cuTensorMapEncodeTiled from the driver through the runtime, so the extension does not link libcuda; null
@@ -719,49 +721,77 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
   return fn;
 }
 
-// One cache tensor ([B, T, cols] by element strides sb, st; last dim contiguous) as a 3-D map {cols, T, B}
-// with a {64, 32, 1} box in the 128-byte swizzle (our shared layout); rows past T read as zeros. Strides of a
-// size-1 dim are arbitrary in torch: replaced by dense ones. False if the driver refuses it.
+// A 16-bit tensor (last dim contiguous) as a tiled map of `rank` dims, innermost first: `dims`, the element
+// strides of dims 1.. (a size-1 dim's stride is arbitrary in torch: replaced by a dense one), `box` in the
+// 128-byte swizzle (our shared layout); out-of-range elements read as zeros. False if the driver refuses it.
 template <MlaDtype DT>
-bool encode_cache_map(CUtensorMap* map, const void* base, int cols, int T, int B, int64_t st, int64_t sb) {
+bool encode_map(CUtensorMap* map, const void* base, int rank, const int64_t* dims, const int64_t* strides,
+                const uint32_t* box) {
   const auto encode = tensor_map_encoder();
   if (encode == nullptr) return false;
-  const int64_t row = T > 1 ? st : cols, seq = B > 1 ? sb : row * T;
-  const cuuint64_t dims[3] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(T), static_cast<cuuint64_t>(B)};
-  const cuuint64_t strides[2] = {static_cast<cuuint64_t>(row) * 2, static_cast<cuuint64_t>(seq) * 2};  // bytes
-  const cuuint32_t box[3] = {64, kMlaSeesawNTile / 2, 1};
-  const cuuint32_t elem_strides[3] = {1, 1, 1};
-  return encode(map, DT == MlaDtype::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 3,
-                const_cast<void*>(base), dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  cuuint64_t d[4], st[3];
+  cuuint32_t bx[4], elem_strides[4] = {1, 1, 1, 1};
+  int64_t dense = dims[0];
+  for (int i = 0; i < rank; ++i) {
+    d[i] = static_cast<cuuint64_t>(dims[i]);
+    bx[i] = box[i];
+    if (i > 0) {
+      const int64_t stride = dims[i] > 1 ? strides[i - 1] : dense;
+      st[i - 1] = static_cast<cuuint64_t>(stride) * 2;  // bytes
+      dense = stride * dims[i];
+    }
+  }
+  return encode(map, DT == MlaDtype::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, rank,
+                const_cast<void*>(base), d, st, bx, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
-// The maps of the call's cache, re-encoded only when its pointers, sizes or strides change (decode steps of
-// one model reuse the same cache tensors).
-template <MlaDtype DT>
-bool cache_maps(const MlaDecodeParams& p, int R, PairMaps* maps) {
-  struct Key {
-    const void *c_kv, *k_pe;
-    int T, B;
-    int64_t c_kv_st, c_kv_sb, k_pe_st, k_pe_sb;
-    bool operator==(const Key& o) const {  // C++17: the device's torch builds extensions with -std=c++17
-      return c_kv == o.c_kv && k_pe == o.k_pe && T == o.T && B == o.B && c_kv_st == o.c_kv_st && c_kv_sb == o.c_kv_sb &&
-             k_pe_st == o.k_pe_st && k_pe_sb == o.k_pe_sb;
+// The last call's maps, re-encoded only when the tensors (pointers, sizes, strides: `key`) change: decode steps
+// of one model reuse the cache tensors, and static buffers (CUDA graphs) the query ones.
+template <typename Maps, size_t K>
+struct MapCache {
+  std::array<int64_t, K> key{};
+  Maps maps{};
+  bool valid = false;
+  template <typename Encode>
+  bool get(const std::array<int64_t, K>& k, Maps* out, Encode encode) {
+    if (!(valid && k == key)) {
+      valid = encode(&maps);
+      key = k;
+      if (!valid) return false;
     }
-  };
-  thread_local Key last{};
-  thread_local PairMaps last_maps{};
-  thread_local bool valid = false;
-  const Key key{p.c_kv, p.k_pe, p.T, p.B, p.c_kv_st, p.c_kv_sb, p.k_pe_st, p.k_pe_sb};
-  if (!(valid && key == last)) {
-    valid = encode_cache_map<DT>(&last_maps.c_kv, p.c_kv, R, p.T, p.B, p.c_kv_st, p.c_kv_sb) &&
-            encode_cache_map<DT>(&last_maps.k_pe, p.k_pe, 64, p.T, p.B, p.k_pe_st, p.k_pe_sb);
-    last = key;
-    if (!valid) return false;
+    *out = maps;
+    return true;
   }
-  *maps = last_maps;
-  return true;
+};
+inline int64_t ptr_key(const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p)); }
+
+// v8: c_kv and k_pe as {cols, T, B}, box {64, 32, 1} (each CTA of the pair fetches half the rows of a tile).
+template <MlaDtype DT>
+bool cache_maps(const MlaDecodeParams& p, int R, int P, PairMaps* maps) {
+  thread_local MapCache<PairMaps, 8> cache;
+  const std::array<int64_t, 8> key{ptr_key(p.c_kv), ptr_key(p.k_pe), p.T, p.B, p.c_kv_st, p.c_kv_sb, p.k_pe_st, p.k_pe_sb};
+  return cache.get(key, maps, [&](PairMaps* m) {
+    const uint32_t box[3] = {64, kMlaSeesawNTile / 2, 1};
+    const int64_t c_dims[3] = {R, p.T, p.B}, k_dims[3] = {P, p.T, p.B};
+    const int64_t c_st[2] = {p.c_kv_st, p.c_kv_sb}, k_st[2] = {p.k_pe_st, p.k_pe_sb};
+    return encode_map<DT>(&m->c_kv, p.c_kv, 3, c_dims, c_st, box) && encode_map<DT>(&m->k_pe, p.k_pe, 3, k_dims, k_st, box);
+  });
+}
+
+// v7: q_latent and q_pe as {cols, H, S, B}, box {64, 64, 1, 1} (H a multiple of 64: mla_seesaw_tma_q_serves).
+template <MlaDtype DT>
+bool query_maps(const MlaDecodeParams& p, int R, int P, QMaps* maps) {
+  thread_local MapCache<QMaps, 11> cache;
+  const std::array<int64_t, 11> key{ptr_key(p.q_latent), ptr_key(p.q_pe), p.H,         p.S,         p.B,       p.q_latent_sh,
+                                    p.q_latent_ss,        p.q_latent_sb,      p.q_pe_sh, p.q_pe_ss, p.q_pe_sb};
+  return cache.get(key, maps, [&](QMaps* m) {
+    const uint32_t box[4] = {64, kMlaSeesawMTile, 1, 1};
+    const int64_t l_dims[4] = {R, p.H, p.S, p.B}, r_dims[4] = {P, p.H, p.S, p.B};
+    const int64_t l_st[3] = {p.q_latent_sh, p.q_latent_ss, p.q_latent_sb}, r_st[3] = {p.q_pe_sh, p.q_pe_ss, p.q_pe_sb};
+    return encode_map<DT>(&m->q_latent, p.q_latent, 4, l_dims, l_st, box) &&
+           encode_map<DT>(&m->q_pe, p.q_pe, 4, r_dims, r_st, box);
+  });
 }
 
 // The launch configuration of the pair kernel: cluster (2, 1, 1), and PDL like launch_kernel.
@@ -787,19 +817,62 @@ struct PairLaunch {
 }  // namespace mla
 
 template <MlaDtype DT, int R, int P>
+cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream, bool* q_by_tma) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  // The late-QK_b order where the CTA's 64 query rows are mostly padding (memory-bound), the seesaw where
+  // they are real (compute-bound): see kSeesawLateMaxRows.
+  const bool late = params.S * params.H <= mla::kSeesawLateMaxRows;
+  static bool smem_set[4][64] = {};
+  if (q_by_tma != nullptr) *q_by_tma = false;
+  if constexpr (R == 512) {
+    // The query tile by TMA where it serves and its maps encode (params.tma_q: the switch), else by cp.async.
+    mla::QMaps qmaps;
+    if (params.tma_q && mla_seesaw_tma_q_serves(R, params.H) && mla::query_maps<DT>(params, R, P, &qmaps)) {
+      constexpr size_t smem = mla_pair_smem_bytes(R, P);  // one more mbarrier (the query tile's)
+      auto kernel = late ? mla::mla_decode_seesaw_kernel<DT, R, P, true, false, true>
+                         : mla::mla_decode_seesaw_kernel<DT, R, P, false, false, true>;
+      err = mla::launch_main_kernel(kernel, kMlaSeesawMTile, smem, smem_set[2 + (late ? 1 : 0)], dev, params, stream, qmaps);
+      if (err != cudaSuccess) return err;
+      if (q_by_tma != nullptr) *q_by_tma = true;
+      return params.num_splits == 1 ? err : mla::launch_mla_combine<DT, R>(params, stream);
+    }
+  }
+  constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
+  auto kernel = late ? mla::mla_decode_seesaw_kernel<DT, R, P, true, false, false>
+                     : mla::mla_decode_seesaw_kernel<DT, R, P, false, false, false>;
+  err = mla::launch_main_kernel(kernel, kMlaSeesawMTile, smem, smem_set[late ? 1 : 0], dev, params, stream, mla::NoMaps{});
+  if (err != cudaSuccess || params.num_splits == 1) return err;
+  return mla::launch_mla_combine<DT, R>(params, stream);
+}
+
+template <MlaDtype DT, int R, int P>
+bool mla_seesaw_built() {
+  // The sm_90a body exists only in an sm_90a cubin; a build without it has the trap stub.
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, mla::mla_decode_seesaw_kernel<DT, R, P, false, false, false>) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return attr.binaryVersion == 90 && attr.numRegs >= 64;
+}
+
+
+template <MlaDtype DT, int R, int P>
 cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t stream, bool* launched_pair) {
   static_assert(R == 512 && P == 64, "the pair kernel's copies assume 128-byte rows in every block");
   static_assert(mla::kSeesawLateMaxRows == 32, "mla_pair_serves leaves S*H <= 32 to v7's late order");
   *launched_pair = false;
   mla::PairMaps maps;
-  if (!mla_pair_serves(R, params.S, params.H) || !mla::cache_maps<DT>(params, R, &maps)) {
-    return launch_mla_decode_seesaw<DT, R, P>(params, stream);
+  if (!mla_pair_serves(R, params.S, params.H) || !mla::cache_maps<DT>(params, R, P, &maps)) {
+    return launch_mla_decode_seesaw<DT, R, P>(params, stream, nullptr);
   }
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   constexpr size_t smem = mla_pair_smem_bytes(R, P);
-  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true>;
+  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true, false>;
   static bool smem_set[64] = {};
   err = mla::allow_dynamic_smem(kernel, smem, dev, smem_set);
   if (err != cudaSuccess) return err;
@@ -817,7 +890,7 @@ int mla_pair_max_clusters() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 0;
   constexpr size_t smem = mla_pair_smem_bytes(R, P);
-  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true>;
+  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true, false>;
   static bool smem_set[64] = {};
   int clusters = 0;
   mla::PairLaunch launch(dim3(2, 1, 1), smem, nullptr, false);

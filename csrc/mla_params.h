@@ -40,6 +40,7 @@ struct MlaDecodeParams {
   // [2][timeline_blocks][32]: the decode kernel's CTAs, then the combine's (layout at mla::TimelineSlot).
   unsigned long long* timeline;
   int timeline_blocks;
+  int tma_q;  // 1: v7 may load its query tile by TMA (mla_seesaw_tma_q_serves); host-side only
 };
 
 // Cache rows per pipeline stage.
@@ -118,10 +119,14 @@ inline int mla_seesaw_num_splits(int B, int S, int H, int T, int num_sms) {
   if (splits > kMlaMaxSplits) splits = kMlaMaxSplits;
   return splits < 1 ? 1 : static_cast<int>(splits);
 }
+// v7 loads its 64-row query tile by TMA (4-D maps over q_latent / q_pe, one box of 64 heads a 64-column block)
+// where R = 512 (128-byte rows in every block, like the cp.async layout) and H is a multiple of 64. (H = 16 by
+// 16-head boxes measured no faster: its v7 cells are long runs, 1-1.5 % slower at 16K, session 7.)
+inline bool mla_seesaw_tma_q_serves(int R, int H) { return R == 512 && H % kMlaSeesawMTile == 0; }
 // Host launcher (main kernel, then the shared LSE combine) and whether the binary holds the sm_90a body.
-// Instantiated in mla_decode_seesaw_<dtype>_r<R>.cu.
+// *q_by_tma (if given) says whether the query tile went by TMA. Instantiated in mla_decode_seesaw_<dtype>_r<R>.cu.
 template <MlaDtype DT, int R, int P>
-cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream);
+cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream, bool* q_by_tma);
 template <MlaDtype DT, int R, int P>
 bool mla_seesaw_built();
 

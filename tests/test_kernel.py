@@ -314,6 +314,30 @@ def test_paths_agree():
     torch.testing.assert_close(lse1, lse0, rtol=0, atol=1e-3)
 
 
+@pytest.mark.parametrize("H, S", [(128, 1), (128, 2), (64, 1), (64, 3)])
+def test_v7_query_by_tma_same_bits(H, S):
+    """v7's query tile by TMA (H a multiple of 64) lands the same bytes in the same layout as its cp.async copy:
+    outputs bit-identical either way, for contiguous and strided queries, with empty and ragged sequences;
+    _last_q_tma() says which ran."""
+    _skip_unless_sm90("v7")
+    seed = _seed("v7-tma-q", H, S)
+    dtype = torch.float16 if S == 3 else torch.bfloat16
+    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(3, S, H, 512, 64, 2000, [2000, 0, 777], dtype, "packed", seed)
+    qbuf = torch.cat([q_latent, q_pe], dim=-1)  # queries as views of one [B, S, H, R + P] buffer
+    for q in ((q_latent, q_pe), (qbuf[..., :512], qbuf[..., 512:])):
+        got = {}
+        for tma_q in (0, 1):
+            with ops.kernel_settings(wgmma_mode=MODES["v7"], tma_q=tma_q):
+                got[tma_q] = run_kernel(*q, c_kv, k_pe, kv_start, kv_end)
+                assert torch.ops.mla_patch._last_path() == MODES["v7"]
+                assert torch.ops.mla_patch._last_q_tma() == tma_q, f"H={H} S={S}: query by TMA {tma_q} not honoured"
+        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), f"H={H} S={S} seed={seed}"
+    with ops.kernel_settings(wgmma_mode=MODES["v7"]):  # where it does not serve (H = 16, 40) the copy stays cp.async
+        for h in (16, 40):
+            run_kernel(*make_case(1, 1, h, 512, 64, 300, [300], dtype, "packed", seed))
+            assert torch.ops.mla_patch._last_q_tma() == 0
+
+
 @pytest.mark.parametrize("splits", [1, 5, 64])
 def test_v8_same_bits_as_v7(splits):
     """The pair kernel runs v7's arithmetic in v7's order on the same tiles (TMA instead of cp.async, rows past a
