@@ -39,6 +39,7 @@
 // v8 (PAIR, the same template): where H = 128 puts two 64-row query tiles on the same cache rows, the two CTAs
 // of a (sequence, split) run as a 2-CTA cluster and each cache tile part is read from L2 once, by TMA multicast
 // into both (tma_part below); v7 reads it once per CTA. Same arithmetic in the same order, so the same bits.
+// Where R = 512 and H is a multiple of 64, v7 copies its query tile by TMA (TMAQ) onto a fifth mbarrier.
 #pragma once
 
 #include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled (the TMA paths' host side)
