@@ -357,8 +357,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   bool q_tma = false;
   if (path == kPathPair) {  // R = 512 (mla_pair_serves); falls back to v7 where the tensor maps do not encode
     bool launched_pair = false;
-    err = bf16 ? launch_mla_decode_pair<MlaDtype::kBF16, 512, 64>(p, stream, &launched_pair)
-               : launch_mla_decode_pair<MlaDtype::kFP16, 512, 64>(p, stream, &launched_pair);
+    err = bf16 ? launch_mla_decode_pair<MlaDtype::kBF16, 512, 64>(p, stream, &launched_pair, &q_tma)
+               : launch_mla_decode_pair<MlaDtype::kFP16, 512, 64>(p, stream, &launched_pair, &q_tma);
     if (!launched_pair) g_last_path.store(kPathSeesaw);
   } else if (path == kPathSeesaw) {
     if (R == 512) {

@@ -861,13 +861,15 @@ bool mla_seesaw_built() {
 
 
 template <MlaDtype DT, int R, int P>
-cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t stream, bool* launched_pair) {
+cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t stream, bool* launched_pair,
+                                   bool* q_by_tma) {
   static_assert(R == 512 && P == 64, "the pair kernel's copies assume 128-byte rows in every block");
   static_assert(mla::kSeesawLateMaxRows == 32, "mla_pair_serves leaves S*H <= 32 to v7's late order");
   *launched_pair = false;
+  *q_by_tma = false;
   mla::PairMaps maps;
   if (!mla_pair_serves(R, params.S, params.H) || !mla::cache_maps<DT>(params, R, P, &maps)) {
-    return launch_mla_decode_seesaw<DT, R, P>(params, stream, nullptr);
+    return launch_mla_decode_seesaw<DT, R, P>(params, stream, q_by_tma);
   }
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);

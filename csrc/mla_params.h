@@ -139,10 +139,11 @@ inline bool mla_pair_serves(int R, int S, int H) {
   return R == 512 && rows > 32 && ((rows + kMlaSeesawMTile - 1) / kMlaSeesawMTile) % 2 == 0;
 }
 constexpr size_t mla_pair_smem_bytes(int R, int P) { return mla_seesaw_smem_bytes(R, P) + 4 * 8; }
-// Host launcher: v8 where it serves and the cache's tensor maps encode, else v7 (*launched_pair says which).
-// Instantiated for R = 512 in mla_decode_seesaw_<dtype>_r512.cu.
+// Host launcher: v8 where it serves and the cache's tensor maps encode, else v7 (*launched_pair says which;
+// *q_by_tma as for launch_mla_decode_seesaw). Instantiated for R = 512 in mla_decode_seesaw_<dtype>_r512.cu.
 template <MlaDtype DT, int R, int P>
-cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t stream, bool* launched_pair);
+cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t stream, bool* launched_pair,
+                                   bool* q_by_tma);
 // 2-CTA clusters of the pair kernel the device runs at once (0 if it cannot run it): splits are sized so the
 // grid is one wave of them.
 template <MlaDtype DT, int R, int P>
