@@ -140,8 +140,7 @@ int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P
   }
   const size_t smem = mla_seesaw_smem_bytes(static_cast<int>(R), static_cast<int>(P));
   if (static_cast<size_t>(info.smem_optin) < smem || !seesaw_built(dev, bf16, R)) return kPathMma;
-  const bool pair = setting == 2 && mla_pair_serves(static_cast<int>(R), static_cast<int>(S), static_cast<int>(H)) &&
-                    static_cast<size_t>(info.smem_optin) >= mla_pair_smem_bytes(static_cast<int>(R), static_cast<int>(P));
+  const bool pair = setting == 2 && mla_pair_serves(static_cast<int>(R), static_cast<int>(S), static_cast<int>(H));
   return pair ? kPathPair : kPathSeesaw;
 }
 

@@ -27,7 +27,8 @@
 // its tile (free once that tile's QK is done): thread t of either warpgroup holds the same fragment
 // positions, so slot t needs no relayout.
 // Loads: cp.async (16-byte chunks, zero-filled outside [cb, ce), so NaN rows never reach a product)
-// completing on mbarriers. Each buffer has two parts: "self" = the V columns of its own warpgroup,
+// completing on mbarriers, one a 64-column block, copied block by block so QK starts on a tile's first block
+// while the rest still lands. Each buffer has two parts: "self" = the V columns of its own warpgroup,
 // read only by that warpgroup, and "cross" = the other V half plus the rope block (P slots), last read
 // by the other warpgroup's PV. Warpgroup w reloads the columns [w R/2, (w+1) R/2) of a buffer (and, for
 // the other buffer, its rope block) as soon as its PV over that buffer is done, so the next pair's
@@ -35,7 +36,7 @@
 // cross part, which lands last. A missing partner of an odd last tile is a zero tile (fully masked).
 // Shared memory (1024-aligned; 128-byte swizzle: 16-byte chunk c of a 128-byte row r at chunk c ^ (r % 8),
 // the layout wgmma reads): Q [NB][64][64], buffer 0 and 1 [NB][64][64] (NB = R/64 latent blocks + one rope
-// block), m slots A and B [128] float2, l slots [2][128] float2, 4 mbarriers.
+// block), m slots A and B [128] float2, l slots [2][128] float2, mbarriers (mla_seesaw_mbarriers).
 // v8 (PAIR, the same template): where H = 128 puts two 64-row query tiles on the same cache rows, the two CTAs
 // of a (sequence, split) run as a 2-CTA cluster and each cache tile part is read from L2 once, by TMA multicast
 // into both (tma_part below); v7 reads it once per CTA. Same arithmetic in the same order, so the same bits.
@@ -87,7 +88,9 @@ enum SeesawBarrier : int { kBarA = 1, kBarB = 2, kBarWg0 = 3, kBarWg1 = 4, kBarE
 
 // Everything both warpgroups' programs need: set up once by the kernel.
 struct SeesawCtx {
-  uint32_t s_q, s_buf[2], s_mbar;  // shared addresses; mbarrier (u, part) at s_mbar + 8 (2u + part)
+  // Shared addresses. v7: the mbarrier of 64-column block j of buffer u at s_mbar + 8 (u NB + j) (the self part's
+  // blocks first, then the cross part's, rope last); v8: the "full" mbarrier of (u, part) at s_mbar + 8 (2u + part).
+  uint32_t s_q, s_buf[2], s_mbar;
   unsigned char* smem;             // generic pointer of shared address 0 offset (smem + addr - base)
   uint32_t smem_base;
   float2 *slot_ma, *slot_mb, *slot_l;  // [128], [128], [2][128]
@@ -130,18 +133,29 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
 
   const T* c_kv = static_cast<const T*>(p.c_kv) + static_cast<long long>(c.b) * p.c_kv_sb;
   const T* k_pe = static_cast<const T*>(p.k_pe) + static_cast<long long>(c.b) * p.k_pe_sb;
-  auto mbar = [&](int u, int part) { return c.s_mbar + 8 * (2 * u + part); };
+  // v7: the mbarrier of the j-th block of a part (its rope block is the cross part's block HALF); v8: the part's.
+  auto mbar = [&](int u, int part, int j) {
+    if constexpr (PAIR) {
+      return c.s_mbar + 8 * (2 * u + part);
+    } else {
+      return c.s_mbar + 8 * (u * (LB + 1) + part * HALF + j);
+    }
+  };
 
-  // Copy of latent blocks [W HALF, (W+1) HALF) of `tile` into buffer u (and its rope block when
-  // `rope`), by this warpgroup's 128 threads, completing on mbarrier `bar`. Both parts this warpgroup
+  // Copy of latent blocks [W HALF, (W+1) HALF) of `tile` into buffer u (and its rope block when `rope`), by this
+  // warpgroup's 128 threads, block by block: all 128 threads copy a block (thread wt: chunk wt % 8 of rows wt / 8
+  // + 16 k) and arrive on its own mbarrier before the next, so the blocks land in the order QK reads them and QK
+  // starts on the first instead of waiting for the part's last byte. (cp.async.mbarrier.arrive fires once all of
+  // the thread's earlier copies landed, so block j's arrival covers blocks < j too.) Both parts this warpgroup
   // ever loads start at block W HALF: its own buffer's self part, and the other buffer's cross part.
-  constexpr int LCH = HALF * 8, LROWS = 128 / LCH, LPASS = N / LROWS;   // latent: chunks a row, rows a pass
-  constexpr int PCH = P / 8, PROWS = 128 / PCH, PPASS = N / PROWS;      // rope
-  static_assert(128 % LCH == 0 && 128 % PCH == 0 && N % LROWS == 0 && N % PROWS == 0, "copy layout");
-  const int l_row = wt / LCH, l_cc = wt % LCH;
+  constexpr int BROWS = 128 / 8, BPASS = N / BROWS;                 // latent block: rows a pass, passes
+  constexpr int PCH = P / 8, PROWS = 128 / PCH, PPASS = N / PROWS;  // rope
+  static_assert(N % BROWS == 0 && 128 % PCH == 0 && N % PROWS == 0 && BROWS % 8 == 0 && PROWS % 8 == 0,
+                "copy layout: a thread's rows keep one swizzle phase");
+  const int l_row = wt / 8, l_cc = wt % 8;
   const int r_row = wt / PCH, r_cc = wt % PCH;
-  const uint32_t l_dst = (W * HALF + l_cc / 8) * BLK + l_row * 128;
-  const uint32_t r_dst = LB * BLK + r_row * 128;
+  const uint32_t l_dst = l_row * 128 + ((l_cc ^ (l_row & 7)) << 4);
+  const uint32_t r_dst = LB * BLK + r_row * 128 + ((r_cc ^ (r_row & 7)) << 4);
   // v8: one thread of each CTA issues its half of the part's rows (rank r: rows [32 r, 32 r + 32)) by TMA
   // multicast into both CTAs, once both CTAs' readers of the part's previous tile are done (the "part free"
   // mbarrier, count 2: this arrival and the other CTA's, made at the same point of the same warpgroup's
@@ -163,31 +177,34 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
     }
     if (rope) tma_load_3d_multicast(c.s_buf[u] + LB * BLK + half, &c.maps->k_pe, 0, row, c.b, bar, 0x3);
   };
-  auto load_part = [&](int tile, int u, bool rope, uint32_t bar) {
+  auto load_part = [&](int tile, int u, bool rope) {
+    const int part = rope ? kCross : kSelf;
     if constexpr (PAIR) {
-      if (wt == 0) tma_part(tile, u, rope, bar);
+      if (wt == 0) tma_part(tile, u, rope, mbar(u, part, 0));
     } else {
       const int base = c.cb + tile * N;
       const uint32_t buf = c.s_buf[u];
       const T* src = c_kv + static_cast<long long>(base + l_row) * p.c_kv_st + W * HALF * 64 + l_cc * 8;
 #pragma unroll
-      for (int k = 0; k < LPASS; ++k) {
-        const int r = l_row + k * LROWS;
-        const bool valid = base + r < c.ce;
-        cp_async_16(buf + l_dst + k * LROWS * 128 + (((l_cc & 7) ^ (r & 7)) << 4),
-                    valid ? src + static_cast<long long>(k) * LROWS * p.c_kv_st : c_kv, valid);
+      for (int j = 0; j < HALF; ++j) {
+#pragma unroll
+        for (int k = 0; k < BPASS; ++k) {
+          const bool valid = base + l_row + k * BROWS < c.ce;
+          cp_async_16(buf + (W * HALF + j) * BLK + l_dst + k * BROWS * 128,
+                      valid ? src + static_cast<long long>(k) * BROWS * p.c_kv_st + j * 64 : c_kv, valid);
+        }
+        cp_async_mbar_arrive(mbar(u, part, j));
       }
       if (rope) {
         const T* rsrc = k_pe + static_cast<long long>(base + r_row) * p.k_pe_st + r_cc * 8;
 #pragma unroll
         for (int k = 0; k < PPASS; ++k) {
-          const int r = r_row + k * PROWS;
-          const bool valid = base + r < c.ce;
-          cp_async_16(buf + r_dst + k * PROWS * 128 + ((r_cc ^ (r & 7)) << 4),
-                      valid ? rsrc + static_cast<long long>(k) * PROWS * p.k_pe_st : k_pe, valid);
+          const bool valid = base + r_row + k * PROWS < c.ce;
+          cp_async_16(buf + r_dst + k * PROWS * 128, valid ? rsrc + static_cast<long long>(k) * PROWS * p.k_pe_st : k_pe,
+                      valid);
         }
+        cp_async_mbar_arrive(mbar(u, part, HALF));
       }
-      cp_async_mbar_arrive(bar);
     }
   };
 
@@ -213,29 +230,39 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   };
   // Two commit groups: the self part (landed early) and the cross part (landed last), so warpgroup 0 can
   // queue its self part behind the previous pair's last PV before it waits for that PV.
-  auto qk_self = [&](int tile, uint32_t parity) {
-    mbar_wait(mbar(W, kSelf), parity);
-    if constexpr (PAIR) zero_tail(tile, W * HALF);
+  // Block j of a part of this warpgroup's tile landed and is visible to the tensor cores. v7 waits block by block
+  // (each has its mbarrier); v8 for the whole part at its first block (TMA, one mbarrier a part), then zeroes the
+  // rows past the split's end. The explicit wgmma fence follows the wait loop's branches (ptxas would inject
+  // one, C7519).
+  auto await_block = [&](int tile, int part, int j, uint32_t parity) {
+    if constexpr (PAIR) {
+      if (j > 0) return;
+      mbar_wait(mbar(W, part, 0), parity);
+      zero_tail(tile, (part == kSelf ? W : OTHER) * HALF);
+    } else {
+      mbar_wait(mbar(W, part, j), parity);
+    }
     fence_proxy_async();
-    fence_operand(s);
     wgmma_fence();
+  };
+  auto qk_self = [&](int tile, uint32_t parity) {
+    fence_operand(s);
 #pragma unroll
     for (int j = 0; j < HALF * 4; ++j) {
+      if (j % 4 == 0) await_block(tile, kSelf, j / 4, parity);
       const uint32_t off = ((W * HALF + j / 4) * BLK + (j % 4) * 32) >> 4;
       wgmma_ss_m64n64<DT>(s, smem_desc_kmajor(q_lo + off), smem_desc_kmajor(k_lo + off), j > 0 ? 1 : 0);
     }
     wgmma_commit();
   };
   auto qk_cross = [&](int tile, uint32_t parity) {
-    mbar_wait(mbar(W, kCross), parity);
-    if constexpr (PAIR) zero_tail(tile, OTHER * HALF);
-    fence_proxy_async();
-    wgmma_fence();  // after the wait loop's branches (ptxas would inject one, C7519)
 #pragma unroll
     for (int j = 0; j < HALF * 4; ++j) {
+      if (j % 4 == 0) await_block(tile, kCross, j / 4, parity);
       const uint32_t off = ((OTHER * HALF + j / 4) * BLK + (j % 4) * 32) >> 4;
       wgmma_ss_m64n64<DT>(s, smem_desc_kmajor(q_lo + off), smem_desc_kmajor(k_lo + off), 1);
     }
+    await_block(tile, kCross, HALF, parity);
 #pragma unroll
     for (int j = 0; j < KS_ROPE; ++j) {
       const uint32_t off = (LB * BLK + j * 32) >> 4;
@@ -342,8 +369,8 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
 
   // Prologue loads: the self part of this warpgroup's first tile, the cross part of the other one's, in
   // flight with the Q tile (its cp.async group was committed by the kernel; these are in no group).
-  load_part(W, W, false, mbar(W, kSelf));
-  load_part(OTHER, OTHER, true, mbar(OTHER, kCross));
+  load_part(W, W, false);
+  load_part(OTHER, OTHER, true);
   if constexpr (TMAQ) {
     mbar_wait(c.s_qbar, 0);
   } else {
@@ -365,7 +392,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
         fence_operand(o);
         fence_operand(pb);
         named_bar_sync(kBarMine, 128);  // buffer 1's V half of this warpgroup and wg1's P slots are read
-        if (tile + 1 < tiles_total) load_part(tile + 1, 1, true, mbar(1, kCross));
+        if (tile + 1 < tiles_total) load_part(tile + 1, 1, true);
       }
       qk_cross(tile, parity);
       wgmma_wait<0>();
@@ -393,7 +420,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
         fence_operand(o);
         fence_operand(pa);
         named_bar_sync(kBarMine, 128);
-        if (tile + 2 < tiles_total) load_part(tile + 2, 0, false, mbar(0, kSelf));
+        if (tile + 2 < tiles_total) load_part(tile + 2, 0, false);
       }
       // wg1's P_b and m_b (its softmax ran under the PVs over buffer 0).
       named_bar_sync(kBarB, 256);
@@ -404,7 +431,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
         fence_operand(o);
         fence_operand(pa);
         named_bar_sync(kBarMine, 128);  // all of this warpgroup is past its PV over buffer 0
-        if (tile + 2 < tiles_total) load_part(tile + 2, 0, false, mbar(0, kSelf));
+        if (tile + 2 < tiles_total) load_part(tile + 2, 0, false);
       }
       const float b0 = rescale_factor(m0, mb.x), b1 = rescale_factor(m1, mb.y);
       rescale_o(b0, b1);
@@ -443,7 +470,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
         fence_operand(o);
         fence_operand(pb);
         named_bar_sync(kBarMine, 128);
-        if (tile + 1 < tiles_total) load_part(tile + 1, 0, true, mbar(0, kCross));
+        if (tile + 1 < tiles_total) load_part(tile + 1, 0, true);
         wgmma_wait<0>();
       } else {
         wgmma_wait<1>();  // this QK is done, the PV over buffer 0 may still run
@@ -464,7 +491,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
         fence_operand(o);
         fence_operand(pb);
         named_bar_sync(kBarMine, 128);  // buffer 0's V half of this warpgroup and wg0's P slots are read
-        if (tile + 1 < tiles_total) load_part(tile + 1, 0, true, mbar(0, kCross));
+        if (tile + 1 < tiles_total) load_part(tile + 1, 0, true);
       }
       rescale_o(b0, b1);
       fence_operand(o);
@@ -476,7 +503,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       fence_operand(o);
       fence_operand(pa);
       named_bar_sync(kBarMine, 128);
-      if (tile + 2 < tiles_total) load_part(tile + 2, 1, false, mbar(1, kSelf));
+      if (tile + 2 < tiles_total) load_part(tile + 2, 1, false);
     }
   }
   if constexpr (W == 0) {
@@ -564,7 +591,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   constexpr int BLK = N * 128, TILE = NB * BLK, CHUNKS = D / 8;
   static_assert(M == 64 && N == 64 && (R == 512 || R == 256) && P % 16 == 0 && P <= 64 && NB == R / 64 + 1,
                 "layout assumes 64-row tiles, R in {256, 512}, one rope block");
-  static_assert(mla_seesaw_smem_bytes(R, P) == 1024 + 3 * TILE + 4 * 1024 + 32, "smem size");
+  static_assert(mla_seesaw_smem_bytes(R, P) == 1024 + 3 * TILE + 4 * 1024 + 8 * (2 * NB + 1) && 2 * NB + 1 >= 8,
+                "smem size: v7's block mbarriers and its query's, or v8's 8");
   static_assert(M * (R + 8) * 4 <= 3 * TILE, "the fp32 output rows are staged in the Q tile and the buffers");
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -605,7 +633,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
     static_assert(!PAIR && R == 512, "v7's TMA query path: 128-byte rows in every block");
     // H is a multiple of 64 (mla_seesaw_tma_q_serves): the tile is 64 heads of one token, one box a 64-column
     // block, in the same swizzled layout as the cp.async path.
-    c.s_qbar = c.s_mbar + 4 * 8;
+    c.s_qbar = c.s_mbar + 2 * NB * 8;  // after the block mbarriers
     if (tid == 0) {
       mbar_init(c.s_qbar, 1);
       fence_mbarrier_init();  // visible to the copy engine before its bytes arrive on it
@@ -685,7 +713,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   } else {
     if (tid == 0) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) mbar_init(c.s_mbar + 8 * i, 128);
+      for (int i = 0; i < 2 * NB; ++i) mbar_init(c.s_mbar + 8 * i, 128);  // one arrival a thread of the loader
     }
     __syncthreads();  // the mbarriers are initialized before any copy arrives on them
   }
@@ -831,7 +859,7 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
     // The query tile by TMA where it serves and its maps encode (params.tma_q: the switch), else by cp.async.
     mla::QMaps qmaps;
     if (params.tma_q && mla_seesaw_tma_q_serves(R, params.H) && mla::query_maps<DT>(params, R, P, &qmaps)) {
-      constexpr size_t smem = mla_pair_smem_bytes(R, P);  // one more mbarrier (the query tile's)
+      constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
       auto kernel = late ? mla::mla_decode_seesaw_kernel<DT, R, P, true, false, true>
                          : mla::mla_decode_seesaw_kernel<DT, R, P, false, false, true>;
       err = mla::launch_main_kernel(kernel, kMlaSeesawMTile, smem, smem_set[2 + (late ? 1 : 0)], dev, params, stream, qmaps);
@@ -874,7 +902,7 @@ cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t s
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  constexpr size_t smem = mla_pair_smem_bytes(R, P);
+  constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
   auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true, false>;
   static bool smem_set[64] = {};
   err = mla::allow_dynamic_smem(kernel, smem, dev, smem_set);
@@ -892,7 +920,7 @@ template <MlaDtype DT, int R, int P>
 int mla_pair_max_clusters() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  constexpr size_t smem = mla_pair_smem_bytes(R, P);
+  constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
   auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true, false>;
   static bool smem_set[64] = {};
   int clusters = 0;

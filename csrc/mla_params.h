@@ -103,10 +103,14 @@ constexpr int mla_wgmma_col_blocks(int R, int P) { return (R + P + 63) / 64; }
 // output columns (PV over both tiles of the pair), two tile buffers reloaded part by part as they free up.
 constexpr int kMlaSeesawMTile = 64;
 constexpr int kMlaSeesawNTile = 64;
+// mbarriers: v7 has one a 64-column block of each buffer (its cache tiles land block by block) and one for a query
+// tile by TMA; v8 one a buffer part and one "part free" a part (8).
+constexpr int mla_seesaw_mbarriers(int R, int P) { return 2 * mla_wgmma_col_blocks(R, P) + 1; }
 // 1 KB alignment slack + Q and two cache tiles, each [blocks][64 rows][128 B] + exchange slots (4 x 1 KB)
-// + 4 mbarriers (R = 512: 226,368 B of the H100/H200's 232,448).
+// + the mbarriers (R = 512: 226,456 B of the H100/H200's 232,448). Every v7 / v8 kernel takes this size.
 constexpr size_t mla_seesaw_smem_bytes(int R, int P) {
-  return 1024 + static_cast<size_t>(3) * mla_wgmma_col_blocks(R, P) * kMlaSeesawNTile * 128 + 4 * 1024 + 4 * 8;
+  return 1024 + static_cast<size_t>(3) * mla_wgmma_col_blocks(R, P) * kMlaSeesawNTile * 128 + 4 * 1024 +
+         8 * static_cast<size_t>(mla_seesaw_mbarriers(R, P));
 }
 // One CTA per SM; each split gets at least one pair of tiles (128 rows) of capacity.
 inline int mla_seesaw_num_splits(int B, int S, int H, int T, int num_sms) {
@@ -133,12 +137,11 @@ bool mla_seesaw_built();
 // ---- sm_90a pair path (kernel v8): v7's seesaw order with the two 64-row query tiles of a (sequence, split)
 // as a 2-CTA cluster that fetches each cache tile once, by TMA multicast into both. It serves R = 512 (the
 // 64-column rope block: 128-byte rows, like the latent blocks) with an even count of query tiles and more
-// than 32 query rows (v7's late-QK_b order, which it lacks, serves fewer); 8 more mbarriers than v7.
+// than 32 query rows (v7's late-QK_b order, which it lacks, serves fewer).
 inline bool mla_pair_serves(int R, int S, int H) {
   const long rows = static_cast<long>(S) * H;
   return R == 512 && rows > 32 && ((rows + kMlaSeesawMTile - 1) / kMlaSeesawMTile) % 2 == 0;
 }
-constexpr size_t mla_pair_smem_bytes(int R, int P) { return mla_seesaw_smem_bytes(R, P) + 4 * 8; }
 // Host launcher: v8 where it serves and the cache's tensor maps encode, else v7 (*launched_pair says which;
 // *q_by_tma as for launch_mla_decode_seesaw). Instantiated for R = 512 in mla_decode_seesaw_<dtype>_r512.cu.
 template <MlaDtype DT, int R, int P>
