@@ -111,6 +111,40 @@ int64_t tma_q_op(int64_t mode) {
 }
 int64_t last_q_tma_op() { return g_last_q_tma.load(); }
 
+// v7's balanced grid (mla_plan_start in mla_params.h): -1 where plan_pays says so (default), 0 never, 1 wherever
+// it serves. MLA_PATCH_PLAN ("0" or "1") sets it, read once per process; the hook mla_patch::_plan_mode(0|1|-1)
+// overrides (the benchmark's A/B and the tests); _last_plan() says whether the last call ran it.
+std::atomic<int> g_plan_mode{-1};
+std::atomic<int> g_last_plan{0};
+int plan_setting() {
+  const int mode = g_plan_mode.load();
+  if (mode >= 0) return mode;
+  static const int env_mode = [] {
+    const char* e = std::getenv("MLA_PATCH_PLAN");
+    if (e == nullptr || *e == '\0') return -1;
+    return std::strcmp(e, "0") == 0 ? 0 : 1;
+  }();
+  return env_mode;
+}
+int64_t plan_mode_op(int64_t mode) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _plan_mode takes -1 (default), 0 (regular grid) or 1 (balanced)");
+  return g_plan_mode.exchange(static_cast<int>(mode));
+}
+int64_t last_plan_op() { return g_last_plan.load(); }
+
+// Whether the balanced grid is worth its merge: the regular grid (one CTA an item and split, one a SM) leaves
+// more than 1.5 % of the SM time of its waves idle, and the cut items' merge is cheap against what balancing
+// saves: where the regular grid splits anyway (a merge either way) or the rows are few (S*H <= 32: small partial
+// rows), or each item holds at least kPlanMinPairs pairs of cache tiles (the merge of H = 128's 64-row partials
+// costs a few microseconds, the balance ~3 % of the call).
+constexpr int64_t kPlanMinPairs = 32;
+bool plan_pays(int64_t B, int64_t S, int64_t H, int64_t T, int num_sms, int num_splits) {
+  const int64_t m_tiles = (S * H + kMlaSeesawMTile - 1) / kMlaSeesawMTile;
+  const int64_t ctas = B * m_tiles * num_splits, waves = (ctas + num_sms - 1) / num_sms;
+  if (static_cast<double>(ctas) >= 0.985 * static_cast<double>(waves * num_sms)) return false;
+  return num_splits > 1 || S * H <= 32 || (T + 2 * kMlaSeesawNTile - 1) / (2 * kMlaSeesawNTile) >= kPlanMinPairs;
+}
+
 // Whether the loaded binary has the sm_90a body of v7 (a build without 90a has trap stubs).
 bool seesaw_built(int dev, bool bf16, int64_t R) {
   static int cache[64][4] = {};  // 0 unknown, 1 yes, 2 no
@@ -307,9 +341,18 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
                          : path == kPathSeesaw ? mla_seesaw_num_splits(b32, s32, h32, t32, num_sms)
                                                : mla_seesaw_num_splits(b32, s32, h32, t32, pair_sms(device.index(), bf16, num_sms));
   const bool partial_f32 = fp32_partials();
-  at::Tensor o_partial, lse_partial;
-  if (num_splits > 1) {
-    auto f32 = q_latent.options().dtype(at::kFloat);
+  // The balanced grid: v7 only, not with a forced split count or the timeline (whose rows are the regular grid's).
+  const int plan_mode = plan_setting();
+  const bool plan = path == kPathSeesaw && forced == 0 && !timeline_buffer().defined() && plan_mode != 0 &&
+                    mla_plan_serves(b32, s32, h32, T) &&
+                    (plan_mode == 1 || plan_pays(B, S, H, T, num_sms, num_splits));
+  at::Tensor o_partial, lse_partial, plan_offsets;
+  auto f32 = q_latent.options().dtype(at::kFloat);
+  if (plan) {  // two partial slots of 64 rows a CTA, and the pair offsets of every sequence
+    o_partial = at::empty({2 * num_sms, kMlaSeesawMTile, R}, partial_f32 ? f32 : q_latent.options());
+    lse_partial = at::empty({2 * num_sms, kMlaSeesawMTile}, f32);
+    plan_offsets = at::empty({B + 1}, q_latent.options().dtype(at::kInt));
+  } else if (num_splits > 1) {
     o_partial = at::empty({B, num_splits, S * H, R}, partial_f32 ? f32 : q_latent.options());
     lse_partial = at::empty({B, num_splits, S * H}, f32);
   }
@@ -323,8 +366,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.kv_end = kv_end.data_ptr<int32_t>();
   p.out_latent = out_latent.data_ptr();
   p.lse = lse.data_ptr<float>();
-  p.o_partial = num_splits > 1 ? o_partial.data_ptr() : nullptr;
-  p.lse_partial = num_splits > 1 ? lse_partial.data_ptr<float>() : nullptr;
+  p.o_partial = o_partial.defined() ? o_partial.data_ptr() : nullptr;
+  p.lse_partial = lse_partial.defined() ? lse_partial.data_ptr<float>() : nullptr;
+  p.plan_ctas = plan ? num_sms : 0;
+  p.plan_offsets = plan ? plan_offsets.data_ptr<int32_t>() : nullptr;
   p.q_latent_sb = q_latent.stride(0);
   p.q_latent_ss = q_latent.stride(1);
   p.q_latent_sh = q_latent.stride(2);
@@ -375,6 +420,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
                : launch_mla_decode<MlaDtype::kFP16, 256, 32>(p, stream);
   }
   g_last_q_tma.store(q_tma ? 1 : 0);
+  g_last_plan.store(plan ? 1 : 0);
   TORCH_CHECK(err == cudaSuccess, "mla_decode: kernel launch failed: ", cudaGetErrorString(err));
   return {out_latent, lse};
 }
@@ -398,7 +444,7 @@ TORCH_LIBRARY(mla_patch, m) {
       "float sm_scale) -> (Tensor, Tensor)");
   // Test and benchmark hooks: the kernel mode (returns the previous one), the kernel of the last call,
   // programmatic dependent launch on/off, a forced split-KV factor, fp32 split partials on/off, v7's query tile
-  // by TMA on/off and whether the last call's went by TMA.
+  // by TMA on/off and whether the last call's went by TMA, v7's balanced grid and whether the last call ran it.
   m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
   m.def("_last_path() -> int", &last_path_op);
   m.def("_pdl_mode(int mode) -> int", &pdl_mode_op);
@@ -406,6 +452,8 @@ TORCH_LIBRARY(mla_patch, m) {
   m.def("_fp32_partials(int mode) -> int", &fp32_partials_op);
   m.def("_tma_q(int mode) -> int", &tma_q_op);
   m.def("_last_q_tma() -> int", &last_q_tma_op);
+  m.def("_plan_mode(int mode) -> int", &plan_mode_op);
+  m.def("_last_plan() -> int", &last_plan_op);
   m.def("_timeline(Tensor? stamps) -> ()", &timeline_op);
 }
 

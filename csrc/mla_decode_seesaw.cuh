@@ -107,6 +107,40 @@ struct SeesawCtx {
   uint32_t s_qbar;  // v7 with its query tile by TMA (TMAQ): the mbarrier the tile lands on
 };
 
+// The planned grid's per-CTA state in shared memory, after the mbarriers: the sequences' pair offsets
+// [kMlaPlanMaxB + 1], 8 warp sums, then the item state below. Kept there rather than in registers (v7 uses ~250
+// of 255), read where needed: each mbarrier completes once a pair (the tile ones) or an item (the query's), so an
+// item waits on the parities its predecessors left; its rows go to the output (row kPlanOutRow of out_latent /
+// lse) or, when the item is cut, to a partial slot (that row of o_partial / lse_partial).
+enum PlanState : int {
+  kPlanNext = 0, kPlanSeq, kPlanMTile, kPlanPhase, kPlanQPhase, kPlanEnd, kPlanToPartial, kPlanOutRow, kPlanPairs
+};
+// Shared addresses (32-bit, off the live c.s_mbar: no extra registers) of the offsets, warp sums and state words.
+template <int R, int P>
+__device__ __forceinline__ uint32_t plan_offset_addr(const SeesawCtx& c, int b) {
+  return c.s_mbar + 8 * (2 * mla_wgmma_col_blocks(R, P) + 1) + 4 * b;
+}
+template <int R, int P>
+__device__ __forceinline__ uint32_t plan_warp_addr(const SeesawCtx& c, int w) {
+  return plan_offset_addr<R, P>(c, kMlaPlanMaxB + 1 + w);
+}
+template <int R, int P>
+__device__ __forceinline__ uint32_t plan_state_addr(const SeesawCtx& c, PlanState i) {
+  return plan_offset_addr<R, P>(c, kMlaPlanMaxB + 1 + 8 + i);
+}
+__device__ __forceinline__ int lds_i32(uint32_t addr) {
+  int v;
+  asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ void sts_i32(uint32_t addr, int v) {
+  asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
+}
+template <int R, int P>
+__device__ __forceinline__ int plan_get(const SeesawCtx& c, PlanState i) {
+  return lds_i32(plan_state_addr<R, P>(c, i));
+}
+
 // The two parts of a tile buffer: the self part of buffer u is reloaded by warpgroup u, the cross part by
 // warpgroup 1 - u (each completes on its own mbarrier).
 enum SeesawPart : int { kSelf = 0, kCross = 1 };
@@ -119,7 +153,7 @@ enum SeesawPart : int { kSelf = 0, kCross = 1 };
 // slower at 4K-16K (B = 128, 16K 1108-1115 vs 1061-1078 us), within noise at 1K.
 constexpr int kSeesawLateMaxRows = 32;
 
-template <MlaDtype DT, int R, int P, int W, bool LATE, bool PAIR, bool TMAQ>
+template <MlaDtype DT, int R, int P, int W, bool LATE, bool PAIR, bool TMAQ, bool PLAN>
 __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const SeesawCtx& c) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
@@ -372,7 +406,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   load_part(W, W, false);
   load_part(OTHER, OTHER, true);
   if constexpr (TMAQ) {
-    mbar_wait(c.s_qbar, 0);
+    mbar_wait(c.s_qbar, PLAN ? static_cast<uint32_t>(plan_get<R, P>(c, kPlanQPhase)) : 0u);
   } else {
     cp_async_wait<0>();
   }
@@ -382,7 +416,8 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
 
   for (int k = 0; k < c.n_pairs; ++k) {
     const int tile = 2 * k + W;
-    const uint32_t parity = static_cast<uint32_t>(k & 1);
+    const uint32_t parity =
+        static_cast<uint32_t>(k & 1) ^ (PLAN ? static_cast<uint32_t>(plan_get<R, P>(c, kPlanPhase)) : 0u);
     float mn0, mn1, sum0 = 0.f, sum1 = 0.f;
     if constexpr (W == 0) {
       qk_self(tile, parity);
@@ -529,10 +564,16 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   if (W == 0 && tq == 0) {
     const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : -INFINITY;
     const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : -INFINITY;
-    float* dst = nsplit == 1 ? p.lse + static_cast<size_t>(c.b) * MT
-                             : p.lse_partial + (static_cast<size_t>(c.b) * nsplit + c.split) * MT;
-    if (c.g0 < MT) dst[c.g0] = lse0;
-    if (c.g1 < MT) dst[c.g1] = lse1;
+    if constexpr (PLAN) {
+      float* dst = (plan_get<R, P>(c, kPlanToPartial) ? p.lse_partial : p.lse) + plan_get<R, P>(c, kPlanOutRow);
+      if (c.g0 < MT) dst[c.g0 - c.row0] = lse0;
+      if (c.g1 < MT) dst[c.g1 - c.row0] = lse1;
+    } else {
+      float* dst = nsplit == 1 ? p.lse + static_cast<size_t>(c.b) * MT
+                               : p.lse_partial + (static_cast<size_t>(c.b) * nsplit + c.split) * MT;
+      if (c.g0 < MT) dst[c.g0] = lse0;
+      if (c.g1 < MT) dst[c.g1] = lse1;
+    }
   }
   // The normalized rows go through shared memory (the Q tile and buffer 0, free once both loops are done),
   // so global stores are whole 16-byte chunks of consecutive columns: the fragments hold 4- or 8-byte pieces
@@ -563,9 +604,10 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
     }
     if (kTimelinePhases && threadIdx.x == 0) timeline_stamp(p, kTlDecode, kTlExit);
   };
-  const size_t partial_row = (static_cast<size_t>(c.b) * nsplit + c.split) * MT + c.row0;
-  if (nsplit == 1) {
-    store_rows(static_cast<T*>(p.out_latent) + (static_cast<size_t>(c.b) * MT + c.row0) * R,
+  const size_t partial_row = PLAN ? static_cast<size_t>(plan_get<R, P>(c, kPlanOutRow))
+                                  : (static_cast<size_t>(c.b) * nsplit + c.split) * MT + c.row0;
+  if (PLAN ? !plan_get<R, P>(c, kPlanToPartial) : nsplit == 1) {
+    store_rows(static_cast<T*>(p.out_latent) + (PLAN ? partial_row : static_cast<size_t>(c.b) * MT + c.row0) * R,
                [](float x, float y) { return pack_out<DT>(x, y); });
   } else if (p.partial_f32) {
     store_rows(static_cast<float*>(p.o_partial) + partial_row * R, [](float x, float y) { return make_float2(x, y); });
@@ -575,13 +617,165 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   }
 }
 
+// The planned grid's CTA (PLAN; mla_plan_start): the offsets of every sequence's pairs, computed by each CTA from
+// the lengths, then its share [s, e) of the flattened pairs, item by item: each item is a regular v7 run over
+// rows [cb, ce) of one (sequence, 64 query rows), its output written directly when the item is whole in this CTA,
+// else to this CTA's partial slot 0 (the item holding pair s) or 1 (its last item), for mla_plan_combine_kernel.
+// The mbarriers are initialized once and each item waits on the parities its predecessors left. Loop state goes
+// through shared memory, so nothing of it needs a register across the item (v7 uses ~250 of 255).
+template <MlaDtype DT, int R, int P, bool LATE, bool TMAQ>
+__device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawCtx& c, const KernelMaps<false, TMAQ>& maps,
+                                               int wg, int r0, int r1) {
+  using T = typename DtypeTraits<DT>::T;
+  constexpr int M = kMlaSeesawMTile, N = kMlaSeesawNTile, NB = mla_wgmma_col_blocks(R, P);
+  constexpr int BLK = N * 128, CHUNKS = (R + P) / 8, PER = kMlaPlanMaxB / 256;
+  const int tid = threadIdx.x, lane = tid & 31, B = p.B;
+  auto off = [&](int b) { return lds_i32(plan_offset_addr<R, P>(c, b)); };
+  auto get = [&](PlanState i) { return lds_i32(plan_state_addr<R, P>(c, i)); };
+  auto set = [&](PlanState i, int v) { sts_i32(plan_state_addr<R, P>(c, i), v); };
+  auto m_tiles = [&] { return ceil_div(p.S * p.H, M); };
+
+  // Pairs of each sequence's items (at least one, so an empty sequence still gets its zeros written), scanned
+  // over the block: thread t holds sequences [PER t, PER t + PER).
+  int pairs[PER], sum = 0;
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int b = tid * PER + i;
+    int n = 0;
+    if (b < B) {
+      const int st = max(p.kv_start[b], 0), en = min(p.kv_end[b], p.T);
+      n = max(ceil_div(max(en - st, 0), 2 * N), 1) * m_tiles();
+    }
+    pairs[i] = n;
+    sum += n;
+  }
+  int incl = sum;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int v = __shfl_up_sync(0xffffffffu, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) sts_i32(plan_warp_addr<R, P>(c, tid >> 5), incl);
+  __syncthreads();
+  int run = incl - sum;
+  for (int w = 0; w < (tid >> 5); ++w) run += lds_i32(plan_warp_addr<R, P>(c, w));
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    if (tid * PER + i <= B) sts_i32(plan_offset_addr<R, P>(c, tid * PER + i), run);
+    run += pairs[i];
+  }
+  __syncthreads();
+  const int W = off(B), G = gridDim.x, cta = blockIdx.x;
+  if (cta == 0) {
+    for (int i = tid; i <= B; i += 256) p.plan_offsets[i] = off(i);
+  }
+  const int s = mla_plan_start(cta, W, G);
+  if (s >= mla_plan_start(cta + 1, W, G)) return;
+  if (tid == 0) {
+    int lo = 0, hi = B - 1;  // the sequence holding pair s (the offsets strictly increase)
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) >> 1;
+      if (off(mid) <= s) lo = mid; else hi = mid - 1;
+    }
+    set(kPlanNext, s);
+    set(kPlanSeq, lo);
+    set(kPlanMTile, (s - off(lo)) / ((off(lo + 1) - off(lo)) / m_tiles()));
+    set(kPlanPhase, 0);
+    set(kPlanQPhase, 0);
+    set(kPlanEnd, mla_plan_start(cta + 1, W, G));
+#pragma unroll
+    for (int i = 0; i < 2 * NB; ++i) mbar_init(c.s_mbar + 8 * i, 128);  // one arrival a thread of the loader
+    if constexpr (TMAQ) mbar_init(c.s_qbar, 1);
+    fence_mbarrier_init();
+  }
+  __syncthreads();
+
+  // Each item reads its state after a barrier and leaves only tid 0's update behind it: nothing of the loop
+  // needs a register across the warpgroups' code.
+  while (get(kPlanNext) < get(kPlanEnd)) {
+    const int x = get(kPlanNext), b = get(kPlanSeq), mt = get(kPlanMTile), MT = p.S * p.H, MTL = m_tiles();
+    const int ob = off(b), pb = (off(b + 1) - ob) / MTL, ok = ob + mt * pb, hi = min(ok + pb, get(kPlanEnd));
+    const int start = max(p.kv_start[b], 0), end = min(p.kv_end[b], p.T);
+    c.b = b;
+    c.row0 = mt * M;
+    const long long cb_l = static_cast<long long>(start) + static_cast<long long>(x - ok) * 2 * N;
+    c.cb = static_cast<int>(cb_l < end ? cb_l : end);
+    c.ce = static_cast<int>(min(static_cast<long long>(start) + static_cast<long long>(hi - ok) * 2 * N, static_cast<long long>(end)));
+    const int n_tiles = c.ce > c.cb ? ceil_div(c.ce - c.cb, N) : 0;
+    c.n_pairs = ceil_div(n_tiles, 2);
+    const bool cut = !(x == ok && hi == ok + pb);
+    // Slot 0 for the item holding the share's first pair, 1 for its last item.
+    const int out_row0 = cut ? (2 * static_cast<int>(blockIdx.x) + (x == mla_plan_start(blockIdx.x, off(p.B), gridDim.x) ? 0 : 1)) * M
+                             : b * MT + c.row0;
+    if (threadIdx.x == 0) {
+      set(kPlanToPartial, cut ? 1 : 0);  // read in the epilogue, after the warpgroups' barriers
+      set(kPlanOutRow, out_row0);
+      set(kPlanPairs, c.n_pairs);
+    }
+    if (n_tiles == 0) {
+      // An empty sequence (its one pair holds no row, so the item is never cut): zeros and lse = -inf.
+      T* out = static_cast<T*>(p.out_latent);
+      for (int i = threadIdx.x; i < M * (R / 8); i += 256) {
+        const int r = i / (R / 8), cc = i % (R / 8);
+        if (c.row0 + r < MT) {
+          *reinterpret_cast<uint4*>(out + (static_cast<size_t>(out_row0) + r) * R + cc * 8) = make_uint4(0, 0, 0, 0);
+        }
+      }
+      if (threadIdx.x < M && c.row0 + static_cast<int>(threadIdx.x) < MT) p.lse[out_row0 + threadIdx.x] = -INFINITY;
+    } else {
+      if constexpr (TMAQ) {
+        if (threadIdx.x == 0) {
+          mbar_arrive_expect_tx(c.s_qbar, NB * BLK);
+#pragma unroll
+          for (int blk = 0; blk < NB; ++blk) {
+            tma_load_4d(c.s_q + blk * BLK, blk < R / 64 ? &maps.q_latent : &maps.q_pe, blk < R / 64 ? blk * 64 : 0,
+                        c.row0 % p.H, c.row0 / p.H, b, c.s_qbar);
+          }
+        }
+      } else {
+        const int q_rot = (static_cast<int>(blockIdx.x) * 256) % (M * CHUNKS);
+        for (int i0 = threadIdx.x; i0 < M * CHUNKS; i0 += 256) {
+          const int i = i0 + q_rot < M * CHUNKS ? i0 + q_rot : i0 + q_rot - M * CHUNKS;
+          const int r = i / CHUNKS, cc = i % CHUNKS;
+          cp_async_16(c.s_q + (cc >> 3) * BLK + r * 128 + (((cc & 7) ^ (r & 7)) << 4),
+                      query_chunk_src<T, R>(p, b, c.row0 + r, cc), c.row0 + r < MT);
+        }
+        cp_async_commit();
+      }
+      c.g0 = c.row0 + r0;
+      c.g1 = c.row0 + r1;
+      c.vis0 = c.g0 < MT ? min(end - (p.S - 1 - c.g0 / p.H), c.ce) : c.cb;
+      c.vis1 = c.g1 < MT ? min(end - (p.S - 1 - c.g1 / p.H), c.ce) : c.cb;
+      c.scale_log2 = p.sm_scale * kLog2e;
+      if (wg == 0) {
+        seesaw_warpgroup<DT, R, P, 0, LATE, false, TMAQ, true>(p, c);
+      } else {
+        seesaw_warpgroup<DT, R, P, 1, LATE, false, TMAQ, true>(p, c);
+      }
+    }
+    // The next item's copies overwrite what this one staged its output in (the generic reads before the query's
+    // bulk copy: a proxy fence), once every thread is done; then tid 0 moves the state on.
+    fence_proxy_async();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      const int xb = get(kPlanSeq), xm = get(kPlanMTile), xo = off(xb), xp = (off(xb + 1) - xo) / m_tiles();
+      set(kPlanNext, min(xo + (xm + 1) * xp, get(kPlanEnd)));  // past this item's last pair in the share
+      set(kPlanSeq, xm + 1 == m_tiles() ? xb + 1 : xb);
+      set(kPlanMTile, xm + 1 == m_tiles() ? 0 : xm + 1);
+      set(kPlanPhase, get(kPlanPhase) ^ (get(kPlanPairs) & 1));
+      set(kPlanQPhase, get(kPlanQPhase) ^ (get(kPlanPairs) > 0 ? 1 : 0));
+    }
+    __syncthreads();
+  }
+}
+
 // Both kernels: v7 (PAIR = false: one CTA per 64 query rows, cp.async loads, `maps` empty) and v8 (PAIR: the two
 // 64-row query tiles of a (sequence, split) as a 2-CTA cluster sharing each cache tile by TMA multicast, `maps`
 // the cache's tensor maps; launched with cluster dims (2, 1, 1), so the grid's x must be even). One __global__
 // template rather than a shared __device__ body: ptxas allocates v7's late order differently through one.
 // TMAQ (v7 only): the query tile by TMA from one thread (mla_seesaw_tma_q_serves) instead of 4608 16-byte
 // cp.async from all 256, whose issue held every CTA's prologue for ~4.4 us (session 7's timelines).
-template <MlaDtype DT, int R, int P, bool LATE, bool PAIR, bool TMAQ>
+template <MlaDtype DT, int R, int P, bool LATE, bool PAIR, bool TMAQ, bool PLAN>
 __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p,
                                                                    const __grid_constant__ KernelMaps<PAIR, TMAQ> maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -626,6 +820,12 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   pdl_launch_dependents();
   pdl_wait();
   if (tid == 0) timeline_entered(p, kTlDecode, t_entry);
+  if constexpr (PLAN) {
+    static_assert(!PAIR, "the planned grid is v7's");
+    if constexpr (TMAQ) c.s_qbar = c.s_mbar + 2 * NB * 8;
+    seesaw_planned<DT, R, P, LATE, TMAQ>(p, c, maps, wg, r0, r1);
+    return;
+  }
   // The lengths first, then the Q tile (rows past S*H zero-filled), swizzled, by all 256 threads, starting at
   // an offset of its own in each split: the same order and reasons as mla_decode_kernel.
   const int start_raw = p.kv_start[b], end_raw = p.kv_end[b];
@@ -719,14 +919,100 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   }
 
   if (wg == 0) {
-    seesaw_warpgroup<DT, R, P, 0, LATE, PAIR, TMAQ>(p, c);
+    seesaw_warpgroup<DT, R, P, 0, LATE, PAIR, TMAQ, false>(p, c);
   } else {
-    seesaw_warpgroup<DT, R, P, 1, LATE, PAIR, TMAQ>(p, c);
+    seesaw_warpgroup<DT, R, P, 1, LATE, PAIR, TMAQ, false>(p, c);
   }
 #else
   // Built without sm_90a: never dispatched (binding.cpp checks the loaded binary); fail loudly if it is.
   __trap();
 #endif
+}
+
+// The planned grid's merge (after the decode kernel, which wrote every whole item itself and the plan offsets):
+// each row of an item cut between CTAs c0..c1 from their partial slots, with mla_combine_kernel's online max and
+// weights. A 128-thread block takes RB whole rows, 16-byte loads, DEPTH slots in flight (a cut item usually has 2-5
+// pieces). Empty pieces (lse = -inf) get weight 0 and their loaded values are discarded by a select.
+template <MlaDtype DT, int R, bool F32>
+__global__ void __launch_bounds__(128) mla_plan_combine_kernel(const MlaDecodeParams p) {
+  using Tr = DtypeTraits<DT>;
+  using T = typename Tr::T;
+  using T2 = typename Tr::T2;
+  using PT = std::conditional_t<F32, float, T>;
+  constexpr int VEC = 16 / static_cast<int>(sizeof(PT)), NC = R / VEC, RB = 128 / NC, DEPTH = 4;
+  constexpr int M = kMlaSeesawMTile;
+  static_assert(RB >= 1 && RB * NC == 128, "a block is RB whole rows");
+  pdl_launch_dependents();
+  pdl_wait();
+  const int MT = p.S * p.H, MTL = ceil_div(MT, M);
+  const int tid = threadIdx.x, cc = tid % NC;
+  const long long row = static_cast<long long>(blockIdx.x) * RB + tid / NC;  // (b, g) over B * MT
+  if (row >= static_cast<long long>(p.B) * MT) return;
+  const int b = static_cast<int>(row / MT), g = static_cast<int>(row % MT);
+  const int ob = p.plan_offsets[b], pb = (p.plan_offsets[b + 1] - ob) / MTL, ok = ob + (g / M) * pb;
+  const int W = p.plan_offsets[p.B], G = p.plan_ctas;
+  const int c0 = mla_plan_cta_of(ok, W, G), c1 = mla_plan_cta_of(ok + pb - 1, W, G);
+  if (c0 == c1) return;  // whole in one CTA: written by the decode kernel
+  const int col = cc * VEC;
+  float m = -INFINITY, wsum = 0.f, acc[VEC];
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
+  for (int c = c0; c <= c1; c += DEPTH) {
+    float l[DEPTH];
+    uint4 v[DEPTH];
+#pragma unroll
+    for (int u = 0; u < DEPTH; ++u) {
+      // The item is CTA c + u's first (slot 0) unless that CTA's share starts before it (then its last, slot 1).
+      const size_t prow =
+          static_cast<size_t>(2 * (c + u) + (mla_plan_start(c + u, W, G) >= ok ? 0 : 1)) * M + g % M;
+      l[u] = c + u <= c1 ? p.lse_partial[prow] : -INFINITY;
+      v[u] = c + u <= c1 ? *reinterpret_cast<const uint4*>(static_cast<const PT*>(p.o_partial) + prow * R + col)
+                         : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < DEPTH; ++u) {
+      if (l[u] > m) {
+        const float a = m == -INFINITY ? 0.f : __expf(m - l[u]);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) acc[k] *= a;
+        wsum *= a;
+        m = l[u];
+      }
+      const float w = l[u] == -INFINITY ? 0.f : __expf(l[u] - m);
+      wsum += w;
+      float x[VEC];
+      if constexpr (F32) {
+        x[0] = __uint_as_float(v[u].x);
+        x[1] = __uint_as_float(v[u].y);
+        x[2] = __uint_as_float(v[u].z);
+        x[3] = __uint_as_float(v[u].w);
+      } else {
+        const uint32_t words[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const float2 f = Tr::unpack(*reinterpret_cast<const T2*>(&words[k]));
+          x[2 * k] = f.x;
+          x[2 * k + 1] = f.y;
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) acc[k] += w > 0.f ? w * x[k] : 0.f;
+    }
+  }
+  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
+  T* out = static_cast<T*>(p.out_latent) + row * R + col;
+  uint32_t words[VEC / 2];
+#pragma unroll
+  for (int k = 0; k < VEC / 2; ++k) {
+    const T2 two = pack_out<DT>(acc[2 * k] * inv, acc[2 * k + 1] * inv);
+    words[k] = *reinterpret_cast<const uint32_t*>(&two);
+  }
+  if constexpr (VEC == 8) {
+    *reinterpret_cast<uint4*>(out) = make_uint4(words[0], words[1], words[2], words[3]);
+  } else {
+    *reinterpret_cast<uint2*>(out) = make_uint2(words[0], words[1]);
+  }
+  if (cc == 0) p.lse[row] = wsum > 0.f ? m + __logf(wsum) : -INFINITY;
 }
 
 }  // namespace mla
@@ -845,42 +1131,76 @@ struct PairLaunch {
 
 }  // namespace mla
 
+namespace mla {
+
+// The merge after a planned decode kernel: RB whole rows a block (mla_plan_combine_kernel).
+template <MlaDtype DT, int R>
+cudaError_t launch_plan_combine(const MlaDecodeParams& p, cudaStream_t stream) {
+  const long long rows = static_cast<long long>(p.B) * p.S * p.H;
+  if (p.partial_f32) {
+    constexpr int RB = 128 / (R / 4);
+    return launch_kernel(mla_plan_combine_kernel<DT, R, true>, dim3((rows + RB - 1) / RB), 128, 0, stream, p);
+  }
+  constexpr int RB = 128 / (R / 8);
+  return launch_kernel(mla_plan_combine_kernel<DT, R, false>, dim3((rows + RB - 1) / RB), 128, 0, stream, p);
+}
+
+// One v7 kernel (the order, the query copy and the grid chosen by the caller) and the merge it needs.
+template <MlaDtype DT, int R, int P, bool LATE, bool TMAQ, bool PLAN, typename Maps>
+cudaError_t launch_seesaw_variant(const MlaDecodeParams& params, cudaStream_t stream, int dev, const Maps& maps) {
+  static bool smem_set[64] = {};
+  constexpr size_t smem = mla_seesaw_smem_bytes(R, P) + (PLAN ? kMlaPlanSmemBytes : 0);
+  auto kernel = mla_decode_seesaw_kernel<DT, R, P, LATE, false, TMAQ, PLAN>;
+  cudaError_t err;
+  if constexpr (PLAN) {
+    err = allow_dynamic_smem(kernel, smem, dev, smem_set);
+    if (err != cudaSuccess) return err;
+    err = launch_kernel(kernel, dim3(params.plan_ctas), 256, smem, stream, params, maps);
+    return err != cudaSuccess ? err : launch_plan_combine<DT, R>(params, stream);
+  } else {
+    err = launch_main_kernel(kernel, kMlaSeesawMTile, smem, smem_set, dev, params, stream, maps);
+    if (err != cudaSuccess || params.num_splits == 1) return err;
+    return launch_mla_combine<DT, R>(params, stream);
+  }
+}
+
+template <MlaDtype DT, int R, int P, bool TMAQ, typename Maps>
+cudaError_t launch_seesaw_order(const MlaDecodeParams& params, cudaStream_t stream, int dev, const Maps& maps) {
+  // The late-QK_b order where the CTA's 64 query rows are mostly padding (memory-bound), the seesaw where
+  // they are real (compute-bound): see kSeesawLateMaxRows.
+  const bool late = params.S * params.H <= kSeesawLateMaxRows;
+  if (params.plan_ctas > 0) {
+    return late ? launch_seesaw_variant<DT, R, P, true, TMAQ, true>(params, stream, dev, maps)
+                : launch_seesaw_variant<DT, R, P, false, TMAQ, true>(params, stream, dev, maps);
+  }
+  return late ? launch_seesaw_variant<DT, R, P, true, TMAQ, false>(params, stream, dev, maps)
+              : launch_seesaw_variant<DT, R, P, false, TMAQ, false>(params, stream, dev, maps);
+}
+
+}  // namespace mla
+
 template <MlaDtype DT, int R, int P>
 cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream, bool* q_by_tma) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  // The late-QK_b order where the CTA's 64 query rows are mostly padding (memory-bound), the seesaw where
-  // they are real (compute-bound): see kSeesawLateMaxRows.
-  const bool late = params.S * params.H <= mla::kSeesawLateMaxRows;
-  static bool smem_set[4][64] = {};
   if (q_by_tma != nullptr) *q_by_tma = false;
   if constexpr (R == 512) {
     // The query tile by TMA where it serves and its maps encode (params.tma_q: the switch), else by cp.async.
     mla::QMaps qmaps;
     if (params.tma_q && mla_seesaw_tma_q_serves(R, params.H) && mla::query_maps<DT>(params, R, P, &qmaps)) {
-      constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
-      auto kernel = late ? mla::mla_decode_seesaw_kernel<DT, R, P, true, false, true>
-                         : mla::mla_decode_seesaw_kernel<DT, R, P, false, false, true>;
-      err = mla::launch_main_kernel(kernel, kMlaSeesawMTile, smem, smem_set[2 + (late ? 1 : 0)], dev, params, stream, qmaps);
-      if (err != cudaSuccess) return err;
       if (q_by_tma != nullptr) *q_by_tma = true;
-      return params.num_splits == 1 ? err : mla::launch_mla_combine<DT, R>(params, stream);
+      return mla::launch_seesaw_order<DT, R, P, true>(params, stream, dev, qmaps);
     }
   }
-  constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
-  auto kernel = late ? mla::mla_decode_seesaw_kernel<DT, R, P, true, false, false>
-                     : mla::mla_decode_seesaw_kernel<DT, R, P, false, false, false>;
-  err = mla::launch_main_kernel(kernel, kMlaSeesawMTile, smem, smem_set[late ? 1 : 0], dev, params, stream, mla::NoMaps{});
-  if (err != cudaSuccess || params.num_splits == 1) return err;
-  return mla::launch_mla_combine<DT, R>(params, stream);
+  return mla::launch_seesaw_order<DT, R, P, false>(params, stream, dev, mla::NoMaps{});
 }
 
 template <MlaDtype DT, int R, int P>
 bool mla_seesaw_built() {
   // The sm_90a body exists only in an sm_90a cubin; a build without it has the trap stub.
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, mla::mla_decode_seesaw_kernel<DT, R, P, false, false, false>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, mla::mla_decode_seesaw_kernel<DT, R, P, false, false, false, false>) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
@@ -903,7 +1223,7 @@ cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t s
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
-  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true, false>;
+  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true, false, false>;
   static bool smem_set[64] = {};
   err = mla::allow_dynamic_smem(kernel, smem, dev, smem_set);
   if (err != cudaSuccess) return err;
@@ -921,7 +1241,7 @@ int mla_pair_max_clusters() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 0;
   constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
-  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true, false>;
+  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true, false, false>;
   static bool smem_set[64] = {};
   int clusters = 0;
   mla::PairLaunch launch(dim3(2, 1, 1), smem, nullptr, false);

@@ -18,8 +18,8 @@ sets with the same graph timing and checked once per cell against the float64 re
 imports (not on the device image: carry the wheels and AOT modules of scripts/fetch_flashinfer.sh).
 --peer-only-check runs only a small FlashInfer check (for a quick smoke on the GPU).
 Each row also times the default dispatch with each --ab switch flipped (same sets, same run): `nopdl`
-(programmatic dependent launch off, nopdl_us), `f32part` (fp32 split partials, f32part_us) and `cpq` (v7's query
-tile by cp.async instead of TMA, cpq_us), and
+(programmatic dependent launch off, nopdl_us), `f32part` (fp32 split partials, f32part_us), `cpq` (v7's query
+tile by cp.async instead of TMA, cpq_us), `plan` / `noplan` (v7's balanced grid wherever it serves / never), and
 --sweep-splits N,N,... times every kernel with those split-KV factors forced on the --sweep-batches
 cells (the data behind the split heuristics in csrc/mla_params.h).
 Writes bench_kernel.json and bench_kernel.png under --out.
@@ -147,7 +147,8 @@ def time_kernels(fns, first_set, default_path, wanted, copy_gbs, cache_bytes):
 
 
 # A/B switches (--ab): the kernel setting that turns the default's feature off.
-AB_SWITCHES = {"nopdl": {"pdl_mode": 0}, "f32part": {"fp32_partials": 1}, "cpq": {"tma_q": 0}}
+AB_SWITCHES = {"nopdl": {"pdl_mode": 0}, "f32part": {"fp32_partials": 1}, "cpq": {"tma_q": 0},
+               "plan": {"plan_mode": 1}, "noplan": {"plan_mode": 0}}
 
 
 def time_switched(fns, name):

@@ -46,12 +46,19 @@ if [ "$mode" != "--bench-only" ]; then
     echo "V7 SMOKE FAILED (status $smoke): MLA_PATCH_WGMMA=0 from here on" | tee -a "$OUT/gpu.txt"
     export MLA_PATCH_WGMMA=0 MLA_PATCH_SKIP_KERNELS=v7,v8; deselect=(-k "not v7 and not v8")
   else
+    # v7's balanced grid likewise: its failure keeps it out (MLA_PATCH_PLAN=0, no plan tests).
+    timeout 60 python3 scripts/wgmma_smoke.py v7plan 2>&1 | tee -a "$OUT/gpu.txt"
+    smoke=${PIPESTATUS[0]}
+    if [ "$smoke" != 0 ] && [ "$smoke" != 2 ]; then
+      echo "V7PLAN SMOKE FAILED (status $smoke): MLA_PATCH_PLAN=0 from here on" | tee -a "$OUT/gpu.txt"
+      export MLA_PATCH_PLAN=0; deselect=(-k "not plan")
+    fi
     # The pair kernel (v8) likewise: its failure keeps only v8 out (tests and benchmark timings).
     timeout 60 python3 scripts/wgmma_smoke.py v8 2>&1 | tee -a "$OUT/gpu.txt"
     smoke=${PIPESTATUS[0]}
     if [ "$smoke" != 0 ] && [ "$smoke" != 2 ]; then
       echo "V8 SMOKE FAILED (status $smoke): no v8 tests or timings from here on" | tee -a "$OUT/gpu.txt"
-      export MLA_PATCH_SKIP_KERNELS=v8; deselect=(-k "not v8")
+      export MLA_PATCH_SKIP_KERNELS=v8; deselect=(-k "${deselect[1]:-} ${deselect[1]:+and} not v8")
     fi
   fi
   # --noconftest: the kernel tests need none of the shared fixtures (keeps them independent of the patch code).
@@ -60,7 +67,12 @@ if [ "$mode" != "--bench-only" ]; then
     | tee "$OUT/pytest.log" | tail -n 40
   [ "${PIPESTATUS[0]}" = 124 ] && echo "KERNEL TESTS TIMED OUT" | tee -a "$OUT/gpu.txt"
   # A failed v7 case or a crash (it poisons the CUDA context) also keeps v7 out of the benchmark.
-  if grep -qE "FAILED .*v7|Fatal Python error|illegal|unspecified launch failure" "$OUT/pytest.log"; then
+  # A failed case of v7's balanced grid only (ids with "plan") keeps the benchmark on the regular grid.
+  if grep -E "FAILED .*plan" "$OUT/pytest.log" >/dev/null; then
+    echo "V7PLAN SUSPECT: the benchmark runs with MLA_PATCH_PLAN=0" | tee -a "$OUT/gpu.txt"
+    export MLA_PATCH_PLAN=0
+  fi
+  if grep -E "FAILED .*v7|Fatal Python error|illegal|unspecified launch failure" "$OUT/pytest.log" | grep -qv "plan"; then
     echo "V7 SUSPECT: the benchmark runs with MLA_PATCH_WGMMA=0" | tee -a "$OUT/gpu.txt"
     export MLA_PATCH_WGMMA=0 MLA_PATCH_SKIP_KERNELS=v7,v8
   elif grep -qE "FAILED .*v8" "$OUT/pytest.log"; then

@@ -193,10 +193,13 @@ def test_long_context(H, S):
 
 # ---- The kernels behind the dispatch, each forced through the test hook torch.ops.mla_patch._wgmma_mode:
 # 0 the portable mma.sync kernel (v4), 1 the sm_90a seesaw kernel (v7, any S*H), 2 its 2-CTA pair kernel (v8)
-# where that serves, else v7. _last_path() names the kernel the last call launched.
+# where that serves, else v7. _last_path() names the kernel the last call launched. "v7" runs v7's regular grid,
+# "v7plan" its balanced grid (mla_plan_start, csrc/mla_params.h), which serves every call of these tests
+# (B < 1024); _last_plan() says which grid ran.
 IS_SM90 = torch.cuda.get_device_capability() == (9, 0)
-PATHS = ["v7", "v8", "mma"]
-MODES = {"mma": 0, "v7": 1, "v8": 2}
+PATHS = ["v7", "v7plan", "v8", "mma"]
+MODES = {"mma": 0, "v7": 1, "v7plan": 1, "v8": 2}
+PLAN_MODES = {"v7": 0, "v7plan": 1}
 
 
 def _expected_kernel(path, q_latent):
@@ -209,6 +212,21 @@ def _expected_kernel(path, q_latent):
     return MODES["v8"] if R == 512 and S * H > 32 and tiles % 2 == 0 else MODES["v7"]
 
 
+def _path_settings(path, **extra):
+    """kernel_settings for `path`: its mode, and for v7 which grid."""
+    settings = dict(wgmma_mode=MODES[path], **extra)
+    if path in PLAN_MODES:
+        settings["plan_mode"] = PLAN_MODES[path]
+    return settings
+
+
+def _splits_forced() -> bool:
+    op = torch.ops.mla_patch
+    n = op._force_splits(0)
+    op._force_splits(n)
+    return n > 0
+
+
 def _skip_unless_sm90(path):
     if path != "mma" and not IS_SM90:
         pytest.skip(f"the {path} kernel needs compute capability 9.0")
@@ -217,11 +235,15 @@ def _skip_unless_sm90(path):
 def _check_path(path, inputs, tag, sm_scale=SM_SCALE):
     """check_case with the dispatch forced to `path`; asserts that kernel is the one that ran."""
     _skip_unless_sm90(path)
-    with ops.kernel_settings(wgmma_mode=MODES[path]):
+    with ops.kernel_settings(**_path_settings(path)):
         check_case(inputs, f"{path} {tag}", sm_scale=sm_scale)
         ran = torch.ops.mla_patch._last_path()
+        planned = torch.ops.mla_patch._last_plan()
     want = _expected_kernel(path, inputs[0])
     assert ran == want, f"{path} {tag}: launched kernel {ran}, expected {want}"
+    if path in PLAN_MODES:  # a forced split count runs the regular grid
+        want_plan = 0 if _splits_forced() else PLAN_MODES[path]
+        assert planned == want_plan, f"{path} {tag}: balanced grid {planned}, expected {want_plan}"
 
 
 @pytest.mark.parametrize("layout", ["packed", "separate"])
@@ -336,6 +358,39 @@ def test_v7_query_by_tma_same_bits(H, S):
         for h in (16, 40):
             run_kernel(*make_case(1, 1, h, 512, 64, 300, [300], dtype, "packed", seed))
             assert torch.ops.mla_patch._last_q_tma() == 0
+
+
+@pytest.mark.parametrize(
+    "H, S, B, T, dtype, f32",
+    [(128, 1, 300, 600, torch.bfloat16, 0), (128, 2, 64, 2000, torch.float16, 0), (16, 1, 1000, 300, torch.bfloat16, 0),
+     (40, 1, 200, 900, torch.float16, 1), (128, 1, 150, 700, torch.bfloat16, 1)],
+)
+def test_v7_plan_many_items(H, S, B, T, dtype, f32):
+    """v7's balanced grid where each CTA walks many items (short ragged sequences, empty ones among them): items cut
+    at both ends of a share, several pieces merged, the mbarrier parities carried from item to item, bf16/fp16 and
+    fp32 partials; against float64."""
+    _skip_unless_sm90("v7")
+    seed = _seed("v7-plan", H, S, B, T, str(dtype), f32)
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(0, T + 1, (B,), generator=g).tolist()
+    lens[0], lens[1], lens[-1] = 0, 1, T
+    tag = f"plan H={H} S={S} B={B} T={T} {dtype} f32={f32} seed={seed}"
+    inputs = make_case(B, S, H, 512, 64, T, lens, dtype, "packed", seed)
+    with ops.kernel_settings(wgmma_mode=MODES["v7"], plan_mode=1, fp32_partials=f32):
+        check_case(inputs, tag)
+        assert torch.ops.mla_patch._last_plan() == 1, tag
+
+
+def test_v7_plan_serves_below_1024_sequences():
+    """The balanced grid computes its offsets per CTA for fewer than 1024 sequences; from 1024 the regular grid runs
+    (and is right)."""
+    _skip_unless_sm90("v7")
+    for B, want in ((1023, 1), (1024, 0)):
+        seed = _seed("v7-plan-max", B)
+        inputs = make_case(B, 1, 16, 512, 64, 64, [64] * (B - 1) + [3], torch.bfloat16, "packed", seed)
+        with ops.kernel_settings(wgmma_mode=MODES["v7"], plan_mode=1):
+            check_case(inputs, f"plan B={B} seed={seed}")
+            assert torch.ops.mla_patch._last_plan() == want, f"B={B}"
 
 
 @pytest.mark.parametrize("splits", [1, 5, 64])
@@ -510,7 +565,7 @@ def test_paths_pdl_off_same_bits_and_graph(path):
     _skip_unless_sm90(path)
     op = torch.ops.mla_patch
     sets = [make_case(1, 1, 128, 512, 64, 8192, [8192 - 5 * i], torch.bfloat16, "packed", _seed("pdl", i)) for i in range(3)]
-    with ops.kernel_settings(wgmma_mode=MODES[path]):
+    with ops.kernel_settings(**_path_settings(path)):
         want = [run_kernel(*s) for s in sets]
         with ops.kernel_settings(pdl_mode=0):
             off = [run_kernel(*s) for s in sets]
