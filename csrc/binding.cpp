@@ -348,9 +348,12 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
                     (plan_mode == 1 || plan_pays(B, S, H, T, num_sms, num_splits));
   at::Tensor o_partial, lse_partial, plan_offsets;
   auto f32 = q_latent.options().dtype(at::kFloat);
+  // A lane of CTAs for each 64-row m-tile of the query rows (mla_plan_start).
+  const int64_t plan_lanes = (S * H + kMlaSeesawMTile - 1) / kMlaSeesawMTile;
+  const int plan_ctas = plan ? static_cast<int>(num_sms / plan_lanes * plan_lanes) : 0;
   if (plan) {  // two partial slots of 64 rows a CTA, and the pair offsets of every sequence
-    o_partial = at::empty({2 * num_sms, kMlaSeesawMTile, R}, partial_f32 ? f32 : q_latent.options());
-    lse_partial = at::empty({2 * num_sms, kMlaSeesawMTile}, f32);
+    o_partial = at::empty({2 * plan_ctas, kMlaSeesawMTile, R}, partial_f32 ? f32 : q_latent.options());
+    lse_partial = at::empty({2 * plan_ctas, kMlaSeesawMTile}, f32);
     plan_offsets = at::empty({B + 1}, q_latent.options().dtype(at::kInt));
   } else if (num_splits > 1) {
     o_partial = at::empty({B, num_splits, S * H, R}, partial_f32 ? f32 : q_latent.options());
@@ -368,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.lse = lse.data_ptr<float>();
   p.o_partial = o_partial.defined() ? o_partial.data_ptr() : nullptr;
   p.lse_partial = lse_partial.defined() ? lse_partial.data_ptr<float>() : nullptr;
-  p.plan_ctas = plan ? num_sms : 0;
+  p.plan_ctas = plan_ctas;
   p.plan_offsets = plan ? plan_offsets.data_ptr<int32_t>() : nullptr;
   p.q_latent_sb = q_latent.stride(0);
   p.q_latent_ss = q_latent.stride(1);

@@ -109,12 +109,9 @@ struct SeesawCtx {
 
 // The planned grid's per-CTA state in shared memory, after the mbarriers: the sequences' pair offsets
 // [kMlaPlanMaxB + 1], 8 warp sums, then the item state below. Kept there rather than in registers (v7 uses ~250
-// of 255), read where needed: each mbarrier completes once a pair (the tile ones) or an item (the query's), so an
-// item waits on the parities its predecessors left; its rows go to the output (row kPlanOutRow of out_latent /
-// lse) or, when the item is cut, to a partial slot (that row of o_partial / lse_partial).
-enum PlanState : int {
-  kPlanNext = 0, kPlanSeq, kPlanMTile, kPlanPhase, kPlanQPhase, kPlanEnd, kPlanToPartial, kPlanOutRow, kPlanPairs
-};
+// of 255), read where needed: an item's rows go to the output (row kPlanOutRow of out_latent / lse) or, when the
+// item is cut, to a partial slot (that row of o_partial / lse_partial).
+enum PlanState : int { kPlanNext = 0, kPlanSeq, kPlanEnd, kPlanToPartial, kPlanOutRow };
 // Shared addresses (32-bit, off the live c.s_mbar: no extra registers) of the offsets, warp sums and state words.
 template <int R, int P>
 __device__ __forceinline__ uint32_t plan_offset_addr(const SeesawCtx& c, int b) {
@@ -132,6 +129,9 @@ __device__ __forceinline__ int lds_i32(uint32_t addr) {
   int v;
   asm volatile("ld.shared.b32 %0, [%1];\n" : "=r"(v) : "r"(addr) : "memory");
   return v;
+}
+__device__ __forceinline__ void mbar_inval(uint32_t addr) {
+  asm volatile("mbarrier.inval.shared::cta.b64 [%0];\n" ::"r"(addr) : "memory");
 }
 __device__ __forceinline__ void sts_i32(uint32_t addr, int v) {
   asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(v) : "memory");
@@ -406,7 +406,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   load_part(W, W, false);
   load_part(OTHER, OTHER, true);
   if constexpr (TMAQ) {
-    mbar_wait(c.s_qbar, PLAN ? static_cast<uint32_t>(plan_get<R, P>(c, kPlanQPhase)) : 0u);
+    mbar_wait(c.s_qbar, 0);
   } else {
     cp_async_wait<0>();
   }
@@ -416,8 +416,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
 
   for (int k = 0; k < c.n_pairs; ++k) {
     const int tile = 2 * k + W;
-    const uint32_t parity =
-        static_cast<uint32_t>(k & 1) ^ (PLAN ? static_cast<uint32_t>(plan_get<R, P>(c, kPlanPhase)) : 0u);
+    const uint32_t parity = static_cast<uint32_t>(k & 1);
     float mn0, mn1, sum0 = 0.f, sum1 = 0.f;
     if constexpr (W == 0) {
       qk_self(tile, parity);
@@ -617,12 +616,15 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   }
 }
 
-// The planned grid's CTA (PLAN; mla_plan_start): the offsets of every sequence's pairs, computed by each CTA from
-// the lengths, then its share [s, e) of the flattened pairs, item by item: each item is a regular v7 run over
-// rows [cb, ce) of one (sequence, 64 query rows), its output written directly when the item is whole in this CTA,
-// else to this CTA's partial slot 0 (the item holding pair s) or 1 (its last item), for mla_plan_combine_kernel.
-// The mbarriers are initialized once and each item waits on the parities its predecessors left. Loop state goes
-// through shared memory, so nothing of it needs a register across the item (v7 uses ~250 of 255).
+// The planned grid's CTA (PLAN; mla_plan_start). CTAs come in lanes of the query's m-tiles (CTA x: m-tile x % MTL,
+// share x / MTL of G / MTL), so the CTAs of one sequence's m-tiles walk the same cache rows at the same time and the
+// second read of each tile is an L2 hit, as in the regular grid (flattening (sequence, m-tile) items instead read
+// the cache once per m-tile from HBM: 20 % slower at H = 128, measured). Each CTA computes the offsets of every
+// sequence's pairs from the lengths, then takes its share [s, e) of them, sequence by sequence: each item is a
+// regular v7 run over rows [cb, ce) of one (sequence, 64 query rows), its output written directly when the item is
+// whole in this CTA, else to this CTA's partial slot 0 (the item holding pair s) or 1 (its last item), for
+// mla_plan_combine_kernel. The mbarriers start afresh for each item (all its copies were waited for), so the
+// warpgroups' code is v7's. Loop state goes through shared memory: nothing of it needs a register across an item.
 template <MlaDtype DT, int R, int P, bool LATE, bool TMAQ>
 __device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawCtx& c, const KernelMaps<false, TMAQ>& maps,
                                                int wg, int r0, int r1) {
@@ -635,8 +637,8 @@ __device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawC
   auto set = [&](PlanState i, int v) { sts_i32(plan_state_addr<R, P>(c, i), v); };
   auto m_tiles = [&] { return ceil_div(p.S * p.H, M); };
 
-  // Pairs of each sequence's items (at least one, so an empty sequence still gets its zeros written), scanned
-  // over the block: thread t holds sequences [PER t, PER t + PER).
+  // Pairs of each sequence (at least one, so an empty sequence still gets its zeros written), scanned over the
+  // block: thread t holds sequences [PER t, PER t + PER).
   int pairs[PER], sum = 0;
 #pragma unroll
   for (int i = 0; i < PER; ++i) {
@@ -644,7 +646,7 @@ __device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawC
     int n = 0;
     if (b < B) {
       const int st = max(p.kv_start[b], 0), en = min(p.kv_end[b], p.T);
-      n = max(ceil_div(max(en - st, 0), 2 * N), 1) * m_tiles();
+      n = max(ceil_div(max(en - st, 0), 2 * N), 1);
     }
     pairs[i] = n;
     sum += n;
@@ -665,12 +667,12 @@ __device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawC
     run += pairs[i];
   }
   __syncthreads();
-  const int W = off(B), G = gridDim.x, cta = blockIdx.x;
-  if (cta == 0) {
+  const int MTL = m_tiles(), W = off(B), G = gridDim.x / MTL, lane_cta = blockIdx.x / MTL;
+  if (blockIdx.x == 0) {
     for (int i = tid; i <= B; i += 256) p.plan_offsets[i] = off(i);
   }
-  const int s = mla_plan_start(cta, W, G);
-  if (s >= mla_plan_start(cta + 1, W, G)) return;
+  const int s = mla_plan_start(lane_cta, W, G);
+  if (lane_cta >= G || s >= mla_plan_start(lane_cta + 1, W, G)) return;
   if (tid == 0) {
     int lo = 0, hi = B - 1;  // the sequence holding pair s (the offsets strictly increase)
     while (lo < hi) {
@@ -679,25 +681,22 @@ __device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawC
     }
     set(kPlanNext, s);
     set(kPlanSeq, lo);
-    set(kPlanMTile, (s - off(lo)) / ((off(lo + 1) - off(lo)) / m_tiles()));
-    set(kPlanPhase, 0);
-    set(kPlanQPhase, 0);
-    set(kPlanEnd, mla_plan_start(cta + 1, W, G));
+    set(kPlanEnd, mla_plan_start(lane_cta + 1, W, G));
 #pragma unroll
     for (int i = 0; i < 2 * NB; ++i) mbar_init(c.s_mbar + 8 * i, 128);  // one arrival a thread of the loader
     if constexpr (TMAQ) mbar_init(c.s_qbar, 1);
     fence_mbarrier_init();
   }
-  __syncthreads();
 
-  // Each item reads its state after a barrier and leaves only tid 0's update behind it: nothing of the loop
-  // needs a register across the warpgroups' code.
-  while (get(kPlanNext) < get(kPlanEnd)) {
-    const int x = get(kPlanNext), b = get(kPlanSeq), mt = get(kPlanMTile), MT = p.S * p.H, MTL = m_tiles();
-    const int ob = off(b), pb = (off(b + 1) - ob) / MTL, ok = ob + mt * pb, hi = min(ok + pb, get(kPlanEnd));
+  // Each item reads its state after a barrier and leaves only tid 0's update behind it.
+  while (true) {
+    __syncthreads();
+    if (get(kPlanNext) >= get(kPlanEnd)) break;
+    const int x = get(kPlanNext), b = get(kPlanSeq), MT = p.S * p.H;
+    const int ok = off(b), pb = off(b + 1) - ok, hi = min(ok + pb, get(kPlanEnd));
     const int start = max(p.kv_start[b], 0), end = min(p.kv_end[b], p.T);
     c.b = b;
-    c.row0 = mt * M;
+    c.row0 = static_cast<int>(blockIdx.x % m_tiles()) * M;
     const long long cb_l = static_cast<long long>(start) + static_cast<long long>(x - ok) * 2 * N;
     c.cb = static_cast<int>(cb_l < end ? cb_l : end);
     c.ce = static_cast<int>(min(static_cast<long long>(start) + static_cast<long long>(hi - ok) * 2 * N, static_cast<long long>(end)));
@@ -705,12 +704,11 @@ __device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawC
     c.n_pairs = ceil_div(n_tiles, 2);
     const bool cut = !(x == ok && hi == ok + pb);
     // Slot 0 for the item holding the share's first pair, 1 for its last item.
-    const int out_row0 = cut ? (2 * static_cast<int>(blockIdx.x) + (x == mla_plan_start(blockIdx.x, off(p.B), gridDim.x) ? 0 : 1)) * M
-                             : b * MT + c.row0;
+    const int first_pair = mla_plan_start(static_cast<int>(blockIdx.x / m_tiles()), off(p.B), static_cast<int>(gridDim.x) / m_tiles());
+    const int out_row0 = cut ? (2 * static_cast<int>(blockIdx.x) + (x == first_pair ? 0 : 1)) * M : b * MT + c.row0;
     if (threadIdx.x == 0) {
       set(kPlanToPartial, cut ? 1 : 0);  // read in the epilogue, after the warpgroups' barriers
       set(kPlanOutRow, out_row0);
-      set(kPlanPairs, c.n_pairs);
     }
     if (n_tiles == 0) {
       // An empty sequence (its one pair holds no row, so the item is never cut): zeros and lse = -inf.
@@ -758,14 +756,21 @@ __device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawC
     fence_proxy_async();
     __syncthreads();
     if (threadIdx.x == 0) {
-      const int xb = get(kPlanSeq), xm = get(kPlanMTile), xo = off(xb), xp = (off(xb + 1) - xo) / m_tiles();
-      set(kPlanNext, min(xo + (xm + 1) * xp, get(kPlanEnd)));  // past this item's last pair in the share
-      set(kPlanSeq, xm + 1 == m_tiles() ? xb + 1 : xb);
-      set(kPlanMTile, xm + 1 == m_tiles() ? 0 : xm + 1);
-      set(kPlanPhase, get(kPlanPhase) ^ (get(kPlanPairs) & 1));
-      set(kPlanQPhase, get(kPlanQPhase) ^ (get(kPlanPairs) > 0 ? 1 : 0));
+      const int xb = get(kPlanSeq);
+      set(kPlanNext, min(off(xb + 1), get(kPlanEnd)));  // past this sequence's last pair in the share
+      set(kPlanSeq, xb + 1);
+      // Every copy of this item landed and was waited for: the mbarriers start afresh for the next one.
+#pragma unroll
+      for (int i = 0; i < 2 * NB; ++i) {
+        mbar_inval(c.s_mbar + 8 * i);
+        mbar_init(c.s_mbar + 8 * i, 128);
+      }
+      if constexpr (TMAQ) {
+        mbar_inval(c.s_qbar);
+        mbar_init(c.s_qbar, 1);
+      }
+      fence_mbarrier_init();
     }
-    __syncthreads();
   }
 }
 
@@ -948,26 +953,29 @@ __global__ void __launch_bounds__(128) mla_plan_combine_kernel(const MlaDecodePa
   const int tid = threadIdx.x, cc = tid % NC;
   const long long row = static_cast<long long>(blockIdx.x) * RB + tid / NC;  // (b, g) over B * MT
   if (row >= static_cast<long long>(p.B) * MT) return;
-  const int b = static_cast<int>(row / MT), g = static_cast<int>(row % MT);
-  const int ob = p.plan_offsets[b], pb = (p.plan_offsets[b + 1] - ob) / MTL, ok = ob + (g / M) * pb;
-  const int W = p.plan_offsets[p.B], G = p.plan_ctas;
-  const int c0 = mla_plan_cta_of(ok, W, G), c1 = mla_plan_cta_of(ok + pb - 1, W, G);
-  if (c0 == c1) return;  // whole in one CTA: written by the decode kernel
+  const int b = static_cast<int>(row / MT), g = static_cast<int>(row % MT), mt = g / M;
+  // The lane of m-tile mt: its shares j hold the pairs [mla_plan_start(j), mla_plan_start(j + 1)) of every sequence.
+  const int ok = p.plan_offsets[b], pb = p.plan_offsets[b + 1] - ok;
+  const int W = p.plan_offsets[p.B], G = p.plan_ctas / MTL;
+  const int j0 = mla_plan_cta_of(ok, W, G), j1 = mla_plan_cta_of(ok + pb - 1, W, G);
+  if (j0 == j1) return;  // whole in one CTA: written by the decode kernel
   const int col = cc * VEC;
   float m = -INFINITY, wsum = 0.f, acc[VEC];
 #pragma unroll
   for (int k = 0; k < VEC; ++k) acc[k] = 0.f;
-  for (int c = c0; c <= c1; c += DEPTH) {
+  for (int j = j0; j <= j1; j += DEPTH) {
     float l[DEPTH];
     uint4 v[DEPTH];
 #pragma unroll
     for (int u = 0; u < DEPTH; ++u) {
-      // The item is CTA c + u's first (slot 0) unless that CTA's share starts before it (then its last, slot 1).
-      const size_t prow =
-          static_cast<size_t>(2 * (c + u) + (mla_plan_start(c + u, W, G) >= ok ? 0 : 1)) * M + g % M;
-      l[u] = c + u <= c1 ? p.lse_partial[prow] : -INFINITY;
-      v[u] = c + u <= c1 ? *reinterpret_cast<const uint4*>(static_cast<const PT*>(p.o_partial) + prow * R + col)
-                         : make_uint4(0, 0, 0, 0);
+      // The item is share j + u's first (slot 0) unless that share starts before it (then its last, slot 1); a
+      // share with no pair (more CTAs than pairs) wrote nothing.
+      const int js = mla_plan_start(j + u, W, G);
+      const bool piece = j + u <= j1 && js < mla_plan_start(j + u + 1, W, G);
+      const size_t prow = static_cast<size_t>(2 * ((j + u) * MTL + mt) + (js >= ok ? 0 : 1)) * M + g % M;
+      l[u] = piece ? p.lse_partial[prow] : -INFINITY;
+      v[u] = piece ? *reinterpret_cast<const uint4*>(static_cast<const PT*>(p.o_partial) + prow * R + col)
+                   : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
     for (int u = 0; u < DEPTH; ++u) {

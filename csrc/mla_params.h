@@ -148,12 +148,13 @@ inline bool mla_pair_serves(int R, int S, int H) {
   const long rows = static_cast<long>(S) * H;
   return R == 512 && rows > 32 && ((rows + kMlaSeesawMTile - 1) / kMlaSeesawMTile) % 2 == 0;
 }
-// ---- v7's balanced grid ("planned"): work counted in pairs of 64-row cache tiles. Item (b, m-tile) has
-// p_b = max(1, ceil(len_b / 128)) pairs, items are flattened sequence-major, and CTA c of G takes the pairs
-// [mla_plan_start(c), mla_plan_start(c + 1)): every SM gets the same share, where the regular grid (one CTA an
-// item and split) leaves SMs idle in its last wave (B = 64 at H = 128: 128 CTAs on 132 SMs; B = 128: a second wave
-// of 124). An item cut between CTAs is merged by mla_plan_combine_kernel. Lengths are read on the GPU only: each CTA
-// computes the offsets itself (B < kMlaPlanMaxB), so the plan needs no kernel or host sync of its own.
+// ---- v7's balanced grid ("planned"): work counted in pairs of 64-row cache tiles. Sequence b has
+// p_b = max(1, ceil(len_b / 128)) pairs, flattened sequence-major; each of the query's MTL m-tiles has a lane of
+// G / MTL CTAs, and share j of a lane takes the pairs [mla_plan_start(j), mla_plan_start(j + 1)): every SM gets the
+// same share, where the regular grid (one CTA an item and split) leaves SMs idle in its last wave (B = 64 at
+// H = 128: 128 CTAs on 132 SMs; B = 128: a second wave of 124). A sequence cut between CTAs is merged by
+// mla_plan_combine_kernel. Lengths are read on the GPU only: each CTA computes the offsets itself
+// (B < kMlaPlanMaxB), so the plan needs no kernel or host sync of its own.
 constexpr int kMlaPlanMaxB = 1024;
 __host__ __device__ inline int mla_plan_start(int c, int W, int G) {
   return static_cast<int>(static_cast<long long>(c) * W / G);
@@ -162,14 +163,14 @@ __host__ __device__ inline int mla_plan_start(int c, int W, int G) {
 __host__ __device__ inline int mla_plan_cta_of(int x, int W, int G) {
   return static_cast<int>((static_cast<long long>(x + 1) * G - 1) / W);
 }
-// Extra shared memory of a planned kernel: the offsets [kMlaPlanMaxB + 1], 8 warp sums, the loop state (16 ints).
-constexpr size_t kMlaPlanSmemBytes = 4 * (kMlaPlanMaxB + 1 + 8 + 16);
+// Extra shared memory of a planned kernel: the offsets [kMlaPlanMaxB + 1], 8 warp sums, the loop state (8 ints).
+constexpr size_t kMlaPlanSmemBytes = 4 * (kMlaPlanMaxB + 1 + 8 + 8);
 // Whether the planned grid can serve a call: all pair counts fit an int, few enough sequences for the per-CTA
 // offsets, and a v7 order the planned kernel is built for (every v7 kernel has a planned twin).
 inline bool mla_plan_serves(int B, int S, int H, long long T) {
   const long long m_tiles = (static_cast<long long>(S) * H + kMlaSeesawMTile - 1) / kMlaSeesawMTile;
-  return B < kMlaPlanMaxB && static_cast<long long>(B) * m_tiles * ((T + 2 * kMlaSeesawNTile - 1) / (2 * kMlaSeesawNTile)) <
-                                 (1LL << 30);
+  return B < kMlaPlanMaxB && m_tiles <= 16 &&
+         static_cast<long long>(B) * ((T + 2 * kMlaSeesawNTile - 1) / (2 * kMlaSeesawNTile)) < (1LL << 30);
 }
 
 // Host launcher: v8 where it serves and the cache's tensor maps encode, else v7 (*launched_pair says which;
