@@ -111,39 +111,28 @@ int64_t tma_q_op(int64_t mode) {
 }
 int64_t last_q_tma_op() { return g_last_q_tma.load(); }
 
-// v7's balanced grid (mla_plan_start in mla_params.h): -1 where plan_pays says so (default), 0 never, 1 wherever
-// it serves. MLA_PATCH_PLAN ("0" or "1") sets it, read once per process; the hook mla_patch::_plan_mode(0|1|-1)
-// overrides (the benchmark's A/B and the tests); _last_plan() says whether the last call ran it.
+// v7's balanced grid (mla_plan_start in mla_params.h), opt-in: MLA_PATCH_PLAN=1 runs it wherever it serves (read
+// once per process), the hook mla_patch::_plan_mode(0|1|-1) overrides (the benchmark's A/B and the tests);
+// _last_plan() says whether the last call ran it. Off by default: on an H200 (session 8, same-run A/B) it was
+// slower in every cell, 5-33 % with batch at H = 128 (B = 64, 16K 542 vs 514 us; B = 128, 1K 112 vs 84 us), where
+// the ~3 % of SM time the regular grid leaves idle is less than what each extra item a CTA costs (the next item's
+// query and first tiles load with nothing to hide under, its output) plus the merge.
 std::atomic<int> g_plan_mode{-1};
 std::atomic<int> g_last_plan{0};
-int plan_setting() {
+bool plan_enabled() {
   const int mode = g_plan_mode.load();
-  if (mode >= 0) return mode;
-  static const int env_mode = [] {
+  if (mode >= 0) return mode == 1;
+  static const bool env_on = [] {
     const char* e = std::getenv("MLA_PATCH_PLAN");
-    if (e == nullptr || *e == '\0') return -1;
-    return std::strcmp(e, "0") == 0 ? 0 : 1;
+    return e != nullptr && std::strcmp(e, "1") == 0;
   }();
-  return env_mode;
+  return env_on;
 }
 int64_t plan_mode_op(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _plan_mode takes -1 (default), 0 (regular grid) or 1 (balanced)");
+  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _plan_mode takes -1 (default: off), 0 (regular grid) or 1 (balanced)");
   return g_plan_mode.exchange(static_cast<int>(mode));
 }
 int64_t last_plan_op() { return g_last_plan.load(); }
-
-// Whether the balanced grid is worth its merge: the regular grid (one CTA an item and split, one a SM) leaves
-// more than 1.5 % of the SM time of its waves idle, and the cut items' merge is cheap against what balancing
-// saves: where the regular grid splits anyway (a merge either way) or the rows are few (S*H <= 32: small partial
-// rows), or each item holds at least kPlanMinPairs pairs of cache tiles (the merge of H = 128's 64-row partials
-// costs a few microseconds, the balance ~3 % of the call).
-constexpr int64_t kPlanMinPairs = 32;
-bool plan_pays(int64_t B, int64_t S, int64_t H, int64_t T, int num_sms, int num_splits) {
-  const int64_t m_tiles = (S * H + kMlaSeesawMTile - 1) / kMlaSeesawMTile;
-  const int64_t ctas = B * m_tiles * num_splits, waves = (ctas + num_sms - 1) / num_sms;
-  if (static_cast<double>(ctas) >= 0.985 * static_cast<double>(waves * num_sms)) return false;
-  return num_splits > 1 || S * H <= 32 || (T + 2 * kMlaSeesawNTile - 1) / (2 * kMlaSeesawNTile) >= kPlanMinPairs;
-}
 
 // Whether the loaded binary has the sm_90a body of v7 (a build without 90a has trap stubs).
 bool seesaw_built(int dev, bool bf16, int64_t R) {
@@ -341,11 +330,10 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
                          : path == kPathSeesaw ? mla_seesaw_num_splits(b32, s32, h32, t32, num_sms)
                                                : mla_seesaw_num_splits(b32, s32, h32, t32, pair_sms(device.index(), bf16, num_sms));
   const bool partial_f32 = fp32_partials();
-  // The balanced grid: v7 only, not with a forced split count or the timeline (whose rows are the regular grid's).
-  const int plan_mode = plan_setting();
-  const bool plan = path == kPathSeesaw && forced == 0 && !timeline_buffer().defined() && plan_mode != 0 &&
-                    mla_plan_serves(b32, s32, h32, T) &&
-                    (plan_mode == 1 || plan_pays(B, S, H, T, num_sms, num_splits));
+  // The balanced grid (opt-in): v7 only, not with a forced split count or the timeline (whose rows are the regular
+  // grid's).
+  const bool plan = path == kPathSeesaw && forced == 0 && !timeline_buffer().defined() && plan_enabled() &&
+                    mla_plan_serves(b32, s32, h32, T);
   at::Tensor o_partial, lse_partial, plan_offsets;
   auto f32 = q_latent.options().dtype(at::kFloat);
   // A lane of CTAs for each 64-row m-tile of the query rows (mla_plan_start).

@@ -154,7 +154,10 @@ inline bool mla_pair_serves(int R, int S, int H) {
 // same share, where the regular grid (one CTA an item and split) leaves SMs idle in its last wave (B = 64 at
 // H = 128: 128 CTAs on 132 SMs; B = 128: a second wave of 124). A sequence cut between CTAs is merged by
 // mla_plan_combine_kernel. Lengths are read on the GPU only: each CTA computes the offsets itself
-// (B < kMlaPlanMaxB), so the plan needs no kernel or host sync of its own.
+// (B < kMlaPlanMaxB), so the plan needs no kernel or host sync of its own. Opt-in (MLA_PATCH_PLAN=1): measured
+// slower than the regular grid everywhere (session 8, docs/KERNEL.md), since each extra item a CTA takes pays a
+// prologue and an epilogue with nothing to hide under; what would make it pay is loading the next item's query and
+// first tiles under the current item's last pair.
 constexpr int kMlaPlanMaxB = 1024;
 __host__ __device__ inline int mla_plan_start(int c, int W, int G) {
   return static_cast<int>(static_cast<long long>(c) * W / G);
