@@ -600,6 +600,58 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
 // an SM: an ncu run at H = 128, B = 16, 1K had this kernel at 10 us with 3 waves of 8-byte loads).
 // Empty splits (lse = -inf, rows never written) get weight 0 and their loaded values are discarded by a select,
 // never multiplied (they may be NaN).
+// One piece of a log-sum-exp merge of normalized rows: the running max m, weight sum and VEC accumulated columns
+// move to max(m, l) (m is the same for every thread that reads the same lse), then add the piece's weight times its
+// columns v (VEC partial elements in 16 bytes: fp32 when F32, else the input dtype). An empty piece (l = -inf, its
+// row never written) gets weight 0 and its loaded values, which may be NaN, are discarded by a select.
+template <MlaDtype DT, bool F32, int VEC>
+__device__ __forceinline__ void merge_piece(float l, const uint4& v, float& m, float& wsum, float (&acc)[VEC]) {
+  using Tr = DtypeTraits<DT>;
+  using T2 = typename Tr::T2;
+  if (l > m) {
+    const float a = m == -INFINITY ? 0.f : __expf(m - l);
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) acc[k] *= a;
+    wsum *= a;
+    m = l;
+  }
+  const float w = l == -INFINITY ? 0.f : __expf(l - m);
+  wsum += w;
+  float x[VEC];
+  if constexpr (F32) {
+    x[0] = __uint_as_float(v.x);
+    x[1] = __uint_as_float(v.y);
+    x[2] = __uint_as_float(v.z);
+    x[3] = __uint_as_float(v.w);
+  } else {
+    const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = Tr::unpack(*reinterpret_cast<const T2*>(&words[k]));
+      x[2 * k] = f.x;
+      x[2 * k + 1] = f.y;
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < VEC; ++k) acc[k] += w > 0.f ? w * x[k] : 0.f;
+}
+// The merged columns times inv, rounded to the output dtype, as one 16-byte (8 columns) or 8-byte store.
+template <MlaDtype DT, int VEC>
+__device__ __forceinline__ void store_merged(typename DtypeTraits<DT>::T* out, const float (&acc)[VEC], float inv) {
+  using T2 = typename DtypeTraits<DT>::T2;
+  uint32_t words[VEC / 2];
+#pragma unroll
+  for (int k = 0; k < VEC / 2; ++k) {
+    const T2 two = pack_out<DT>(acc[2 * k] * inv, acc[2 * k + 1] * inv);
+    words[k] = *reinterpret_cast<const uint32_t*>(&two);
+  }
+  if constexpr (VEC == 8) {
+    *reinterpret_cast<uint4*>(out) = make_uint4(words[0], words[1], words[2], words[3]);
+  } else {
+    *reinterpret_cast<uint2*>(out) = make_uint2(words[0], words[1]);
+  }
+}
+
 template <MlaDtype DT, int R, int CW, int JG, bool F32, int DEPTH>
 __global__ void __launch_bounds__(128) mla_combine_kernel(const MlaDecodeParams p) {
   using Tr = DtypeTraits<DT>;
@@ -643,34 +695,7 @@ __global__ void __launch_bounds__(128) mla_combine_kernel(const MlaDecodeParams 
       v[u] = j < ns ? *reinterpret_cast<const uint4*>(op + j * split_stride) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int u = 0; u < DEPTH; ++u) {
-      if (l[u] > m) {  // uniform across the group (its threads read the same lse)
-        const float a = m == -INFINITY ? 0.f : __expf(m - l[u]);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) acc[k] *= a;
-        wsum *= a;
-        m = l[u];
-      }
-      const float w = l[u] == -INFINITY ? 0.f : __expf(l[u] - m);
-      wsum += w;
-      float x[VEC];
-      if constexpr (F32) {
-        x[0] = __uint_as_float(v[u].x);
-        x[1] = __uint_as_float(v[u].y);
-        x[2] = __uint_as_float(v[u].z);
-        x[3] = __uint_as_float(v[u].w);
-      } else {
-        const uint32_t words[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const float2 f = Tr::unpack(*reinterpret_cast<const T2*>(&words[k]));
-          x[2 * k] = f.x;
-          x[2 * k + 1] = f.y;
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) acc[k] += w > 0.f ? w * x[k] : 0.f;
-    }
+    for (int u = 0; u < DEPTH; ++u) merge_piece<DT, F32>(l[u], v[u], m, wsum, acc);
   }
   if constexpr (JG > 1) {
     if (c == 0) s_mw[rl][jg] = make_float2(m, wsum);
@@ -698,19 +723,7 @@ __global__ void __launch_bounds__(128) mla_combine_kernel(const MlaDecodeParams 
     m = mx;
   }
   if (!real) return;
-  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-  T* out = static_cast<T*>(p.out_latent) + row * R + col;
-  uint32_t words[VEC / 2];
-#pragma unroll
-  for (int k = 0; k < VEC / 2; ++k) {
-    const T2 two = pack_out<DT>(acc[2 * k] * inv, acc[2 * k + 1] * inv);
-    words[k] = *reinterpret_cast<const uint32_t*>(&two);
-  }
-  if constexpr (VEC == 8) {
-    *reinterpret_cast<uint4*>(out) = make_uint4(words[0], words[1], words[2], words[3]);
-  } else {
-    *reinterpret_cast<uint2*>(out) = make_uint2(words[0], words[1]);
-  }
+  store_merged<DT>(static_cast<T*>(p.out_latent) + row * R + col, acc, wsum > 0.f ? 1.f / wsum : 0.f);
   if (c == 0 && jg == 0 && chunk == 0) p.lse[row] = wsum > 0.f ? m + __logf(wsum) : -INFINITY;
   if (tid == 0) timeline_stamp(p, kTlCombine, kTlExit);  // thread 0's row is real: the grid has no empty block
 }

@@ -940,9 +940,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
 // pieces). Empty pieces (lse = -inf) get weight 0 and their loaded values are discarded by a select.
 template <MlaDtype DT, int R, bool F32>
 __global__ void __launch_bounds__(128) mla_plan_combine_kernel(const MlaDecodeParams p) {
-  using Tr = DtypeTraits<DT>;
-  using T = typename Tr::T;
-  using T2 = typename Tr::T2;
+  using T = typename DtypeTraits<DT>::T;
   using PT = std::conditional_t<F32, float, T>;
   constexpr int VEC = 16 / static_cast<int>(sizeof(PT)), NC = R / VEC, RB = 128 / NC, DEPTH = 4;
   constexpr int M = kMlaSeesawMTile;
@@ -978,48 +976,9 @@ __global__ void __launch_bounds__(128) mla_plan_combine_kernel(const MlaDecodePa
                    : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int u = 0; u < DEPTH; ++u) {
-      if (l[u] > m) {
-        const float a = m == -INFINITY ? 0.f : __expf(m - l[u]);
-#pragma unroll
-        for (int k = 0; k < VEC; ++k) acc[k] *= a;
-        wsum *= a;
-        m = l[u];
-      }
-      const float w = l[u] == -INFINITY ? 0.f : __expf(l[u] - m);
-      wsum += w;
-      float x[VEC];
-      if constexpr (F32) {
-        x[0] = __uint_as_float(v[u].x);
-        x[1] = __uint_as_float(v[u].y);
-        x[2] = __uint_as_float(v[u].z);
-        x[3] = __uint_as_float(v[u].w);
-      } else {
-        const uint32_t words[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const float2 f = Tr::unpack(*reinterpret_cast<const T2*>(&words[k]));
-          x[2 * k] = f.x;
-          x[2 * k + 1] = f.y;
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) acc[k] += w > 0.f ? w * x[k] : 0.f;
-    }
+    for (int u = 0; u < DEPTH; ++u) merge_piece<DT, F32>(l[u], v[u], m, wsum, acc);
   }
-  const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-  T* out = static_cast<T*>(p.out_latent) + row * R + col;
-  uint32_t words[VEC / 2];
-#pragma unroll
-  for (int k = 0; k < VEC / 2; ++k) {
-    const T2 two = pack_out<DT>(acc[2 * k] * inv, acc[2 * k + 1] * inv);
-    words[k] = *reinterpret_cast<const uint32_t*>(&two);
-  }
-  if constexpr (VEC == 8) {
-    *reinterpret_cast<uint4*>(out) = make_uint4(words[0], words[1], words[2], words[3]);
-  } else {
-    *reinterpret_cast<uint2*>(out) = make_uint2(words[0], words[1]);
-  }
+  store_merged<DT>(static_cast<T*>(p.out_latent) + row * R + col, acc, wsum > 0.f ? 1.f / wsum : 0.f);
   if (cc == 0) p.lse[row] = wsum > 0.f ? m + __logf(wsum) : -INFINITY;
 }
 
