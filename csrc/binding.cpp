@@ -114,9 +114,9 @@ int64_t last_q_tma_op() { return g_last_q_tma.load(); }
 // v7's balanced grid (mla_plan_start in mla_params.h), opt-in: MLA_PATCH_PLAN=1 runs it wherever it serves (read
 // once per process), the hook mla_patch::_plan_mode(0|1|-1) overrides (the benchmark's A/B and the tests);
 // _last_plan() says whether the last call ran it. Off by default: on an H200 (session 8, same-run A/B) it was
-// slower in every cell, 5-33 % with batch at H = 128 (B = 64, 16K 542 vs 514 us; B = 128, 1K 112 vs 84 us), where
-// the ~3 % of SM time the regular grid leaves idle is less than what each extra item a CTA costs (the next item's
-// query and first tiles load with nothing to hide under, its output) plus the merge.
+// slower in every cell, 4-68 % with batch at H = 128 (B = 64, 16K 542 vs 514 us; B = 128, 1K 112 vs 84 us): the ~3 %
+// of SM time the regular grid leaves idle is less than what each extra item a CTA costs (the next item's query and
+// first tiles load with nothing to hide under, its output), the merge, and its kernel's own 4-6 % (docs/KERNEL.md).
 std::atomic<int> g_plan_mode{-1};
 std::atomic<int> g_last_plan{0};
 bool plan_enabled() {
@@ -333,7 +333,9 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   // The balanced grid (opt-in): v7 only, not with a forced split count or the timeline (whose rows are the regular
   // grid's).
   const bool plan = path == kPathSeesaw && forced == 0 && !timeline_buffer().defined() && plan_enabled() &&
-                    mla_plan_serves(b32, s32, h32, T);
+                    mla_plan_serves(b32, s32, h32, T) &&
+                    static_cast<size_t>(info.smem_optin) >=
+                        mla_seesaw_smem_bytes(static_cast<int>(R), static_cast<int>(P)) + kMlaPlanSmemBytes;
   at::Tensor o_partial, lse_partial, plan_offsets;
   auto f32 = q_latent.options().dtype(at::kFloat);
   // A lane of CTAs for each 64-row m-tile of the query rows (mla_plan_start).
