@@ -91,23 +91,34 @@ int wgmma_setting() {
   return env_mode;
 }
 
+// The on/off switches below (v7's query tile by TMA, PDL, fp32 partials, v7's balanced grid) share one shape: a
+// test / benchmark hook mla_patch::_<name>(0|1|-1) sets the mode, and -1 (the default) leaves it to an environment
+// variable, read once per process (the caller's static): on unless it is "0" (default_on), or off unless it is "1".
+bool env_flag(const char* name, bool default_on) {
+  const char* e = std::getenv(name);
+  return default_on ? (e == nullptr || std::strcmp(e, "0") != 0) : (e != nullptr && std::strcmp(e, "1") == 0);
+}
+bool switch_on(const std::atomic<int>& hook, bool env_on) {
+  const int mode = hook.load();
+  return mode >= 0 ? mode == 1 : env_on;
+}
+// The hook's op: sets the mode, returns the previous one.
+int64_t set_switch(std::atomic<int>& hook, int64_t mode, const char* usage) {
+  TORCH_CHECK(mode >= -1 && mode <= 1, usage);
+  return hook.exchange(static_cast<int>(mode));
+}
+
 // v7's query tile by TMA where it serves (mla_seesaw_tma_q_serves): on by default; MLA_PATCH_TMA_Q=0 turns it
-// off (read once per process), the hook mla_patch::_tma_q(0|1|-1) overrides (the benchmark's A/B and the tests);
-// _last_q_tma() says whether the last call's query tile went by TMA.
+// off, the hook mla_patch::_tma_q(0|1|-1) overrides (the benchmark's A/B and the tests); _last_q_tma() says whether
+// the last call's query tile went by TMA.
 std::atomic<int> g_tma_q_mode{-1};
 std::atomic<int> g_last_q_tma{0};
 bool tma_q_enabled() {
-  const int mode = g_tma_q_mode.load();
-  if (mode >= 0) return mode == 1;
-  static const bool env_on = [] {
-    const char* e = std::getenv("MLA_PATCH_TMA_Q");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
-  return env_on;
+  static const bool env_on = env_flag("MLA_PATCH_TMA_Q", true);
+  return switch_on(g_tma_q_mode, env_on);
 }
 int64_t tma_q_op(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _tma_q takes -1 (default), 0 (cp.async) or 1 (TMA)");
-  return g_tma_q_mode.exchange(static_cast<int>(mode));
+  return set_switch(g_tma_q_mode, mode, "mla_decode: _tma_q takes -1 (default), 0 (cp.async) or 1 (TMA)");
 }
 int64_t last_q_tma_op() { return g_last_q_tma.load(); }
 
@@ -120,17 +131,11 @@ int64_t last_q_tma_op() { return g_last_q_tma.load(); }
 std::atomic<int> g_plan_mode{-1};
 std::atomic<int> g_last_plan{0};
 bool plan_enabled() {
-  const int mode = g_plan_mode.load();
-  if (mode >= 0) return mode == 1;
-  static const bool env_on = [] {
-    const char* e = std::getenv("MLA_PATCH_PLAN");
-    return e != nullptr && std::strcmp(e, "1") == 0;
-  }();
-  return env_on;
+  static const bool env_on = env_flag("MLA_PATCH_PLAN", false);
+  return switch_on(g_plan_mode, env_on);
 }
 int64_t plan_mode_op(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _plan_mode takes -1 (default: off), 0 (regular grid) or 1 (balanced)");
-  return g_plan_mode.exchange(static_cast<int>(mode));
+  return set_switch(g_plan_mode, mode, "mla_decode: _plan_mode takes -1 (default: off), 0 (regular grid) or 1 (balanced)");
 }
 int64_t last_plan_op() { return g_last_plan.load(); }
 
@@ -149,13 +154,14 @@ bool seesaw_built(int dev, bool bf16, int64_t R) {
   return ok;
 }
 
+// tma_q_on: the TMA-query switch (tma_q_enabled), read once a call by the caller.
 int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P, int64_t B, int64_t S, int64_t H,
-                int64_t T) {
+                int64_t T, bool tma_q_on) {
   if (info.cc_major != 9 || info.cc_minor != 0) return kPathMma;
   const int setting = wgmma_setting();
   if (setting == 0) return kPathMma;
   if (setting == -1) {
-    const bool tma_q = tma_q_enabled() && mla_seesaw_tma_q_serves(static_cast<int>(R), static_cast<int>(H));
+    const bool tma_q = tma_q_on && mla_seesaw_tma_q_serves(static_cast<int>(R), static_cast<int>(H));
     const int64_t min_rows = S * H < kSeesawWideQueryRows ? kSeesawMinRowsNarrow
                              : tma_q                      ? kSeesawMinRowsWideTmaQ
                                                           : kSeesawMinRowsWide;
@@ -184,17 +190,11 @@ int pair_sms(int dev, bool bf16, int num_sms) {
 std::atomic<int> g_pdl_mode{-1};
 bool pdl_enabled(const DeviceInfo& info) {
   if (info.cc_major < 9) return false;
-  const int mode = g_pdl_mode.load();
-  if (mode >= 0) return mode == 1;
-  static const bool env_on = [] {
-    const char* e = std::getenv("MLA_PATCH_PDL");
-    return e == nullptr || std::strcmp(e, "0") != 0;
-  }();
-  return env_on;
+  static const bool env_on = env_flag("MLA_PATCH_PDL", true);
+  return switch_on(g_pdl_mode, env_on);
 }
 int64_t pdl_mode_op(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _pdl_mode takes -1 (default), 0 (off) or 1 (on)");
-  return g_pdl_mode.exchange(static_cast<int>(mode));
+  return set_switch(g_pdl_mode, mode, "mla_decode: _pdl_mode takes -1 (default), 0 (off) or 1 (on)");
 }
 
 // Split partials in fp32 instead of the input dtype (mla_decode.cuh, pack_out): off by default;
@@ -202,17 +202,12 @@ int64_t pdl_mode_op(int64_t mode) {
 // overrides (the benchmark's A/B and the tests).
 std::atomic<int> g_fp32_partials_mode{-1};
 bool fp32_partials() {
-  const int mode = g_fp32_partials_mode.load();
-  if (mode >= 0) return mode == 1;
-  static const bool env_on = [] {
-    const char* e = std::getenv("MLA_PATCH_FP32_PARTIALS");
-    return e != nullptr && std::strcmp(e, "1") == 0;
-  }();
-  return env_on;
+  static const bool env_on = env_flag("MLA_PATCH_FP32_PARTIALS", false);
+  return switch_on(g_fp32_partials_mode, env_on);
 }
 int64_t fp32_partials_op(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 1, "mla_decode: _fp32_partials takes -1 (default), 0 (input dtype) or 1 (fp32)");
-  return g_fp32_partials_mode.exchange(static_cast<int>(mode));
+  return set_switch(g_fp32_partials_mode, mode,
+                    "mla_decode: _fp32_partials takes -1 (default), 0 (input dtype) or 1 (fp32)");
 }
 
 // Split-KV factor forced by the benchmark's sweep (mla_patch::_force_splits(n), n > 0); 0 = the heuristic.
@@ -322,7 +317,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   TORCH_CHECK(static_cast<size_t>(info.smem_optin) >= smem_needed, "mla_decode: the kernel needs ", num(smem_needed),
               " bytes of shared memory per block, this GPU allows ", num(info.smem_optin));
   const bool bf16 = dtype == at::kBFloat16;
-  const int path = choose_path(info, device.index(), bf16, R, P, B, S, H, T);
+  const bool tma_q_on = tma_q_enabled();
+  const int path = choose_path(info, device.index(), bf16, R, P, B, S, H, T, tma_q_on);
   const int b32 = static_cast<int>(B), s32 = static_cast<int>(S), h32 = static_cast<int>(H), t32 = static_cast<int>(T);
   const int forced = g_forced_splits.load();
   const int num_splits = forced > 0             ? forced
@@ -381,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.sm_scale = static_cast<float>(sm_scale);
   p.pdl = pdl_enabled(info) ? 1 : 0;
   p.partial_f32 = partial_f32 ? 1 : 0;
-  p.tma_q = tma_q_enabled() ? 1 : 0;
+  p.tma_q = tma_q_on ? 1 : 0;
   const at::Tensor& timeline = timeline_buffer();
   if (timeline.defined() && timeline.device() == device) {
     p.timeline = reinterpret_cast<unsigned long long*>(timeline.data_ptr<int64_t>());
