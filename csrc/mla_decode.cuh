@@ -588,18 +588,6 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   if (tid == 0) timeline_stamp(p, kTlDecode, kTlExit);
 }
 
-// LSE combine of the split partials. Blocks of 128 threads; a thread takes VEC consecutive columns (one 16-byte
-// load a split: 8 columns of 16-bit partials, 4 of fp32) of one output row, and JG threads of different split
-// groups share those columns; a block holds RB rows x NC column threads x JG groups over a CW-column chunk.
-// One pass: thread (row, group jg, column c) walks splits jg, jg + JG, ... with an online max over their lse
-// (the same for every thread of a group: broadcast loads), loading DEPTH splits' lse and partial columns at
-// once, so the lse and the partials are in flight together. The JG groups meet in shared memory.
-// Shapes (launch_mla_combine): few rows (batch 1) take 128-column chunks and several split groups, so the many
-// splits are read by more blocks and more loads are in flight; many rows take whole rows, one group, and
-// DEPTH = 4 where there are at most 4 splits (at 8 the unused load slots cost registers, so fewer blocks fit
-// an SM: an ncu run at H = 128, B = 16, 1K had this kernel at 10 us with 3 waves of 8-byte loads).
-// Empty splits (lse = -inf, rows never written) get weight 0 and their loaded values are discarded by a select,
-// never multiplied (they may be NaN).
 // One piece of a log-sum-exp merge of normalized rows: the running max m, weight sum and VEC accumulated columns
 // move to max(m, l) (m is the same for every thread that reads the same lse), then add the piece's weight times its
 // columns v (VEC partial elements in 16 bytes: fp32 when F32, else the input dtype). An empty piece (l = -inf, its
@@ -652,11 +640,21 @@ __device__ __forceinline__ void store_merged(typename DtypeTraits<DT>::T* out, c
   }
 }
 
+// LSE combine of the split partials. Blocks of 128 threads; a thread takes VEC consecutive columns (one 16-byte
+// load a split: 8 columns of 16-bit partials, 4 of fp32) of one output row, and JG threads of different split
+// groups share those columns; a block holds RB rows x NC column threads x JG groups over a CW-column chunk.
+// One pass: thread (row, group jg, column c) walks splits jg, jg + JG, ... with an online max over their lse
+// (the same for every thread of a group: broadcast loads), loading DEPTH splits' lse and partial columns at
+// once, so the lse and the partials are in flight together. The JG groups meet in shared memory.
+// Shapes (launch_mla_combine): few rows (batch 1) take 128-column chunks and several split groups, so the many
+// splits are read by more blocks and more loads are in flight; many rows take whole rows, one group, and
+// DEPTH = 4 where there are at most 4 splits (at 8 the unused load slots cost registers, so fewer blocks fit
+// an SM: an ncu run at H = 128, B = 16, 1K had this kernel at 10 us with 3 waves of 8-byte loads).
+// Empty splits (lse = -inf, rows never written) get weight 0 and their loaded values are discarded by a select,
+// never multiplied (they may be NaN).
 template <MlaDtype DT, int R, int CW, int JG, bool F32, int DEPTH>
 __global__ void __launch_bounds__(128) mla_combine_kernel(const MlaDecodeParams p) {
-  using Tr = DtypeTraits<DT>;
-  using T = typename Tr::T;
-  using T2 = typename Tr::T2;
+  using T = typename DtypeTraits<DT>::T;
   using PT = std::conditional_t<F32, float, T>;  // partial element (MlaDecodeParams::partial_f32)
   constexpr int VEC = 16 / static_cast<int>(sizeof(PT)), NC = CW / VEC, RB = 128 / (NC * JG), CHUNKS = R / CW;
   static_assert(R % CW == 0 && RB >= 1 && RB * NC * JG == 128, "a block is RB rows x NC columns x JG groups");
@@ -734,21 +732,42 @@ __global__ void __launch_bounds__(128) mla_combine_kernel(const MlaDecodeParams 
 // from this many (b, query row) pairs on.
 constexpr int kCombineGroupedMaxRows = 128;
 
+// Every launch of our kernels: programmatic dependent launch when `pdl`, thread-block clusters of `cluster_x` CTAs
+// along the grid's x when that is more than 1 (v8's pair kernel). Not copyable: cfg.attrs points into it.
+struct LaunchConfig {
+  cudaLaunchConfig_t cfg{};
+  cudaLaunchAttribute attr[2];
+  LaunchConfig(dim3 grid, int threads, size_t smem, cudaStream_t stream, bool pdl, unsigned cluster_x = 1) {
+    cfg.gridDim = grid;
+    cfg.blockDim = dim3(threads);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    unsigned n = 0;
+    if (cluster_x > 1) {
+      attr[n].id = cudaLaunchAttributeClusterDimension;
+      attr[n].val.clusterDim.x = cluster_x;
+      attr[n].val.clusterDim.y = 1;
+      attr[n].val.clusterDim.z = 1;
+      ++n;
+    }
+    if (pdl) {
+      attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attr[n].val.programmaticStreamSerializationAllowed = 1;
+      ++n;
+    }
+    cfg.attrs = attr;
+    cfg.numAttrs = n;
+  }
+  LaunchConfig(const LaunchConfig&) = delete;
+  LaunchConfig& operator=(const LaunchConfig&) = delete;
+};
+
 // Launches kernel(params, extra...) on `stream`, with programmatic dependent launch when params.pdl is set.
 template <typename Kernel, typename... Extra>
 cudaError_t launch_kernel(Kernel kernel, dim3 grid, int threads, size_t smem, cudaStream_t stream,
                           const MlaDecodeParams& params, const Extra&... extra) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = grid;
-  cfg.blockDim = dim3(threads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = params.pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, params, extra...);
+  LaunchConfig launch(grid, threads, smem, stream, params.pdl != 0);
+  return cudaLaunchKernelEx(&launch.cfg, kernel, params, extra...);
 }
 
 // The combine's shape (see mla_combine_kernel) for partial elements of `F32`.

@@ -1076,25 +1076,8 @@ bool query_maps(const MlaDecodeParams& p, int R, int P, QMaps* maps) {
   });
 }
 
-// The launch configuration of the pair kernel: cluster (2, 1, 1), and PDL like launch_kernel.
-struct PairLaunch {
-  cudaLaunchConfig_t cfg{};
-  cudaLaunchAttribute attr[2];
-  PairLaunch(dim3 grid, size_t smem, cudaStream_t stream, bool pdl) {
-    cfg.gridDim = grid;
-    cfg.blockDim = dim3(256);
-    cfg.dynamicSmemBytes = smem;
-    cfg.stream = stream;
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 2;
-    attr[0].val.clusterDim.y = 1;
-    attr[0].val.clusterDim.z = 1;
-    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[1].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl ? 2 : 1;
-  }
-};
+// The pair kernel's clusters: its two CTAs of a (sequence, split) along the grid's x.
+constexpr unsigned kPairClusterX = 2;
 
 }  // namespace mla
 
@@ -1195,7 +1178,7 @@ cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t s
   err = mla::allow_dynamic_smem(kernel, smem, dev, smem_set);
   if (err != cudaSuccess) return err;
   const dim3 grid(mla::ceil_div(params.S * params.H, kMlaSeesawMTile), params.num_splits, params.B);
-  mla::PairLaunch launch(grid, smem, stream, params.pdl != 0);
+  const mla::LaunchConfig launch(grid, 256, smem, stream, params.pdl != 0, mla::kPairClusterX);
   err = cudaLaunchKernelEx(&launch.cfg, kernel, params, maps);
   if (err != cudaSuccess) return err;
   *launched_pair = true;
@@ -1211,7 +1194,7 @@ int mla_pair_max_clusters() {
   auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true, false, false>;
   static bool smem_set[64] = {};
   int clusters = 0;
-  mla::PairLaunch launch(dim3(2, 1, 1), smem, nullptr, false);
+  const mla::LaunchConfig launch(dim3(mla::kPairClusterX, 1, 1), 256, smem, nullptr, false, mla::kPairClusterX);
   if (mla::allow_dynamic_smem(kernel, smem, dev, smem_set) != cudaSuccess ||
       cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg) != cudaSuccess) {
     cudaGetLastError();
