@@ -122,6 +122,21 @@ int64_t tma_q_op(int64_t mode) {
 }
 int64_t last_q_tma_op() { return g_last_q_tma.load(); }
 
+// v7's cache tiles by TMA too (TMAK in mla_decode_seesaw.cuh), where its query tile goes by TMA, the order is the
+// seesaw and the grid regular: MLA_PATCH_TMA_KV=1 turns it on (read once per process), the hook
+// mla_patch::_tma_kv(0|1|-1) overrides (the benchmark's A/B and the tests); _last_kv_tma() says whether the last
+// call's tiles went by TMA. Off by default until measured against the cp.async tiles.
+std::atomic<int> g_tma_kv_mode{-1};
+std::atomic<int> g_last_kv_tma{0};
+bool tma_kv_enabled() {
+  static const bool env_on = env_flag("MLA_PATCH_TMA_KV", false);
+  return switch_on(g_tma_kv_mode, env_on);
+}
+int64_t tma_kv_op(int64_t mode) {
+  return set_switch(g_tma_kv_mode, mode, "mla_decode: _tma_kv takes -1 (default), 0 (cp.async) or 1 (TMA)");
+}
+int64_t last_kv_tma_op() { return g_last_kv_tma.load(); }
+
 // v7's balanced grid (mla_plan_start in mla_params.h), opt-in: MLA_PATCH_PLAN=1 runs it wherever it serves (read
 // once per process), the hook mla_patch::_plan_mode(0|1|-1) overrides (the benchmark's A/B and the tests);
 // _last_plan() says whether the last call ran it. Off by default: on an H200 (session 8, same-run A/B) it was
@@ -378,6 +393,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.pdl = pdl_enabled(info) ? 1 : 0;
   p.partial_f32 = partial_f32 ? 1 : 0;
   p.tma_q = tma_q_on ? 1 : 0;
+  p.tma_kv = tma_kv_enabled() ? 1 : 0;
   const at::Tensor& timeline = timeline_buffer();
   if (timeline.defined() && timeline.device() == device) {
     p.timeline = reinterpret_cast<unsigned long long*>(timeline.data_ptr<int64_t>());
@@ -387,19 +403,19 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index()).stream();
   cudaError_t err;
   g_last_path.store(path);
-  bool q_tma = false;
+  bool q_tma = false, kv_tma = false;
   if (path == kPathPair) {  // R = 512 (mla_pair_serves); falls back to v7 where the tensor maps do not encode
     bool launched_pair = false;
-    err = bf16 ? launch_mla_decode_pair<MlaDtype::kBF16, 512, 64>(p, stream, &launched_pair, &q_tma)
-               : launch_mla_decode_pair<MlaDtype::kFP16, 512, 64>(p, stream, &launched_pair, &q_tma);
+    err = bf16 ? launch_mla_decode_pair<MlaDtype::kBF16, 512, 64>(p, stream, &launched_pair, &q_tma, &kv_tma)
+               : launch_mla_decode_pair<MlaDtype::kFP16, 512, 64>(p, stream, &launched_pair, &q_tma, &kv_tma);
     if (!launched_pair) g_last_path.store(kPathSeesaw);
   } else if (path == kPathSeesaw) {
     if (R == 512) {
-      err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64>(p, stream, &q_tma)
-                 : launch_mla_decode_seesaw<MlaDtype::kFP16, 512, 64>(p, stream, &q_tma);
+      err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64>(p, stream, &q_tma, &kv_tma)
+                 : launch_mla_decode_seesaw<MlaDtype::kFP16, 512, 64>(p, stream, &q_tma, &kv_tma);
     } else {
-      err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 256, 32>(p, stream, &q_tma)
-                 : launch_mla_decode_seesaw<MlaDtype::kFP16, 256, 32>(p, stream, &q_tma);
+      err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 256, 32>(p, stream, &q_tma, &kv_tma)
+                 : launch_mla_decode_seesaw<MlaDtype::kFP16, 256, 32>(p, stream, &q_tma, &kv_tma);
     }
   } else if (R == 512) {
     err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 512, 64>(p, stream)
@@ -409,6 +425,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
                : launch_mla_decode<MlaDtype::kFP16, 256, 32>(p, stream);
   }
   g_last_q_tma.store(q_tma ? 1 : 0);
+  g_last_kv_tma.store(kv_tma ? 1 : 0);
   g_last_plan.store(plan ? 1 : 0);
   TORCH_CHECK(err == cudaSuccess, "mla_decode: kernel launch failed: ", cudaGetErrorString(err));
   return {out_latent, lse};
@@ -433,7 +450,8 @@ TORCH_LIBRARY(mla_patch, m) {
       "float sm_scale) -> (Tensor, Tensor)");
   // Test and benchmark hooks: the kernel mode (returns the previous one), the kernel of the last call,
   // programmatic dependent launch on/off, a forced split-KV factor, fp32 split partials on/off, v7's query tile
-  // by TMA on/off and whether the last call's went by TMA, v7's balanced grid and whether the last call ran it.
+  // by TMA on/off and whether the last call's went by TMA, the same for its cache tiles, v7's balanced grid and
+  // whether the last call ran it.
   m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
   m.def("_last_path() -> int", &last_path_op);
   m.def("_pdl_mode(int mode) -> int", &pdl_mode_op);
@@ -441,6 +459,8 @@ TORCH_LIBRARY(mla_patch, m) {
   m.def("_fp32_partials(int mode) -> int", &fp32_partials_op);
   m.def("_tma_q(int mode) -> int", &tma_q_op);
   m.def("_last_q_tma() -> int", &last_q_tma_op);
+  m.def("_tma_kv(int mode) -> int", &tma_kv_op);
+  m.def("_last_kv_tma() -> int", &last_kv_tma_op);
   m.def("_plan_mode(int mode) -> int", &plan_mode_op);
   m.def("_last_plan() -> int", &last_plan_op);
   m.def("_timeline(Tensor? stamps) -> ()", &timeline_op);

@@ -1,5 +1,5 @@
 // Thread-block-cluster, transaction-count mbarrier and bulk-tensor-copy (TMA) wrappers for the sm_90a kernels
-// (mla_decode_seesaw.cuh: v7's query tile by TMA, v8's cache tiles by TMA multicast). Empty bodies outside sm_90a
+// (mla_decode_seesaw.cuh: v7's query and cache tiles by TMA, v8's cache tiles by TMA multicast). Empty bodies outside sm_90a
 // (the kernels are never launched there).
 #pragma once
 #include <cstdint>
@@ -20,10 +20,19 @@ struct QMaps {
   CUtensorMap q_latent;
   CUtensorMap q_pe;
 };
-// The kernel template's maps parameter: v8's, v7's query maps, or empty (v7 with its query tile by cp.async).
+// v7 with its query tile and its cache tiles by TMA: QMaps' query maps, and c_kv and k_pe as PairMaps' but with a
+// whole 64-row tile a box ({64, 64, 1}).
+struct TileMaps {
+  CUtensorMap q_latent;
+  CUtensorMap q_pe;
+  CUtensorMap c_kv;
+  CUtensorMap k_pe;
+};
+// The kernel template's maps parameter: v8's, v7's query (and cache) maps, or empty (v7 all by cp.async).
 struct NoMaps {};
-template <bool PAIR, bool TMAQ>
-using KernelMaps = std::conditional_t<PAIR, PairMaps, std::conditional_t<TMAQ, QMaps, NoMaps>>;
+template <bool PAIR, bool TMAQ, bool TMAK>
+using KernelMaps =
+    std::conditional_t<PAIR, PairMaps, std::conditional_t<TMAK, TileMaps, std::conditional_t<TMAQ, QMaps, NoMaps>>>;
 
 __device__ __forceinline__ uint32_t cluster_ctarank() {
   uint32_t r = 0;
@@ -70,6 +79,16 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
       "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
+#endif
+}
+// A box of the 3-D `map` at (c0, c1, c2) into this CTA's shared offset `dst`, its bytes signalled to `bar`.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1, int c2, uint32_t bar) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(bar)
       : "memory");
 #endif
 }

@@ -99,9 +99,11 @@ struct SeesawCtx {
   int g0, g1;      // their query rows (>= MT: padding)
   int b, split, MT, nsplit, row0;
   float scale_log2;
-  // The pair kernel (v8) only: the cache's tensor maps (its __grid_constant__ parameter), the "part free"
-  // mbarriers (u, part) at s_empty + 8 (2u + part), and this CTA's rank in its cluster.
-  const PairMaps* maps;
+  // v8 and v7 with its cache tiles by TMA (TMAK): the cache's tensor maps (in the __grid_constant__ parameter).
+  const CUtensorMap* map_kv;
+  const CUtensorMap* map_pe;
+  // The pair kernel (v8) only: the "part free" mbarriers (u, part) at s_empty + 8 (2u + part), and this CTA's rank
+  // in its cluster.
   uint32_t s_empty;
   int rank;
   uint32_t s_qbar;  // v7 with its query tile by TMA (TMAQ): the mbarrier the tile lands on
@@ -153,7 +155,7 @@ enum SeesawPart : int { kSelf = 0, kCross = 1 };
 // slower at 4K-16K (B = 128, 16K 1108-1115 vs 1061-1078 us), within noise at 1K.
 constexpr int kSeesawLateMaxRows = 32;
 
-template <MlaDtype DT, int R, int P, int W, bool LATE, bool PAIR, bool TMAQ, bool PLAN>
+template <MlaDtype DT, int R, int P, int W, bool LATE, bool PAIR, bool TMAQ, bool PLAN, bool TMAK>
 __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const SeesawCtx& c) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
@@ -206,15 +208,33 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
     const uint32_t half = c.rank * (N / 2) * 128;
 #pragma unroll
     for (int j = 0; j < HALF; ++j) {
-      tma_load_3d_multicast(c.s_buf[u] + (W * HALF + j) * BLK + half, &c.maps->c_kv, (W * HALF + j) * 64, row, c.b,
-                            bar, 0x3);
+      tma_load_3d_multicast(c.s_buf[u] + (W * HALF + j) * BLK + half, c.map_kv, (W * HALF + j) * 64, row, c.b, bar,
+                            0x3);
     }
-    if (rope) tma_load_3d_multicast(c.s_buf[u] + LB * BLK + half, &c.maps->k_pe, 0, row, c.b, bar, 0x3);
+    if (rope) tma_load_3d_multicast(c.s_buf[u] + LB * BLK + half, c.map_pe, 0, row, c.b, bar, 0x3);
   };
   auto load_part = [&](int tile, int u, bool rope) {
     const int part = rope ? kCross : kSelf;
     if constexpr (PAIR) {
       if (wt == 0) tma_part(tile, u, rope, mbar(u, part, 0));
+    } else if constexpr (TMAK) {
+      // One thread issues the part's boxes, each 64-column block on its own mbarrier (its bytes announced first),
+      // block-major as the cp.async path copies them; TMA zero-fills only past T (await_block zeroes [ce, ...)).
+      if (wt == 0) {
+        const int row = c.cb + tile * N;
+        fence_proxy_async();  // the part's earlier generic accesses (P slots, zeroed tails) before the bulk writes
+#pragma unroll
+        for (int j = 0; j < HALF; ++j) {
+          const uint32_t bar = mbar(u, part, j);
+          mbar_arrive_expect_tx(bar, BLK);
+          tma_load_3d(c.s_buf[u] + (W * HALF + j) * BLK, c.map_kv, (W * HALF + j) * 64, row, c.b, bar);
+        }
+        if (rope) {
+          const uint32_t bar = mbar(u, part, HALF);
+          mbar_arrive_expect_tx(bar, BLK);
+          tma_load_3d(c.s_buf[u] + LB * BLK, c.map_pe, 0, row, c.b, bar);
+        }
+      }
     } else {
       const int base = c.cb + tile * N;
       const uint32_t buf = c.s_buf[u];
@@ -246,7 +266,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   // and the rope block. Q and the tile share the block layout, so one byte offset serves both operands.
   const uint32_t q_lo = smem_desc_lo(c.s_q, 16), k_lo = smem_desc_lo(c.s_buf[W], 16);
   float s[32];
-  // v8: TMA fills whole 64-row boxes (zeros only past the capacity T), so the rows of `tile` past the split's
+  // v8 and TMAK: TMA fills whole 64-row boxes (zeros only past the capacity T), so the rows of `tile` past the split's
   // end ce hold real (or NaN) cache rows. Softmax masks their scores, but PV would multiply P = 0 by them:
   // zero latent blocks [blk0, blk0 + HALF) of those rows, for the tensor cores, before this warpgroup's QK
   // (the other warpgroup's PV over them follows barrier A or B). Only a split's last tile takes the branch.
@@ -273,6 +293,15 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
       if (j > 0) return;
       mbar_wait(mbar(W, part, 0), parity);
       zero_tail(tile, (part == kSelf ? W : OTHER) * HALF);
+    } else if constexpr (TMAK) {
+      // Block by block as cp.async, except a split's last tile: its latent blocks all land, then lose their rows
+      // past ce (only there; the later waits on the same phase return at once).
+      if (j == 0 && c.ce - (c.cb + tile * N) < N) {
+#pragma unroll
+        for (int jj = 0; jj < HALF; ++jj) mbar_wait(mbar(W, part, jj), parity);
+        zero_tail(tile, (part == kSelf ? W : OTHER) * HALF);
+      }
+      mbar_wait(mbar(W, part, j), parity);
     } else {
       mbar_wait(mbar(W, part, j), parity);
     }
@@ -626,7 +655,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
 // mla_plan_combine_kernel. The mbarriers start afresh for each item (all its copies were waited for), so the
 // warpgroups' code is v7's. Loop state goes through shared memory: nothing of it needs a register across an item.
 template <MlaDtype DT, int R, int P, bool LATE, bool TMAQ>
-__device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawCtx& c, const KernelMaps<false, TMAQ>& maps,
+__device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawCtx& c, const KernelMaps<false, TMAQ, false>& maps,
                                                int wg, int r0, int r1) {
   using T = typename DtypeTraits<DT>::T;
   constexpr int M = kMlaSeesawMTile, N = kMlaSeesawNTile, NB = mla_wgmma_col_blocks(R, P);
@@ -746,9 +775,9 @@ __device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawC
       c.vis1 = c.g1 < MT ? min(end - (p.S - 1 - c.g1 / p.H), c.ce) : c.cb;
       c.scale_log2 = p.sm_scale * kLog2e;
       if (wg == 0) {
-        seesaw_warpgroup<DT, R, P, 0, LATE, false, TMAQ, true>(p, c);
+        seesaw_warpgroup<DT, R, P, 0, LATE, false, TMAQ, true, false>(p, c);
       } else {
-        seesaw_warpgroup<DT, R, P, 1, LATE, false, TMAQ, true>(p, c);
+        seesaw_warpgroup<DT, R, P, 1, LATE, false, TMAQ, true, false>(p, c);
       }
     }
     // The next item's copies overwrite what this one staged its output in (the generic reads before the query's
@@ -780,9 +809,11 @@ __device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawC
 // template rather than a shared __device__ body: ptxas allocates v7's late order differently through one.
 // TMAQ (v7 only): the query tile by TMA from one thread (mla_seesaw_tma_q_serves) instead of 4608 16-byte
 // cp.async from all 256, whose issue held every CTA's prologue for ~4.4 us (session 7's timelines).
-template <MlaDtype DT, int R, int P, bool LATE, bool PAIR, bool TMAQ, bool PLAN>
+// TMAK (v7 with TMAQ, the seesaw order, the regular grid): its cache tiles by TMA too, one thread a part, so the
+// loading warpgroup no longer issues ~36 cp.async and their addresses a thread a pair.
+template <MlaDtype DT, int R, int P, bool LATE, bool PAIR, bool TMAQ, bool PLAN, bool TMAK>
 __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p,
-                                                                   const __grid_constant__ KernelMaps<PAIR, TMAQ> maps) {
+                                                                   const __grid_constant__ KernelMaps<PAIR, TMAQ, TMAK> maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename DtypeTraits<DT>::T;
   constexpr int M = kMlaSeesawMTile, N = kMlaSeesawNTile, D = R + P;
@@ -793,6 +824,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   static_assert(mla_seesaw_smem_bytes(R, P) == 1024 + 3 * TILE + 4 * 1024 + 8 * (2 * NB + 1) && 2 * NB + 1 >= 8,
                 "smem size: v7's block mbarriers and its query's, or v8's 8");
   static_assert(M * (R + 8) * 4 <= 3 * TILE, "the fp32 output rows are staged in the Q tile and the buffers");
+  static_assert(!TMAK || (TMAQ && !PAIR && !PLAN && !LATE && R == 512 && P == 64),
+                "v7's cache tiles by TMA: with its query by TMA, the seesaw order, the regular grid, 64-column rope");
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
@@ -903,7 +936,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   if constexpr (PAIR) {
     // Full mbarriers: one arrival (the expect_tx of this CTA's issuing thread) plus the bytes; "part free": one
     // arrival from each CTA. The other CTA's copies and arrivals target them, so the cluster syncs after init.
-    c.maps = &maps;
+    c.map_kv = &maps.c_kv;
+    c.map_pe = &maps.k_pe;
     c.s_empty = c.s_mbar + 4 * 8;
     c.rank = static_cast<int>(cluster_ctarank());
     if (tid == 0) {
@@ -916,17 +950,23 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
     }
     cluster_sync();
   } else {
+    if constexpr (TMAK) {
+      c.map_kv = &maps.c_kv;
+      c.map_pe = &maps.k_pe;
+    }
     if (tid == 0) {
+      // cp.async: one arrival a thread of the loader; TMA: its issuing thread's expect_tx.
 #pragma unroll
-      for (int i = 0; i < 2 * NB; ++i) mbar_init(c.s_mbar + 8 * i, 128);  // one arrival a thread of the loader
+      for (int i = 0; i < 2 * NB; ++i) mbar_init(c.s_mbar + 8 * i, TMAK ? 1 : 128);
+      if constexpr (TMAK) fence_mbarrier_init();  // visible to the copy engine
     }
     __syncthreads();  // the mbarriers are initialized before any copy arrives on them
   }
 
   if (wg == 0) {
-    seesaw_warpgroup<DT, R, P, 0, LATE, PAIR, TMAQ, false>(p, c);
+    seesaw_warpgroup<DT, R, P, 0, LATE, PAIR, TMAQ, false, TMAK>(p, c);
   } else {
-    seesaw_warpgroup<DT, R, P, 1, LATE, PAIR, TMAQ, false>(p, c);
+    seesaw_warpgroup<DT, R, P, 1, LATE, PAIR, TMAQ, false, TMAK>(p, c);
   }
 #else
   // Built without sm_90a: never dispatched (binding.cpp checks the loaded binary); fail loudly if it is.
@@ -1048,13 +1088,14 @@ struct MapCache {
 };
 inline int64_t ptr_key(const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p)); }
 
-// v8: c_kv and k_pe as {cols, T, B}, box {64, 32, 1} (each CTA of the pair fetches half the rows of a tile).
-template <MlaDtype DT>
+// c_kv and k_pe as {cols, T, B}, box {64, ROWS, 1}: v8 (ROWS 32: each CTA of the pair fetches half the rows of a
+// tile) and v7's TMAK (ROWS 64, a whole tile).
+template <MlaDtype DT, int ROWS>
 bool cache_maps(const MlaDecodeParams& p, int R, int P, PairMaps* maps) {
   thread_local MapCache<PairMaps, 8> cache;
   const std::array<int64_t, 8> key{ptr_key(p.c_kv), ptr_key(p.k_pe), p.T, p.B, p.c_kv_st, p.c_kv_sb, p.k_pe_st, p.k_pe_sb};
   return cache.get(key, maps, [&](PairMaps* m) {
-    const uint32_t box[3] = {64, kMlaSeesawNTile / 2, 1};
+    const uint32_t box[3] = {64, ROWS, 1};
     const int64_t c_dims[3] = {R, p.T, p.B}, k_dims[3] = {P, p.T, p.B};
     const int64_t c_st[2] = {p.c_kv_st, p.c_kv_sb}, k_st[2] = {p.k_pe_st, p.k_pe_sb};
     return encode_map<DT>(&m->c_kv, p.c_kv, 3, c_dims, c_st, box) && encode_map<DT>(&m->k_pe, p.k_pe, 3, k_dims, k_st, box);
@@ -1076,6 +1117,16 @@ bool query_maps(const MlaDecodeParams& p, int R, int P, QMaps* maps) {
   });
 }
 
+// v7's TMAK: the query maps and the cache's with whole-tile boxes.
+template <MlaDtype DT>
+bool tile_maps(const MlaDecodeParams& p, int R, int P, TileMaps* maps) {
+  QMaps q;
+  PairMaps kv;
+  if (!query_maps<DT>(p, R, P, &q) || !cache_maps<DT, kMlaSeesawNTile>(p, R, P, &kv)) return false;
+  *maps = TileMaps{q.q_latent, q.q_pe, kv.c_kv, kv.k_pe};
+  return true;
+}
+
 // The pair kernel's clusters: its two CTAs of a (sequence, split) along the grid's x.
 constexpr unsigned kPairClusterX = 2;
 
@@ -1095,12 +1146,12 @@ cudaError_t launch_plan_combine(const MlaDecodeParams& p, cudaStream_t stream) {
   return launch_kernel(mla_plan_combine_kernel<DT, R, false>, dim3((rows + RB - 1) / RB), 128, 0, stream, p);
 }
 
-// One v7 kernel (the order, the query copy and the grid chosen by the caller) and the merge it needs.
-template <MlaDtype DT, int R, int P, bool LATE, bool TMAQ, bool PLAN, typename Maps>
+// One v7 kernel (the order, the query and cache copies and the grid chosen by the caller) and the merge it needs.
+template <MlaDtype DT, int R, int P, bool LATE, bool TMAQ, bool PLAN, bool TMAK = false, typename Maps>
 cudaError_t launch_seesaw_variant(const MlaDecodeParams& params, cudaStream_t stream, int dev, const Maps& maps) {
   static bool smem_set[64] = {};
   constexpr size_t smem = mla_seesaw_smem_bytes(R, P) + (PLAN ? kMlaPlanSmemBytes : 0);
-  auto kernel = mla_decode_seesaw_kernel<DT, R, P, LATE, false, TMAQ, PLAN>;
+  auto kernel = mla_decode_seesaw_kernel<DT, R, P, LATE, false, TMAQ, PLAN, TMAK>;
   cudaError_t err;
   if constexpr (PLAN) {
     err = allow_dynamic_smem(kernel, smem, dev, smem_set);
@@ -1130,17 +1181,29 @@ cudaError_t launch_seesaw_order(const MlaDecodeParams& params, cudaStream_t stre
 }  // namespace mla
 
 template <MlaDtype DT, int R, int P>
-cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream, bool* q_by_tma) {
+cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream, bool* q_by_tma,
+                                     bool* kv_by_tma) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   if (q_by_tma != nullptr) *q_by_tma = false;
-  if constexpr (R == 512) {
-    // The query tile by TMA where it serves and its maps encode (params.tma_q: the switch), else by cp.async.
-    mla::QMaps qmaps;
-    if (params.tma_q && mla_seesaw_tma_q_serves(R, params.H) && mla::query_maps<DT>(params, R, P, &qmaps)) {
-      if (q_by_tma != nullptr) *q_by_tma = true;
-      return mla::launch_seesaw_order<DT, R, P, true>(params, stream, dev, qmaps);
+  if (kv_by_tma != nullptr) *kv_by_tma = false;
+  if constexpr (R == 512 && P == 64) {
+    // The query tile by TMA where it serves and its maps encode (params.tma_q: the switch), else by cp.async; the
+    // cache tiles too where the switch params.tma_kv says so, the regular grid runs and the order is the seesaw.
+    const bool tiles = params.tma_kv && params.plan_ctas == 0 && params.S * params.H > mla::kSeesawLateMaxRows;
+    if (params.tma_q && mla_seesaw_tma_q_serves(R, params.H)) {
+      mla::TileMaps tmaps;
+      if (tiles && mla::tile_maps<DT>(params, R, P, &tmaps)) {
+        if (q_by_tma != nullptr) *q_by_tma = true;
+        if (kv_by_tma != nullptr) *kv_by_tma = true;
+        return mla::launch_seesaw_variant<DT, R, P, false, true, false, true>(params, stream, dev, tmaps);
+      }
+      mla::QMaps qmaps;
+      if (mla::query_maps<DT>(params, R, P, &qmaps)) {
+        if (q_by_tma != nullptr) *q_by_tma = true;
+        return mla::launch_seesaw_order<DT, R, P, true>(params, stream, dev, qmaps);
+      }
     }
   }
   return mla::launch_seesaw_order<DT, R, P, false>(params, stream, dev, mla::NoMaps{});
@@ -1150,7 +1213,8 @@ template <MlaDtype DT, int R, int P>
 bool mla_seesaw_built() {
   // The sm_90a body exists only in an sm_90a cubin; a build without it has the trap stub.
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, mla::mla_decode_seesaw_kernel<DT, R, P, false, false, false, false>) != cudaSuccess) {
+  if (cudaFuncGetAttributes(&attr, mla::mla_decode_seesaw_kernel<DT, R, P, false, false, false, false, false>) !=
+      cudaSuccess) {
     cudaGetLastError();
     return false;
   }
@@ -1160,20 +1224,21 @@ bool mla_seesaw_built() {
 
 template <MlaDtype DT, int R, int P>
 cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t stream, bool* launched_pair,
-                                   bool* q_by_tma) {
+                                   bool* q_by_tma, bool* kv_by_tma) {
   static_assert(R == 512 && P == 64, "the pair kernel's copies assume 128-byte rows in every block");
   static_assert(mla::kSeesawLateMaxRows == 32, "mla_pair_serves leaves S*H <= 32 to v7's late order");
   *launched_pair = false;
   *q_by_tma = false;
+  if (kv_by_tma != nullptr) *kv_by_tma = false;
   mla::PairMaps maps;
-  if (!mla_pair_serves(R, params.S, params.H) || !mla::cache_maps<DT>(params, R, P, &maps)) {
-    return launch_mla_decode_seesaw<DT, R, P>(params, stream, q_by_tma);
+  if (!mla_pair_serves(R, params.S, params.H) || !mla::cache_maps<DT, kMlaSeesawNTile / 2>(params, R, P, &maps)) {
+    return launch_mla_decode_seesaw<DT, R, P>(params, stream, q_by_tma, kv_by_tma);
   }
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
-  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true, false, false>;
+  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true, false, false, false>;
   static bool smem_set[64] = {};
   err = mla::allow_dynamic_smem(kernel, smem, dev, smem_set);
   if (err != cudaSuccess) return err;
@@ -1191,7 +1256,7 @@ int mla_pair_max_clusters() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 0;
   constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
-  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true, false, false>;
+  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, true, false, false, false>;
   static bool smem_set[64] = {};
   int clusters = 0;
   const mla::LaunchConfig launch(dim3(mla::kPairClusterX, 1, 1), 256, smem, nullptr, false, mla::kPairClusterX);

@@ -41,6 +41,7 @@ struct MlaDecodeParams {
   unsigned long long* timeline;
   int timeline_blocks;
   int tma_q;  // 1: v7 may load its query tile by TMA (mla_seesaw_tma_q_serves); host-side only
+  int tma_kv; // 1: where its query goes by TMA (and the order is the seesaw, the grid regular), its cache tiles too
 
   // v7's balanced ("planned") grid: plan_ctas CTAs (0: the regular grid) share the work evenly (mla_plan_start);
   // a CTA's cut items go to its two partial slots ([2 plan_ctas][64] rows of o_partial / lse_partial), and
@@ -134,9 +135,11 @@ inline int mla_seesaw_num_splits(int B, int S, int H, int T, int num_sms) {
 // 16-head boxes measured no faster: its v7 cells are long runs, 1-1.5 % slower at 16K, session 7.)
 inline bool mla_seesaw_tma_q_serves(int R, int H) { return R == 512 && H % kMlaSeesawMTile == 0; }
 // Host launcher (main kernel, then the shared LSE combine) and whether the binary holds the sm_90a body.
-// *q_by_tma (if given) says whether the query tile went by TMA. Instantiated in mla_decode_seesaw_<dtype>_r<R>.cu.
+// *q_by_tma / *kv_by_tma (if given) say whether the query tile / the cache tiles went by TMA. Instantiated in
+// mla_decode_seesaw_<dtype>_r<R>.cu.
 template <MlaDtype DT, int R, int P>
-cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream, bool* q_by_tma);
+cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t stream, bool* q_by_tma,
+                                     bool* kv_by_tma);
 template <MlaDtype DT, int R, int P>
 bool mla_seesaw_built();
 
@@ -177,10 +180,10 @@ inline bool mla_plan_serves(int B, int S, int H, long long T) {
 }
 
 // Host launcher: v8 where it serves and the cache's tensor maps encode, else v7 (*launched_pair says which;
-// *q_by_tma as for launch_mla_decode_seesaw). Instantiated for R = 512 in mla_decode_seesaw_<dtype>_r512.cu.
+// *q_by_tma, *kv_by_tma as for launch_mla_decode_seesaw). Instantiated for R = 512 in mla_decode_seesaw_<dtype>_r512.cu.
 template <MlaDtype DT, int R, int P>
 cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t stream, bool* launched_pair,
-                                   bool* q_by_tma);
+                                   bool* q_by_tma, bool* kv_by_tma);
 // 2-CTA clusters of the pair kernel the device runs at once (0 if it cannot run it): splits are sized so the
 // grid is one wave of them.
 template <MlaDtype DT, int R, int P>

@@ -19,7 +19,8 @@ imports (not on the device image: carry the wheels and AOT modules of scripts/fe
 --peer-only-check runs only a small FlashInfer check (for a quick smoke on the GPU).
 Each row also times the default dispatch with each --ab switch flipped (same sets, same run): `nopdl`
 (programmatic dependent launch off, nopdl_us), `f32part` (fp32 split partials, f32part_us), `cpq` (v7's query
-tile by cp.async instead of TMA, cpq_us), `plan` / `noplan` (v7's balanced grid wherever it serves / never), and
+tile by cp.async instead of TMA, cpq_us), `plan` / `noplan` (v7's balanced grid wherever it serves / never),
+`tmakv` / `cpkv` (v7's cache tiles by TMA wherever they can be / by cp.async), and
 --sweep-splits N,N,... times every kernel with those split-KV factors forced on the --sweep-batches
 cells (the data behind the split heuristics in csrc/mla_params.h).
 Writes bench_kernel.json and bench_kernel.png under --out.
@@ -110,7 +111,8 @@ def time_events(fn, iters=3):
 # torch.ops.mla_patch._last_path() values and the _wgmma_mode that forces each kernel.
 KERNEL_NAMES = {0: "mma", 1: "v7", 2: "v8"}
 KERNEL_MODES = {name: mode for mode, name in KERNEL_NAMES.items()}
-# Kernels scripts/gpu_check.sh found broken in this run (smoke test or kernel tests): never timed.
+# Kernels (and A/B switches: "tmakv") scripts/gpu_check.sh found broken in this run (smoke test or kernel
+# tests): never timed.
 SKIPPED_KERNELS = set(os.environ.get("MLA_PATCH_SKIP_KERNELS", "").split(","))
 
 
@@ -146,9 +148,10 @@ def time_kernels(fns, first_set, default_path, wanted, copy_gbs, cache_bytes):
     return out
 
 
-# A/B switches (--ab): the kernel setting that turns the default's feature off.
+# A/B switches (--ab): the kernel setting that flips one of the default's features.
 AB_SWITCHES = {"nopdl": {"pdl_mode": 0}, "f32part": {"fp32_partials": 1}, "cpq": {"tma_q": 0},
-               "plan": {"plan_mode": 1}, "noplan": {"plan_mode": 0}}
+               "plan": {"plan_mode": 1}, "noplan": {"plan_mode": 0},
+               "tmakv": {"tma_kv": 1}, "cpkv": {"tma_kv": 0}}
 
 
 def time_switched(fns, name):
@@ -244,7 +247,8 @@ def main() -> None:
                    tflops=flops / (us * 1e-6) / 1e12, path=path)
         row.update(alt)
         for name in filter(None, args.ab.split(",")):
-            row[name + "_us"] = time_switched(fns, name)
+            if name not in SKIPPED_KERNELS:
+                row[name + "_us"] = time_switched(fns, name)
         if args.sweep_splits and B in map(int, args.sweep_batches.split(",")):
             row["sweep"] = sweep_splits(fns, [int(n) for n in args.sweep_splits.split(",")], args.kernels.split(","))
         if not isinstance(fi, str) and args.fi_backends:

@@ -53,12 +53,20 @@ if [ "$mode" != "--bench-only" ]; then
       echo "V7PLAN SMOKE FAILED (status $smoke): MLA_PATCH_PLAN=0 from here on" | tee -a "$OUT/gpu.txt"
       export MLA_PATCH_PLAN=0; deselect=(-k "not plan")
     fi
+    # v7's cache tiles by TMA likewise: MLA_PATCH_TMA_KV=0, no tmakv tests, no tmakv timings.
+    timeout 60 python3 scripts/wgmma_smoke.py v7tmakv 2>&1 | tee -a "$OUT/gpu.txt"
+    smoke=${PIPESTATUS[0]}
+    if [ "$smoke" != 0 ] && [ "$smoke" != 2 ]; then
+      echo "V7TMAKV SMOKE FAILED (status $smoke): MLA_PATCH_TMA_KV=0 from here on" | tee -a "$OUT/gpu.txt"
+      export MLA_PATCH_TMA_KV=0 MLA_PATCH_SKIP_KERNELS=tmakv
+      deselect=(-k "${deselect[1]:-} ${deselect[1]:+and} not tmakv and not cache_tiles")
+    fi
     # The pair kernel (v8) likewise: its failure keeps only v8 out (tests and benchmark timings).
     timeout 60 python3 scripts/wgmma_smoke.py v8 2>&1 | tee -a "$OUT/gpu.txt"
     smoke=${PIPESTATUS[0]}
     if [ "$smoke" != 0 ] && [ "$smoke" != 2 ]; then
       echo "V8 SMOKE FAILED (status $smoke): no v8 tests or timings from here on" | tee -a "$OUT/gpu.txt"
-      export MLA_PATCH_SKIP_KERNELS=v8; deselect=(-k "${deselect[1]:-} ${deselect[1]:+and} not v8")
+      export MLA_PATCH_SKIP_KERNELS=${MLA_PATCH_SKIP_KERNELS:+$MLA_PATCH_SKIP_KERNELS,}v8; deselect=(-k "${deselect[1]:-} ${deselect[1]:+and} not v8")
     fi
   fi
   # --noconftest: the kernel tests need none of the shared fixtures (keeps them independent of the patch code).
@@ -72,7 +80,13 @@ if [ "$mode" != "--bench-only" ]; then
     echo "V7PLAN SUSPECT: the benchmark runs with MLA_PATCH_PLAN=0" | tee -a "$OUT/gpu.txt"
     export MLA_PATCH_PLAN=0
   fi
-  if grep -E "FAILED .*v7|Fatal Python error|illegal|unspecified launch failure" "$OUT/pytest.log" | grep -qv "plan"; then
+  # Likewise a failed case of v7's TMA cache tiles only (ids with "tmakv" or "tma_kv"): no tmakv timings.
+  if grep -E "FAILED .*(tmakv|tma_kv|cache_tiles)" "$OUT/pytest.log" >/dev/null; then
+    echo "V7TMAKV SUSPECT: the benchmark runs with MLA_PATCH_TMA_KV=0 and no tmakv timings" | tee -a "$OUT/gpu.txt"
+    export MLA_PATCH_TMA_KV=0 MLA_PATCH_SKIP_KERNELS=${MLA_PATCH_SKIP_KERNELS:+$MLA_PATCH_SKIP_KERNELS,}tmakv
+  fi
+  if grep -E "FAILED .*v7|Fatal Python error|illegal|unspecified launch failure" "$OUT/pytest.log" \
+      | grep -vE "plan|tmakv|tma_kv|cache_tiles" | grep -q .; then
     echo "V7 SUSPECT: the benchmark runs with MLA_PATCH_WGMMA=0" | tee -a "$OUT/gpu.txt"
     export MLA_PATCH_WGMMA=0 MLA_PATCH_SKIP_KERNELS=v7,v8
   elif grep -qE "FAILED .*v8" "$OUT/pytest.log"; then

@@ -195,11 +195,14 @@ def test_long_context(H, S):
 # 0 the portable mma.sync kernel (v4), 1 the sm_90a seesaw kernel (v7, any S*H), 2 its 2-CTA pair kernel (v8)
 # where that serves, else v7. _last_path() names the kernel the last call launched. "v7" runs v7's regular grid,
 # "v7plan" its balanced grid (mla_plan_start, csrc/mla_params.h), which serves every call of these tests
-# (B < 1024); _last_plan() says which grid ran.
+# (B < 1024); _last_plan() says which grid ran. "v7" copies its cache tiles by cp.async, "v7tmakv" by TMA where
+# they can be (R = 512, H a multiple of 64, the regular grid: _kv_by_tma_expected); _last_kv_tma() says which.
 IS_SM90 = torch.cuda.get_device_capability() == (9, 0)
-PATHS = ["v7", "v7plan", "v8", "mma"]
-MODES = {"mma": 0, "v7": 1, "v7plan": 1, "v8": 2}
-PLAN_MODES = {"v7": 0, "v7plan": 1}
+PATHS = ["v7", "v7plan", "v7tmakv", "v8", "mma"]
+MODES = {"mma": 0, "v7": 1, "v7plan": 1, "v7tmakv": 1, "v8": 2}
+PLAN_MODES = {"v7": 0, "v7plan": 1, "v7tmakv": 0}
+TMA_KV_MODES = {"v7": 0, "v7plan": 0, "v7tmakv": 1}
+WGMMA_PATHS = ("v7", "v7plan", "v7tmakv", "v8")
 
 
 def _expected_kernel(path, q_latent):
@@ -213,11 +216,19 @@ def _expected_kernel(path, q_latent):
 
 
 def _path_settings(path, **extra):
-    """kernel_settings for `path`: its mode, and for v7 which grid."""
+    """kernel_settings for `path`: its mode, and for v7 which grid and which cache tile copy."""
     settings = dict(wgmma_mode=MODES[path], **extra)
     if path in PLAN_MODES:
         settings["plan_mode"] = PLAN_MODES[path]
+        settings["tma_kv"] = TMA_KV_MODES[path]
     return settings
+
+
+def _kv_by_tma_expected(path, q_latent):
+    """Whether `path` copies these queries' cache tiles by TMA: v7tmakv where its query goes by TMA too (R = 512,
+    H a multiple of 64: mla_seesaw_tma_q_serves) and the order is the seesaw (S*H > 32)."""
+    _, S, H, R = q_latent.shape
+    return path == "v7tmakv" and R == 512 and H % 64 == 0 and S * H > 32
 
 
 def _splits_forced() -> bool:
@@ -239,8 +250,11 @@ def _check_path(path, inputs, tag, sm_scale=SM_SCALE):
         check_case(inputs, f"{path} {tag}", sm_scale=sm_scale)
         ran = torch.ops.mla_patch._last_path()
         planned = torch.ops.mla_patch._last_plan()
+        kv_tma = torch.ops.mla_patch._last_kv_tma()
     want = _expected_kernel(path, inputs[0])
     assert ran == want, f"{path} {tag}: launched kernel {ran}, expected {want}"
+    want_kv = int(_kv_by_tma_expected(path, inputs[0]))
+    assert kv_tma == want_kv, f"{path} {tag}: cache tiles by TMA {kv_tma}, expected {want_kv}"
     if path in PLAN_MODES:  # a forced split count runs the regular grid
         want_plan = 0 if _splits_forced() else PLAN_MODES[path]
         assert planned == want_plan, f"{path} {tag}: balanced grid {planned}, expected {want_plan}"
@@ -358,6 +372,45 @@ def test_v7_query_by_tma_same_bits(H, S):
         for h in (16, 40):
             run_kernel(*make_case(1, 1, h, 512, 64, 300, [300], dtype, "packed", seed))
             assert torch.ops.mla_patch._last_q_tma() == 0
+
+
+@pytest.mark.parametrize("splits", [0, 1, 3, 7, 64])
+@pytest.mark.parametrize("H, S, layout", [(128, 1, "packed"), (128, 2, "separate"), (64, 1, "separate"), (192, 1, "packed")])
+def test_v7_cache_tiles_by_tma_same_bits(H, S, layout, splits):
+    """v7's cache tiles by TMA (TMAK) hold the same bytes where the products read them: TMA fills whole 64-row
+    boxes (real rows, here NaN, past a split's end; zeros past the capacity) and the kernel zeroes a split's last
+    tile past its end before PV, where cp.async zero-fills. So outputs are bit-identical either way, with ragged
+    and empty sequences, left padding, tails of every split count (0: the heuristic) and NaN outside the ranges;
+    _last_kv_tma() says which ran."""
+    _skip_unless_sm90("v7")
+    seed = _seed("v7-tma-kv", H, S, layout, splits)
+    dtype = torch.float16 if S == 2 else torch.bfloat16
+    lens = [2000, 0, 777, 1, 64, 129]
+    case = make_case(len(lens), S, H, 512, 64, 2100, lens, dtype, layout, seed)
+    got = {}
+    for tma_kv in (0, 1):
+        with ops.kernel_settings(wgmma_mode=MODES["v7"], plan_mode=0, tma_kv=tma_kv, force_splits=splits):
+            got[tma_kv] = run_kernel(*case)
+            assert torch.ops.mla_patch._last_kv_tma() == tma_kv, f"H={H} S={S}: cache tiles by TMA {tma_kv} not honoured"
+    tag = f"H={H} S={S} {layout} splits={splits} seed={seed}"
+    assert not torch.isnan(got[1][0]).any(), tag
+    assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), tag
+    with ops.kernel_settings(wgmma_mode=MODES["v7"], plan_mode=0, tma_kv=1, force_splits=splits):
+        check_case(case, f"v7tmakv {tag}")  # and against the float64 reference
+
+
+def test_v7_cache_tiles_by_tma_only_where_they_can_be():
+    """The TMA cache-tile switch leaves alone what it cannot serve: H = 16 / 40 (query by cp.async, the late
+    order), R = 256, the balanced grid."""
+    _skip_unless_sm90("v7")
+    seed = _seed("v7-tma-kv-not")
+    with ops.kernel_settings(wgmma_mode=MODES["v7"], tma_kv=1):
+        for h, r, p in ((16, 512, 64), (40, 512, 64), (128, 256, 32)):
+            run_kernel(*make_case(1, 1, h, r, p, 300, [300], torch.bfloat16, "packed", seed))
+            assert torch.ops.mla_patch._last_kv_tma() == 0, (h, r)
+        with ops.kernel_settings(plan_mode=1):
+            run_kernel(*make_case(2, 1, 128, 512, 64, 300, [300, 5], torch.bfloat16, "packed", seed))
+            assert torch.ops.mla_patch._last_plan() == 1 and torch.ops.mla_patch._last_kv_tma() == 0
 
 
 @pytest.mark.parametrize(
@@ -600,7 +653,7 @@ def test_paths_timeline_stamps(path):
     # TimelineSlot (csrc/mla_decode.cuh): entry, waited, lengths, first, loop_end, exit; v7 has q, first, loop_end
     # and exit only in a build with MLA_PATCH_TIMELINE_PHASES=1 (all of them or none).
     order = [1, 2, 3, 5, 6, 8]
-    with ops.kernel_settings(wgmma_mode=MODES[path], force_splits=6):
+    with ops.kernel_settings(**_path_settings(path, force_splits=6)):
         want = run_kernel(*case)
         stamps = torch.zeros(2, 64, 32, dtype=torch.int64, device=DEV)
         op._timeline(stamps)
@@ -611,7 +664,7 @@ def test_paths_timeline_stamps(path):
         after = run_kernel(*case)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(after[0], want[0])
     # Query rows a CTA, cache rows a split is rounded to, cache rows a tile.
-    m_tile, n_split, tile = (64, 128, 64) if path in ("v7", "v7plan", "v8") else (32, 32, 32)
+    m_tile, n_split, tile = (64, 128, 64) if path in WGMMA_PATHS else (32, 32, 32)
     x_tiles = H // m_tile
 
     def ceil_div(a, b):
@@ -619,7 +672,7 @@ def test_paths_timeline_stamps(path):
 
     per = ceil_div(ceil_div(L, 6), n_split) * n_split
     decode = stamps[0].cpu()
-    if path in ("v7", "v7plan", "v8"):
+    if path in WGMMA_PATHS:
         phases = decode[0, [2 * s + 2 for s in (4, 5, 6, 7, 8)]] != 0
         assert phases.all() or not phases.any(), f"v7 phase stamps partly written: {phases.tolist()}"
         order = [1, 2, 3, 4, 5, 6, 8] if phases.all() else [1, 2, 3]
