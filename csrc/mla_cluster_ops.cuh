@@ -20,8 +20,8 @@ struct QMaps {
   CUtensorMap q_latent;
   CUtensorMap q_pe;
 };
-// v7 with its query tile and its cache tiles by TMA: QMaps' query maps, and c_kv and k_pe as PairMaps' but with a
-// whole 64-row tile a box ({64, 64, 1}).
+// v7 with its cache tiles by TMA: c_kv and k_pe as PairMaps' but with a whole 64-row tile a box ({64, 64, 1}), and
+// QMaps' query maps where the query goes by TMA too (else unset).
 struct TileMaps {
   CUtensorMap q_latent;
   CUtensorMap q_pe;

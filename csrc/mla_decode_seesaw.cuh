@@ -809,8 +809,8 @@ __device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawC
 // template rather than a shared __device__ body: ptxas allocates v7's late order differently through one.
 // TMAQ (v7 only): the query tile by TMA from one thread (mla_seesaw_tma_q_serves) instead of 4608 16-byte
 // cp.async from all 256, whose issue held every CTA's prologue for ~4.4 us (session 7's timelines).
-// TMAK (v7 with TMAQ, the seesaw order, the regular grid): its cache tiles by TMA too, one thread a part, so the
-// loading warpgroup no longer issues ~36 cp.async and their addresses a thread a pair.
+// TMAK (v7, R = 512, the regular grid): its cache tiles by TMA, one thread a part, so the loading warpgroup no longer
+// issues ~36 cp.async and their addresses a thread a pair.
 template <MlaDtype DT, int R, int P, bool LATE, bool PAIR, bool TMAQ, bool PLAN, bool TMAK>
 __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p,
                                                                    const __grid_constant__ KernelMaps<PAIR, TMAQ, TMAK> maps) {
@@ -824,8 +824,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   static_assert(mla_seesaw_smem_bytes(R, P) == 1024 + 3 * TILE + 4 * 1024 + 8 * (2 * NB + 1) && 2 * NB + 1 >= 8,
                 "smem size: v7's block mbarriers and its query's, or v8's 8");
   static_assert(M * (R + 8) * 4 <= 3 * TILE, "the fp32 output rows are staged in the Q tile and the buffers");
-  static_assert(!TMAK || (TMAQ && !PAIR && !PLAN && !LATE && R == 512 && P == 64),
-                "v7's cache tiles by TMA: with its query by TMA, the seesaw order, the regular grid, 64-column rope");
+  static_assert(!TMAK || (!PAIR && !PLAN && R == 512 && P == 64),
+                "v7's cache tiles by TMA: the regular grid, 128-byte rows in every block (the rope's too)");
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
@@ -1117,12 +1117,12 @@ bool query_maps(const MlaDecodeParams& p, int R, int P, QMaps* maps) {
   });
 }
 
-// v7's TMAK: the query maps and the cache's with whole-tile boxes.
+// v7's TMAK: the cache's maps with whole-tile boxes, and the query maps where `with_query`.
 template <MlaDtype DT>
-bool tile_maps(const MlaDecodeParams& p, int R, int P, TileMaps* maps) {
-  QMaps q;
+bool tile_maps(const MlaDecodeParams& p, int R, int P, bool with_query, TileMaps* maps) {
+  QMaps q{};
   PairMaps kv;
-  if (!query_maps<DT>(p, R, P, &q) || !cache_maps<DT, kMlaSeesawNTile>(p, R, P, &kv)) return false;
+  if ((with_query && !query_maps<DT>(p, R, P, &q)) || !cache_maps<DT, kMlaSeesawNTile>(p, R, P, &kv)) return false;
   *maps = TileMaps{q.q_latent, q.q_pe, kv.c_kv, kv.k_pe};
   return true;
 }
@@ -1165,17 +1165,26 @@ cudaError_t launch_seesaw_variant(const MlaDecodeParams& params, cudaStream_t st
   }
 }
 
-template <MlaDtype DT, int R, int P, bool TMAQ, typename Maps>
+template <MlaDtype DT, int R, int P, bool TMAQ, bool TMAK, typename Maps>
 cudaError_t launch_seesaw_order(const MlaDecodeParams& params, cudaStream_t stream, int dev, const Maps& maps) {
   // The late-QK_b order where the CTA's 64 query rows are mostly padding (memory-bound), the seesaw where
-  // they are real (compute-bound): see kSeesawLateMaxRows.
+  // they are real (compute-bound): see kSeesawLateMaxRows. (A query by TMA has H >= 64 rows: never late.)
   const bool late = params.S * params.H <= kSeesawLateMaxRows;
-  if (params.plan_ctas > 0) {
-    return late ? launch_seesaw_variant<DT, R, P, true, TMAQ, true>(params, stream, dev, maps)
-                : launch_seesaw_variant<DT, R, P, false, TMAQ, true>(params, stream, dev, maps);
+  if constexpr (TMAK) {  // the regular grid only (the caller checked)
+    if constexpr (TMAQ) {
+      return launch_seesaw_variant<DT, R, P, false, true, false, true>(params, stream, dev, maps);
+    } else {
+      return late ? launch_seesaw_variant<DT, R, P, true, false, false, true>(params, stream, dev, maps)
+                  : launch_seesaw_variant<DT, R, P, false, false, false, true>(params, stream, dev, maps);
+    }
+  } else {
+    if (params.plan_ctas > 0) {
+      return late ? launch_seesaw_variant<DT, R, P, true, TMAQ, true>(params, stream, dev, maps)
+                  : launch_seesaw_variant<DT, R, P, false, TMAQ, true>(params, stream, dev, maps);
+    }
+    return late ? launch_seesaw_variant<DT, R, P, true, TMAQ, false>(params, stream, dev, maps)
+                : launch_seesaw_variant<DT, R, P, false, TMAQ, false>(params, stream, dev, maps);
   }
-  return late ? launch_seesaw_variant<DT, R, P, true, TMAQ, false>(params, stream, dev, maps)
-              : launch_seesaw_variant<DT, R, P, false, TMAQ, false>(params, stream, dev, maps);
 }
 
 }  // namespace mla
@@ -1190,23 +1199,22 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
   if (kv_by_tma != nullptr) *kv_by_tma = false;
   if constexpr (R == 512 && P == 64) {
     // The query tile by TMA where it serves and its maps encode (params.tma_q: the switch), else by cp.async; the
-    // cache tiles too where the switch params.tma_kv says so, the regular grid runs and the order is the seesaw.
-    const bool tiles = params.tma_kv && params.plan_ctas == 0 && params.S * params.H > mla::kSeesawLateMaxRows;
-    if (params.tma_q && mla_seesaw_tma_q_serves(R, params.H)) {
-      mla::TileMaps tmaps;
-      if (tiles && mla::tile_maps<DT>(params, R, P, &tmaps)) {
-        if (q_by_tma != nullptr) *q_by_tma = true;
-        if (kv_by_tma != nullptr) *kv_by_tma = true;
-        return mla::launch_seesaw_variant<DT, R, P, false, true, false, true>(params, stream, dev, tmaps);
-      }
-      mla::QMaps qmaps;
-      if (mla::query_maps<DT>(params, R, P, &qmaps)) {
-        if (q_by_tma != nullptr) *q_by_tma = true;
-        return mla::launch_seesaw_order<DT, R, P, true>(params, stream, dev, qmaps);
-      }
+    // cache tiles likewise (params.tma_kv) where the regular grid runs.
+    const bool query = params.tma_q && mla_seesaw_tma_q_serves(R, params.H);
+    mla::TileMaps tmaps;
+    if (params.tma_kv && params.plan_ctas == 0 && mla::tile_maps<DT>(params, R, P, query, &tmaps)) {
+      if (q_by_tma != nullptr) *q_by_tma = query;
+      if (kv_by_tma != nullptr) *kv_by_tma = true;
+      return query ? mla::launch_seesaw_order<DT, R, P, true, true>(params, stream, dev, tmaps)
+                   : mla::launch_seesaw_order<DT, R, P, false, true>(params, stream, dev, tmaps);
+    }
+    mla::QMaps qmaps;
+    if (query && mla::query_maps<DT>(params, R, P, &qmaps)) {
+      if (q_by_tma != nullptr) *q_by_tma = true;
+      return mla::launch_seesaw_order<DT, R, P, true, false>(params, stream, dev, qmaps);
     }
   }
-  return mla::launch_seesaw_order<DT, R, P, false>(params, stream, dev, mla::NoMaps{});
+  return mla::launch_seesaw_order<DT, R, P, false, false>(params, stream, dev, mla::NoMaps{});
 }
 
 template <MlaDtype DT, int R, int P>
