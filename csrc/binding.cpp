@@ -122,9 +122,9 @@ int64_t tma_q_op(int64_t mode) {
 }
 int64_t last_q_tma_op() { return g_last_q_tma.load(); }
 
-// v7's cache tiles by TMA (TMAK in mla_decode_seesaw.cuh) where R = 512 and the grid is the regular one: on by
-// default (H200, session 9, same-run A/B: H = 128 with batch 4-8 % faster than the cp.async tiles, batch 1 at 64K
-// 5 %); MLA_PATCH_TMA_KV=0 turns it off (read once per process), the hook mla_patch::_tma_kv(0|1|-1) overrides (the
+// v7's cache tiles by TMA (TMAK in mla_decode_seesaw.cuh) where R = 512, the order is the seesaw (S*H > 32) and the
+// grid the regular one: on by default (H200, session 9, same-run A/B: H = 128 with batch 4-9 % faster than the
+// cp.async tiles, batch 1 at 64K 5 %; the late order at H = 16 measured 3-5 % slower); MLA_PATCH_TMA_KV=0 turns it off (read once per process), the hook mla_patch::_tma_kv(0|1|-1) overrides (the
 // benchmark's A/B and the tests); _last_kv_tma() says whether the last call's tiles went by TMA.
 std::atomic<int> g_tma_kv_mode{-1};
 std::atomic<int> g_last_kv_tma{0};

@@ -809,8 +809,9 @@ __device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawC
 // template rather than a shared __device__ body: ptxas allocates v7's late order differently through one.
 // TMAQ (v7 only): the query tile by TMA from one thread (mla_seesaw_tma_q_serves) instead of 4608 16-byte
 // cp.async from all 256, whose issue held every CTA's prologue for ~4.4 us (session 7's timelines).
-// TMAK (v7, R = 512, the regular grid): its cache tiles by TMA, one thread a part, so the loading warpgroup no longer
-// issues ~36 cp.async and their addresses a thread a pair.
+// TMAK (v7, R = 512, the seesaw order, the regular grid): its cache tiles by TMA, one thread a part, so the loading
+// warpgroup no longer issues ~36 cp.async and their addresses a thread a pair (measured 4-9 % faster at H = 128 with
+// batch; in the late order, memory-bound at H = 16, 3-5 % slower: that order keeps cp.async).
 template <MlaDtype DT, int R, int P, bool LATE, bool PAIR, bool TMAQ, bool PLAN, bool TMAK>
 __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p,
                                                                    const __grid_constant__ KernelMaps<PAIR, TMAQ, TMAK> maps) {
@@ -824,8 +825,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   static_assert(mla_seesaw_smem_bytes(R, P) == 1024 + 3 * TILE + 4 * 1024 + 8 * (2 * NB + 1) && 2 * NB + 1 >= 8,
                 "smem size: v7's block mbarriers and its query's, or v8's 8");
   static_assert(M * (R + 8) * 4 <= 3 * TILE, "the fp32 output rows are staged in the Q tile and the buffers");
-  static_assert(!TMAK || (!PAIR && !PLAN && R == 512 && P == 64),
-                "v7's cache tiles by TMA: the regular grid, 128-byte rows in every block (the rope's too)");
+  static_assert(!TMAK || (!PAIR && !PLAN && !LATE && R == 512 && P == 64),
+                "v7's cache tiles by TMA: the seesaw order, the regular grid, 128-byte rows in every block");
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
@@ -1170,13 +1171,8 @@ cudaError_t launch_seesaw_order(const MlaDecodeParams& params, cudaStream_t stre
   // The late-QK_b order where the CTA's 64 query rows are mostly padding (memory-bound), the seesaw where
   // they are real (compute-bound): see kSeesawLateMaxRows. (A query by TMA has H >= 64 rows: never late.)
   const bool late = params.S * params.H <= kSeesawLateMaxRows;
-  if constexpr (TMAK) {  // the regular grid only (the caller checked)
-    if constexpr (TMAQ) {
-      return launch_seesaw_variant<DT, R, P, false, true, false, true>(params, stream, dev, maps);
-    } else {
-      return late ? launch_seesaw_variant<DT, R, P, true, false, false, true>(params, stream, dev, maps)
-                  : launch_seesaw_variant<DT, R, P, false, false, false, true>(params, stream, dev, maps);
-    }
+  if constexpr (TMAK) {  // the seesaw order and the regular grid only (the caller checked)
+    return launch_seesaw_variant<DT, R, P, false, TMAQ, false, true>(params, stream, dev, maps);
   } else {
     if (params.plan_ctas > 0) {
       return late ? launch_seesaw_variant<DT, R, P, true, TMAQ, true>(params, stream, dev, maps)
@@ -1199,10 +1195,11 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
   if (kv_by_tma != nullptr) *kv_by_tma = false;
   if constexpr (R == 512 && P == 64) {
     // The query tile by TMA where it serves and its maps encode (params.tma_q: the switch), else by cp.async; the
-    // cache tiles likewise (params.tma_kv) where the regular grid runs.
+    // cache tiles likewise (params.tma_kv) where the seesaw order runs on the regular grid.
     const bool query = params.tma_q && mla_seesaw_tma_q_serves(R, params.H);
+    const bool seesaw = params.S * params.H > mla::kSeesawLateMaxRows;
     mla::TileMaps tmaps;
-    if (params.tma_kv && params.plan_ctas == 0 && mla::tile_maps<DT>(params, R, P, query, &tmaps)) {
+    if (params.tma_kv && seesaw && params.plan_ctas == 0 && mla::tile_maps<DT>(params, R, P, query, &tmaps)) {
       if (q_by_tma != nullptr) *q_by_tma = query;
       if (kv_by_tma != nullptr) *kv_by_tma = true;
       return query ? mla::launch_seesaw_order<DT, R, P, true, true>(params, stream, dev, tmaps)

@@ -196,12 +196,12 @@ def test_long_context(H, S):
 # where that serves, else v7. _last_path() names the kernel the last call launched. "v7" runs v7's regular grid,
 # "v7plan" its balanced grid (mla_plan_start, csrc/mla_params.h), which serves every call of these tests
 # (B < 1024); _last_plan() says which grid ran. "v7" copies its cache tiles by cp.async, "v7tmakv" by TMA (the
-# default) where they can be (R = 512, the regular grid: _kv_by_tma_expected); _last_kv_tma() says which.
+# default) where they can be (_kv_by_tma_expected); _last_kv_tma() says which.
 IS_SM90 = torch.cuda.get_device_capability() == (9, 0)
 PATHS = ["v7", "v7plan", "v7tmakv", "v8", "mma"]
 MODES = {"mma": 0, "v7": 1, "v7plan": 1, "v7tmakv": 1, "v8": 2}
 PLAN_MODES = {"v7": 0, "v7plan": 1, "v7tmakv": 0}
-TMA_KV_MODES = {"v7": 0, "v7plan": 0, "v7tmakv": 1}
+TMA_KV_MODES = {"v7": 0, "v7plan": 0, "v7tmakv": 1}  # v8 where it does not serve: v7 with the default (on)
 WGMMA_PATHS = ("v7", "v7plan", "v7tmakv", "v8")
 
 
@@ -224,10 +224,12 @@ def _path_settings(path, **extra):
     return settings
 
 
-def _kv_by_tma_expected(path, q_latent):
-    """Whether `path` copies these queries' cache tiles by TMA: v7tmakv where R = 512 (128-byte rows in every block:
-    the TMA boxes' 128-byte swizzle is the kernel's layout)."""
-    return path == "v7tmakv" and q_latent.shape[-1] == 512
+def _kv_by_tma_expected(path, q_latent, ran):
+    """Whether `path`, having launched kernel `ran`, copied these queries' cache tiles by TMA: v7 with the switch on
+    (v7tmakv; v8's fallback, by default) where R = 512 (128-byte rows in every block: the TMA boxes' 128-byte swizzle
+    is the kernel's layout) and the order is the seesaw (S*H > 32; the late order keeps cp.async)."""
+    _, S, H, R = q_latent.shape
+    return ran == MODES["v7"] and TMA_KV_MODES.get(path, 1) == 1 and R == 512 and S * H > 32
 
 
 def _splits_forced() -> bool:
@@ -252,7 +254,7 @@ def _check_path(path, inputs, tag, sm_scale=SM_SCALE):
         kv_tma = torch.ops.mla_patch._last_kv_tma()
     want = _expected_kernel(path, inputs[0])
     assert ran == want, f"{path} {tag}: launched kernel {ran}, expected {want}"
-    want_kv = int(_kv_by_tma_expected(path, inputs[0]))
+    want_kv = int(_kv_by_tma_expected(path, inputs[0], ran))
     assert kv_tma == want_kv, f"{path} {tag}: cache tiles by TMA {kv_tma}, expected {want_kv}"
     if path in PLAN_MODES:  # a forced split count runs the regular grid
         want_plan = 0 if _splits_forced() else PLAN_MODES[path]
@@ -375,13 +377,13 @@ def test_v7_query_by_tma_same_bits(H, S):
 
 @pytest.mark.parametrize("splits", [0, 1, 3, 7, 64])
 @pytest.mark.parametrize("H, S, layout", [(128, 1, "packed"), (128, 2, "separate"), (64, 1, "separate"),
-                                          (192, 1, "packed"), (16, 1, "packed"), (40, 2, "separate")])
+                                          (192, 1, "packed"), (16, 3, "packed"), (40, 2, "separate")])
 def test_v7_cache_tiles_by_tma_same_bits(H, S, layout, splits):
     """v7's cache tiles by TMA (TMAK) hold the same bytes where the products read them: TMA fills whole 64-row
     boxes (real rows, here NaN, past a split's end; zeros past the capacity) and the kernel zeroes a split's last
     tile past its end before PV, where cp.async zero-fills. So outputs are bit-identical either way, with ragged
     and empty sequences, left padding, tails of every split count (0: the heuristic) and NaN outside the ranges,
-    in both orders (H = 16: the late one) and with the query by TMA (H a multiple of 64) or not; _last_kv_tma()
+    with the query by TMA (H a multiple of 64) or by cp.async, padded query rows (S*H = 48, 80); _last_kv_tma()
     says which ran."""
     _skip_unless_sm90("v7")
     seed = _seed("v7-tma-kv", H, S, layout, splits)
@@ -401,17 +403,17 @@ def test_v7_cache_tiles_by_tma_same_bits(H, S, layout, splits):
 
 
 def test_v7_cache_tiles_by_tma_only_where_they_can_be():
-    """The TMA cache tiles are the default where they serve, and the switch leaves alone what they cannot: R = 256
-    (a 64-byte rope row), the balanced grid."""
+    """The TMA cache tiles are the default where they serve, and the switch leaves alone what they do not: R = 256
+    (a 64-byte rope row), the late order (S*H <= 32, measured slower with them), the balanced grid."""
     _skip_unless_sm90("v7")
     seed = _seed("v7-tma-kv-not")
     with ops.kernel_settings(wgmma_mode=MODES["v7"]):
-        run_kernel(*make_case(1, 1, 16, 512, 64, 300, [300], torch.bfloat16, "packed", seed))
+        run_kernel(*make_case(1, 1, 40, 512, 64, 300, [300], torch.bfloat16, "packed", seed))
         assert torch.ops.mla_patch._last_kv_tma() == 1
     with ops.kernel_settings(wgmma_mode=MODES["v7"], tma_kv=1):
-        for h in (16, 128):
-            run_kernel(*make_case(1, 1, h, 256, 32, 300, [300], torch.bfloat16, "packed", seed))
-            assert torch.ops.mla_patch._last_kv_tma() == 0, h
+        for h, s, r, p in ((16, 1, 512, 64), (32, 1, 512, 64), (16, 1, 256, 32), (128, 1, 256, 32)):
+            run_kernel(*make_case(1, s, h, r, p, 300, [300], torch.bfloat16, "packed", seed))
+            assert torch.ops.mla_patch._last_kv_tma() == 0, (h, s, r)
         with ops.kernel_settings(plan_mode=1):
             run_kernel(*make_case(2, 1, 128, 512, 64, 300, [300, 5], torch.bfloat16, "packed", seed))
             assert torch.ops.mla_patch._last_plan() == 1 and torch.ops.mla_patch._last_kv_tma() == 0
