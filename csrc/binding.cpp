@@ -72,10 +72,13 @@ enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1, kPathPair = 2 };
 // 27.9 vs 37.1 us; below, at B = 1 with 1K-4K, mma.sync: 12.4 vs 15.6 us, 18.4 vs 18.8 us), and from 4K rows where
 // its query tile goes by TMA (session 7, H = 128, B = 1: 4K 13.5 vs 15.2 us; 1K 12.3 vs 11.0 us); with fewer
 // (H = 16, padded to 64 rows; v7's late-QK_b order) from 256K rows (92afede: B = 16 at 16K 88.1 vs 92.2 us,
-// B = 64 at 4K 92.9 vs 95.2 us; below, B = 128 at 1K 48.9 vs 49.1 is a tie and B = 64 at 1K 34.6 vs 30.6 us).
+// B = 64 at 4K 92.9 vs 95.2 us; below, B = 128 at 1K 48.9 vs 49.1 is a tie and B = 64 at 1K 34.6 vs 30.6 us), and
+// with R = 512 from 128K rows (session 9, after session 8's block-by-block tiles: B = 128 at 1K 46.5 vs 49.2 us,
+// B = 64 at 1K 31.9 vs 31.1, B = 16 at 4K 31.9 vs 30.3).
 constexpr int64_t kSeesawMinRowsWide = 16384;
 constexpr int64_t kSeesawMinRowsWideTmaQ = 4096;
 constexpr int64_t kSeesawMinRowsNarrow = 256 * 1024;
+constexpr int64_t kSeesawMinRowsNarrow512 = 128 * 1024;
 constexpr int64_t kSeesawWideQueryRows = 64;
 std::atomic<int> g_wgmma_mode{-1};
 std::atomic<int> g_last_path{-1};  // the kernel the last call launched (tests and the benchmark read it)
@@ -122,9 +125,10 @@ int64_t tma_q_op(int64_t mode) {
 }
 int64_t last_q_tma_op() { return g_last_q_tma.load(); }
 
-// v7's cache tiles by TMA (TMAK in mla_decode_seesaw.cuh) where R = 512, the order is the seesaw (S*H > 32) and the
-// grid the regular one: on by default (H200, session 9, same-run A/B: H = 128 with batch 4-9 % faster than the
-// cp.async tiles, batch 1 at 64K 5 %; the late order at H = 16 measured 3-5 % slower); MLA_PATCH_TMA_KV=0 turns it off (read once per process), the hook mla_patch::_tma_kv(0|1|-1) overrides (the
+// v7's cache tiles by TMA (TMAK in mla_decode_seesaw.cuh) where R = 512 and the grid is the regular one: on by
+// default (H200, session 9, same-run A/Bs: H = 128 with batch 4-9 % faster than the cp.async tiles, batch 1 at 64K
+// 5 %; H = 16 (the late order) 1-5 % faster once the maps stopped promoting L2 fills to 256 bytes, 1-4 % slower
+// with that promotion); MLA_PATCH_TMA_KV=0 turns it off (read once per process), the hook mla_patch::_tma_kv(0|1|-1) overrides (the
 // benchmark's A/B and the tests); _last_kv_tma() says whether the last call's tiles went by TMA.
 std::atomic<int> g_tma_kv_mode{-1};
 std::atomic<int> g_last_kv_tma{0};
@@ -177,7 +181,7 @@ int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P
   if (setting == 0) return kPathMma;
   if (setting == -1) {
     const bool tma_q = tma_q_on && mla_seesaw_tma_q_serves(static_cast<int>(R), static_cast<int>(H));
-    const int64_t min_rows = S * H < kSeesawWideQueryRows ? kSeesawMinRowsNarrow
+    const int64_t min_rows = S * H < kSeesawWideQueryRows ? (R == 512 ? kSeesawMinRowsNarrow512 : kSeesawMinRowsNarrow)
                              : tma_q                      ? kSeesawMinRowsWideTmaQ
                                                           : kSeesawMinRowsWide;
     if (B * T < min_rows) return kPathMma;

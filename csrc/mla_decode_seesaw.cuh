@@ -809,9 +809,9 @@ __device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawC
 // template rather than a shared __device__ body: ptxas allocates v7's late order differently through one.
 // TMAQ (v7 only): the query tile by TMA from one thread (mla_seesaw_tma_q_serves) instead of 4608 16-byte
 // cp.async from all 256, whose issue held every CTA's prologue for ~4.4 us (session 7's timelines).
-// TMAK (v7, R = 512, the seesaw order, the regular grid): its cache tiles by TMA, one thread a part, so the loading
-// warpgroup no longer issues ~36 cp.async and their addresses a thread a pair (measured 4-9 % faster at H = 128 with
-// batch; in the late order, memory-bound at H = 16, 3-5 % slower: that order keeps cp.async).
+// TMAK (v7, R = 512, the regular grid): its cache tiles by TMA, one thread a part, so the loading warpgroup no longer
+// issues ~36 cp.async and their addresses a thread a pair (measured 4-9 % faster at H = 128 with batch, 1-5 % at
+// H = 16 in the late order: see encode_map for the L2 promotion that order needs).
 template <MlaDtype DT, int R, int P, bool LATE, bool PAIR, bool TMAQ, bool PLAN, bool TMAK>
 __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p,
                                                                    const __grid_constant__ KernelMaps<PAIR, TMAQ, TMAK> maps) {
@@ -825,8 +825,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   static_assert(mla_seesaw_smem_bytes(R, P) == 1024 + 3 * TILE + 4 * 1024 + 8 * (2 * NB + 1) && 2 * NB + 1 >= 8,
                 "smem size: v7's block mbarriers and its query's, or v8's 8");
   static_assert(M * (R + 8) * 4 <= 3 * TILE, "the fp32 output rows are staged in the Q tile and the buffers");
-  static_assert(!TMAK || (!PAIR && !PLAN && !LATE && R == 512 && P == 64),
-                "v7's cache tiles by TMA: the seesaw order, the regular grid, 128-byte rows in every block");
+  static_assert(!TMAK || (!PAIR && !PLAN && R == 512 && P == 64),
+                "v7's cache tiles by TMA: the regular grid, 128-byte rows in every block (the rope's too)");
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
   const uint32_t raw_addr = smem_addr(smem_raw);
@@ -1047,6 +1047,9 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // A 16-bit tensor (last dim contiguous) as a tiled map of `rank` dims, innermost first: `dims`, the element
 // strides of dims 1.. (a size-1 dim's stride is arbitrary in torch: replaced by a dense one), `box` in the
 // 128-byte swizzle (our shared layout); out-of-range elements read as zeros. False if the driver refuses it.
+// No L2 promotion: a box row is 128 bytes of a cache row 1152 bytes long, and promoting each fill to 256 bytes made
+// v7's TMA tiles 1-4 % slower than cp.async where memory-bound (H = 16, late order) and 1-5 % faster without it
+// (H200, session 9, same machine; H = 128 within 1-3 % either way).
 template <MlaDtype DT>
 bool encode_map(CUtensorMap* map, const void* base, int rank, const int64_t* dims, const int64_t* strides,
                 const uint32_t* box) {
@@ -1066,7 +1069,7 @@ bool encode_map(CUtensorMap* map, const void* base, int rank, const int64_t* dim
   }
   return encode(map, DT == MlaDtype::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, rank,
                 const_cast<void*>(base), d, st, bx, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-                CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+                CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
 // The last call's maps, re-encoded only when the tensors (pointers, sizes, strides: `key`) change: decode steps
@@ -1171,8 +1174,13 @@ cudaError_t launch_seesaw_order(const MlaDecodeParams& params, cudaStream_t stre
   // The late-QK_b order where the CTA's 64 query rows are mostly padding (memory-bound), the seesaw where
   // they are real (compute-bound): see kSeesawLateMaxRows. (A query by TMA has H >= 64 rows: never late.)
   const bool late = params.S * params.H <= kSeesawLateMaxRows;
-  if constexpr (TMAK) {  // the seesaw order and the regular grid only (the caller checked)
-    return launch_seesaw_variant<DT, R, P, false, TMAQ, false, true>(params, stream, dev, maps);
+  if constexpr (TMAK) {  // the regular grid only (the caller checked)
+    if constexpr (TMAQ) {
+      return launch_seesaw_variant<DT, R, P, false, true, false, true>(params, stream, dev, maps);
+    } else {
+      return late ? launch_seesaw_variant<DT, R, P, true, false, false, true>(params, stream, dev, maps)
+                  : launch_seesaw_variant<DT, R, P, false, false, false, true>(params, stream, dev, maps);
+    }
   } else {
     if (params.plan_ctas > 0) {
       return late ? launch_seesaw_variant<DT, R, P, true, TMAQ, true>(params, stream, dev, maps)
@@ -1195,11 +1203,10 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
   if (kv_by_tma != nullptr) *kv_by_tma = false;
   if constexpr (R == 512 && P == 64) {
     // The query tile by TMA where it serves and its maps encode (params.tma_q: the switch), else by cp.async; the
-    // cache tiles likewise (params.tma_kv) where the seesaw order runs on the regular grid.
+    // cache tiles likewise (params.tma_kv) where the regular grid runs.
     const bool query = params.tma_q && mla_seesaw_tma_q_serves(R, params.H);
-    const bool seesaw = params.S * params.H > mla::kSeesawLateMaxRows;
     mla::TileMaps tmaps;
-    if (params.tma_kv && seesaw && params.plan_ctas == 0 && mla::tile_maps<DT>(params, R, P, query, &tmaps)) {
+    if (params.tma_kv && params.plan_ctas == 0 && mla::tile_maps<DT>(params, R, P, query, &tmaps)) {
       if (q_by_tma != nullptr) *q_by_tma = query;
       if (kv_by_tma != nullptr) *kv_by_tma = true;
       return query ? mla::launch_seesaw_order<DT, R, P, true, true>(params, stream, dev, tmaps)

@@ -41,7 +41,7 @@ struct MlaDecodeParams {
   unsigned long long* timeline;
   int timeline_blocks;
   int tma_q;  // 1: v7 may load its query tile by TMA (mla_seesaw_tma_q_serves); host-side only
-  int tma_kv; // 1: v7 may load its cache tiles by TMA (R = 512, the seesaw order, the regular grid); host-side only
+  int tma_kv; // 1: v7 may load its cache tiles by TMA (R = 512, the regular grid); host-side only
 
   // v7's balanced ("planned") grid: plan_ctas CTAs (0: the regular grid) share the work evenly (mla_plan_start);
   // a CTA's cut items go to its two partial slots ([2 plan_ctas][64] rows of o_partial / lse_partial), and
