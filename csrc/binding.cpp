@@ -128,8 +128,9 @@ int64_t last_q_tma_op() { return g_last_q_tma.load(); }
 // v7's cache tiles by TMA (TMAK in mla_decode_seesaw.cuh) where R = 512 and the grid is the regular one: on by
 // default (H200, session 9, same-run A/Bs: H = 128 with batch 4-9 % faster than the cp.async tiles, batch 1 at 64K
 // 5 %; H = 16 (the late order) 1-5 % faster once the maps stopped promoting L2 fills to 256 bytes, 1-4 % slower
-// with that promotion); MLA_PATCH_TMA_KV=0 turns it off (read once per process), the hook mla_patch::_tma_kv(0|1|-1) overrides (the
-// benchmark's A/B and the tests); _last_kv_tma() says whether the last call's tiles went by TMA.
+// with that promotion); MLA_PATCH_TMA_KV=0 turns it off (read once per process), the hook
+// mla_patch::_tma_kv(0|1|-1) overrides (the benchmark's A/B and the tests); _last_kv_tma() says whether the last
+// call's tiles went by TMA.
 std::atomic<int> g_tma_kv_mode{-1};
 std::atomic<int> g_last_kv_tma{0};
 bool tma_kv_enabled() {

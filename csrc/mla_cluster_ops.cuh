@@ -1,6 +1,6 @@
 // Thread-block-cluster, transaction-count mbarrier and bulk-tensor-copy (TMA) wrappers for the sm_90a kernels
-// (mla_decode_seesaw.cuh: v7's query and cache tiles by TMA, v8's cache tiles by TMA multicast). Empty bodies outside sm_90a
-// (the kernels are never launched there).
+// (mla_decode_seesaw.cuh: v7's query and cache tiles by TMA, v8's cache tiles by TMA multicast). Empty bodies
+// outside sm_90a (the kernels are never launched there).
 #pragma once
 #include <cstdint>
 #include <type_traits>

@@ -180,7 +180,8 @@ inline bool mla_plan_serves(int B, int S, int H, long long T) {
 }
 
 // Host launcher: v8 where it serves and the cache's tensor maps encode, else v7 (*launched_pair says which;
-// *q_by_tma, *kv_by_tma as for launch_mla_decode_seesaw). Instantiated for R = 512 in mla_decode_seesaw_<dtype>_r512.cu.
+// *q_by_tma, *kv_by_tma as for launch_mla_decode_seesaw). Instantiated for R = 512 in
+// mla_decode_seesaw_<dtype>_r512.cu.
 template <MlaDtype DT, int R, int P>
 cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t stream, bool* launched_pair,
                                    bool* q_by_tma, bool* kv_by_tma);

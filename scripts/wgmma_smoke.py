@@ -51,7 +51,8 @@ def main(name: str) -> int:
         out, lse = op.mla_decode(q[..., :R], q[..., R:], buf[..., :R], buf[..., R:], start, end, 0.07)
         torch.cuda.synchronize()
         ms = (time.perf_counter() - t0) * 1e3
-        if op._last_path() != mode or (name in PLAN and (op._last_plan(), op._last_kv_tma()) != (PLAN[name], TMA_KV[name])):
+        ran_as = (op._last_plan(), op._last_kv_tma())
+        if op._last_path() != mode or (name in PLAN and ran_as != (PLAN[name], TMA_KV[name])):
             print(f"{name} did not run for R={R} H={H} S={S} (kernel {op._last_path()})")
             return 2
         ref, _ = mla_decode_ref(q[..., :R].double(), q[..., R:].double(), buf[..., :R].double(),

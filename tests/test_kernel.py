@@ -394,7 +394,8 @@ def test_v7_cache_tiles_by_tma_same_bits(H, S, layout, splits):
     for tma_kv in (0, 1):
         with ops.kernel_settings(wgmma_mode=MODES["v7"], plan_mode=0, tma_kv=tma_kv, force_splits=splits):
             got[tma_kv] = run_kernel(*case)
-            assert torch.ops.mla_patch._last_kv_tma() == tma_kv, f"H={H} S={S}: cache tiles by TMA {tma_kv} not honoured"
+            ran = torch.ops.mla_patch._last_kv_tma()
+            assert ran == tma_kv, f"H={H} S={S}: cache tiles by TMA {tma_kv} not honoured"
     tag = f"H={H} S={S} {layout} splits={splits} seed={seed}"
     assert not torch.isnan(got[1][0]).any(), tag
     assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), tag
