@@ -934,11 +934,13 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
   c.vis1 = c.g1 < MT ? min(end - (p.S - 1 - c.g1 / p.H), c.ce) : c.cb;
   c.scale_log2 = p.sm_scale * kLog2e;
 
+  if constexpr (PAIR || TMAK) {  // the cache tiles by TMA (v8's multicast, v7's TMAK)
+    c.map_kv = &maps.c_kv;
+    c.map_pe = &maps.k_pe;
+  }
   if constexpr (PAIR) {
     // Full mbarriers: one arrival (the expect_tx of this CTA's issuing thread) plus the bytes; "part free": one
     // arrival from each CTA. The other CTA's copies and arrivals target them, so the cluster syncs after init.
-    c.map_kv = &maps.c_kv;
-    c.map_pe = &maps.k_pe;
     c.s_empty = c.s_mbar + 4 * 8;
     c.rank = static_cast<int>(cluster_ctarank());
     if (tid == 0) {
@@ -951,10 +953,6 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
     }
     cluster_sync();
   } else {
-    if constexpr (TMAK) {
-      c.map_kv = &maps.c_kv;
-      c.map_pe = &maps.k_pe;
-    }
     if (tid == 0) {
       // cp.async: one arrival a thread of the loader; TMA: its issuing thread's expect_tx.
 #pragma unroll
