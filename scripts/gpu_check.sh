@@ -40,33 +40,35 @@ if [ "$mode" != "--bench-only" ]; then
   # rest of the run to the mma.sync kernel (MLA_PATCH_WGMMA=0) and
   # leaves the v7 tests out, so the run still yields the other kernels' tests and numbers.
   deselect=()
-  timeout 90 python3 scripts/wgmma_smoke.py v7 2>&1 | tee -a "$OUT/gpu.txt"
-  smoke=${PIPESTATUS[0]}
-  if [ "$smoke" != 0 ] && [ "$smoke" != 2 ]; then
+  # One variant's smoke check (scripts/wgmma_smoke.py NAME) under a timeout: true when it failed (status 2, "did not
+  # run here", is no failure), with its status in $smoke.
+  smoke_failed() {
+    timeout "$2" python3 scripts/wgmma_smoke.py "$1" 2>&1 | tee -a "$OUT/gpu.txt"
+    smoke=${PIPESTATUS[0]}
+    [ "$smoke" != 0 ] && [ "$smoke" != 2 ]
+  }
+  # Leave tests out (a pytest -k expression, added to those already left out) and kernels or A/B switches out of
+  # the benchmark's timings (added to MLA_PATCH_SKIP_KERNELS).
+  exclude_tests() { deselect=(-k "${deselect[1]:+${deselect[1]} and }$1"); }
+  skip_timings() { export MLA_PATCH_SKIP_KERNELS=${MLA_PATCH_SKIP_KERNELS:+$MLA_PATCH_SKIP_KERNELS,}$1; }
+  if smoke_failed v7 90; then
     echo "V7 SMOKE FAILED (status $smoke): MLA_PATCH_WGMMA=0 from here on" | tee -a "$OUT/gpu.txt"
-    export MLA_PATCH_WGMMA=0 MLA_PATCH_SKIP_KERNELS=v7,v8; deselect=(-k "not v7 and not v8")
+    export MLA_PATCH_WGMMA=0; skip_timings v7,v8; exclude_tests "not v7 and not v8"
   else
     # v7's balanced grid likewise: its failure keeps it out (MLA_PATCH_PLAN=0, no plan tests).
-    timeout 60 python3 scripts/wgmma_smoke.py v7plan 2>&1 | tee -a "$OUT/gpu.txt"
-    smoke=${PIPESTATUS[0]}
-    if [ "$smoke" != 0 ] && [ "$smoke" != 2 ]; then
+    if smoke_failed v7plan 60; then
       echo "V7PLAN SMOKE FAILED (status $smoke): MLA_PATCH_PLAN=0 from here on" | tee -a "$OUT/gpu.txt"
-      export MLA_PATCH_PLAN=0; deselect=(-k "not plan")
+      export MLA_PATCH_PLAN=0; exclude_tests "not plan"
     fi
     # v7's cache tiles by TMA likewise: MLA_PATCH_TMA_KV=0, no tmakv tests, no tmakv timings.
-    timeout 60 python3 scripts/wgmma_smoke.py v7tmakv 2>&1 | tee -a "$OUT/gpu.txt"
-    smoke=${PIPESTATUS[0]}
-    if [ "$smoke" != 0 ] && [ "$smoke" != 2 ]; then
+    if smoke_failed v7tmakv 60; then
       echo "V7TMAKV SMOKE FAILED (status $smoke): MLA_PATCH_TMA_KV=0 from here on" | tee -a "$OUT/gpu.txt"
-      export MLA_PATCH_TMA_KV=0 MLA_PATCH_SKIP_KERNELS=tmakv
-      deselect=(-k "${deselect[1]:-} ${deselect[1]:+and} not tmakv and not cache_tiles")
+      export MLA_PATCH_TMA_KV=0; skip_timings tmakv; exclude_tests "not tmakv and not cache_tiles"
     fi
     # The pair kernel (v8) likewise: its failure keeps only v8 out (tests and benchmark timings).
-    timeout 60 python3 scripts/wgmma_smoke.py v8 2>&1 | tee -a "$OUT/gpu.txt"
-    smoke=${PIPESTATUS[0]}
-    if [ "$smoke" != 0 ] && [ "$smoke" != 2 ]; then
+    if smoke_failed v8 60; then
       echo "V8 SMOKE FAILED (status $smoke): no v8 tests or timings from here on" | tee -a "$OUT/gpu.txt"
-      export MLA_PATCH_SKIP_KERNELS=${MLA_PATCH_SKIP_KERNELS:+$MLA_PATCH_SKIP_KERNELS,}v8; deselect=(-k "${deselect[1]:-} ${deselect[1]:+and} not v8")
+      skip_timings v8; exclude_tests "not v8"
     fi
   fi
   # --noconftest: the kernel tests need none of the shared fixtures (keeps them independent of the patch code).
@@ -83,7 +85,7 @@ if [ "$mode" != "--bench-only" ]; then
   # Likewise a failed case of v7's TMA cache tiles only (ids with "tmakv" or "tma_kv"): no tmakv timings.
   if grep -E "FAILED .*(tmakv|tma_kv|cache_tiles)" "$OUT/pytest.log" >/dev/null; then
     echo "V7TMAKV SUSPECT: the benchmark runs with MLA_PATCH_TMA_KV=0 and no tmakv timings" | tee -a "$OUT/gpu.txt"
-    export MLA_PATCH_TMA_KV=0 MLA_PATCH_SKIP_KERNELS=${MLA_PATCH_SKIP_KERNELS:+$MLA_PATCH_SKIP_KERNELS,}tmakv
+    export MLA_PATCH_TMA_KV=0; skip_timings tmakv
   fi
   if grep -E "FAILED .*v7|Fatal Python error|illegal|unspecified launch failure" "$OUT/pytest.log" \
       | grep -vE "plan|tmakv|tma_kv|cache_tiles" | grep -q .; then
@@ -91,7 +93,7 @@ if [ "$mode" != "--bench-only" ]; then
     export MLA_PATCH_WGMMA=0 MLA_PATCH_SKIP_KERNELS=v7,v8
   elif grep -qE "FAILED .*v8" "$OUT/pytest.log"; then
     echo "V8 SUSPECT: the benchmark leaves it out" | tee -a "$OUT/gpu.txt"
-    export MLA_PATCH_SKIP_KERNELS=v8
+    skip_timings v8  # added: a suspect tmakv stays out too
   fi
   # Worst cases: the error, its ratio to the reference op's own error in the dtype, and the fraction of the
   # tests' bound (2 x that error + 1e-4, tests/test_kernel.py) it uses; the ratio alone overstates cases whose
