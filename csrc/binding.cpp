@@ -64,9 +64,10 @@ DeviceInfo device_info(int dev) {
 // when the binary holds its sm_90a body, the seesaw wgmma kernel (v7, csrc/mla_decode_seesaw.cuh).
 // Mode: -1 default (below), 0 mma.sync everywhere, 1 v7 wherever it serves (any S*H), 2 the pair kernel (v8,
 // experimental: v7's order with the two query tiles of a split as a 2-CTA cluster sharing each cache tile by TMA
-// multicast) where it serves (mla_pair_serves), else v7. The environment variable MLA_PATCH_WGMMA ("0", "1" or
-// "2") sets it, read once per process; the test-only op mla_patch::_wgmma_mode overrides both.
-enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1, kPathPair = 2 };
+// multicast) where it serves (mla_pair_serves), else v7; 3 the narrow kernel (v9: the heads as wgmma's N) where it
+// serves (mla_narrow_serves: R = 512, S*H <= 16), else v7. The environment variable MLA_PATCH_WGMMA ("0" to "3")
+// sets it, read once per process; the test-only op mla_patch::_wgmma_mode overrides both.
+enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1, kPathPair = 2, kPathNarrow = 3 };
 // Default, from cached rows a call (B x cache capacity), measured on an H200 (docs/BENCHMARKS.md): with
 // S*H >= 64 query rows v7 wins from 16K rows (92afede, H = 128: B = 1 at 16K 27.7 vs 35.9 us, B = 16 at 1K
 // 27.9 vs 37.1 us; below, at B = 1 with 1K-4K, mma.sync: 12.4 vs 15.6 us, 18.4 vs 18.8 us), and from 4K rows where
@@ -89,7 +90,7 @@ int wgmma_setting() {
   static const int env_mode = [] {
     const char* e = std::getenv("MLA_PATCH_WGMMA");
     if (e == nullptr || *e == '\0') return -1;
-    return std::strcmp(e, "0") == 0 ? 0 : std::strcmp(e, "2") == 0 ? 2 : 1;
+    return std::strcmp(e, "0") == 0 ? 0 : std::strcmp(e, "2") == 0 ? 2 : std::strcmp(e, "3") == 0 ? 3 : 1;
   }();
   return env_mode;
 }
@@ -190,7 +191,10 @@ int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P
   const size_t smem = mla_seesaw_smem_bytes(static_cast<int>(R), static_cast<int>(P));
   if (static_cast<size_t>(info.smem_optin) < smem || !seesaw_built(dev, bf16, R)) return kPathMma;
   const bool pair = setting == 2 && mla_pair_serves(static_cast<int>(R), static_cast<int>(S), static_cast<int>(H));
-  return pair ? kPathPair : kPathSeesaw;
+  const bool narrow = setting == 3 &&
+                      mla_narrow_serves(static_cast<int>(R), static_cast<int>(P), static_cast<int>(S), static_cast<int>(H)) &&
+                      static_cast<size_t>(info.smem_optin) >= mla_narrow_smem_bytes(static_cast<int>(R), static_cast<int>(P));
+  return pair ? kPathPair : narrow ? kPathNarrow : kPathSeesaw;
 }
 
 // SMs the pair kernel can fill: two per 2-CTA cluster the device runs at once (cached per device and dtype), so
@@ -259,7 +263,8 @@ void timeline_op(const std::optional<at::Tensor>& stamps) {
 }
 
 int64_t wgmma_mode_op(int64_t mode) {
-  TORCH_CHECK(mode >= -1 && mode <= 2, "mla_decode: _wgmma_mode takes -1 (default), 0 (mma.sync), 1 (v7) or 2 (v8)");
+  TORCH_CHECK(mode >= -1 && mode <= 3,
+              "mla_decode: _wgmma_mode takes -1 (default), 0 (mma.sync), 1 (v7), 2 (v8) or 3 (v9, narrow)");
   return g_wgmma_mode.exchange(static_cast<int>(mode));
 }
 
@@ -343,8 +348,8 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const int forced = g_forced_splits.load();
   const int num_splits = forced > 0             ? forced
                          : path == kPathMma    ? mla_decode_num_splits(b32, s32, h32, t32, num_sms)
-                         : path == kPathSeesaw ? mla_seesaw_num_splits(b32, s32, h32, t32, num_sms)
-                                               : mla_seesaw_num_splits(b32, s32, h32, t32, pair_sms(device.index(), bf16, num_sms));
+                         : path == kPathPair   ? mla_seesaw_num_splits(b32, s32, h32, t32, pair_sms(device.index(), bf16, num_sms))
+                                               : mla_seesaw_num_splits(b32, s32, h32, t32, num_sms);
   const bool partial_f32 = fp32_partials();
   // The balanced grid (opt-in): v7 only, not with a forced split count or the timeline (whose rows are the regular
   // grid's).
@@ -414,6 +419,17 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
     err = bf16 ? launch_mla_decode_pair<MlaDtype::kBF16, 512, 64>(p, stream, &launched_pair, &q_tma, &kv_tma)
                : launch_mla_decode_pair<MlaDtype::kFP16, 512, 64>(p, stream, &launched_pair, &q_tma, &kv_tma);
     if (!launched_pair) g_last_path.store(kPathSeesaw);
+  } else if (path == kPathNarrow) {  // R = 512 (mla_narrow_serves); v7 where the tensor maps do not encode
+    bool launched_narrow = false;
+    err = bf16 ? launch_mla_decode_narrow<MlaDtype::kBF16, 512, 64>(p, stream, &launched_narrow)
+               : launch_mla_decode_narrow<MlaDtype::kFP16, 512, 64>(p, stream, &launched_narrow);
+    if (launched_narrow) {
+      kv_tma = true;
+    } else if (err == cudaSuccess) {
+      g_last_path.store(kPathSeesaw);
+      err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64>(p, stream, &q_tma, &kv_tma)
+                 : launch_mla_decode_seesaw<MlaDtype::kFP16, 512, 64>(p, stream, &q_tma, &kv_tma);
+    }
   } else if (path == kPathSeesaw) {
     if (R == 512) {
       err = bf16 ? launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64>(p, stream, &q_tma, &kv_tma)

@@ -157,6 +157,26 @@ inline bool mla_pair_serves(int R, int S, int H) {
   const long rows = static_cast<long>(S) * H;
   return R == 512 && rows > 32 && ((rows + kMlaSeesawMTile - 1) / kMlaSeesawMTile) % 2 == 0;
 }
+// ---- sm_90a narrow kernel (mla_decode_narrow.cuh, kernel v9): up to 16 query rows a CTA as the N dimension of
+// wgmma (S^T = K Q^T, O^T = V^T P^T) instead of padded to v7's 64-row M: a quarter of v7's tensor work where
+// S*H <= 16 (H = 16 at one token). Each of its two warpgroups streams every other 64-row cache tile of the split
+// through a buffer of its own (by TMA) with its own online softmax; the two merge at the end. R = 512 only (the
+// 64-column rope block: 128-byte rows in every block, one TMA swizzle).
+constexpr int kMlaNarrowMTile = 16;
+inline bool mla_narrow_serves(int R, int P, int S, int H) {
+  return R == 512 && P == 64 && static_cast<long>(S) * H <= kMlaNarrowMTile;
+}
+// 1 KB alignment slack + Q [NB][16 rows][128 B] + two cache tiles [NB][64][128 B] + P^T [2][16][128 B] + the
+// softmax exchange (2 KB) + two mbarriers (R = 512: 172,048 B).
+constexpr size_t mla_narrow_smem_bytes(int R, int P) {
+  return 1024 + static_cast<size_t>(mla_wgmma_col_blocks(R, P)) * (kMlaNarrowMTile + 2 * kMlaSeesawNTile) * 128 +
+         2 * kMlaNarrowMTile * 128 + 2048 + 16;
+}
+// Host launcher (the main kernel, then the shared LSE combine). *launched is false where it does not serve or the
+// cache's tensor maps do not encode (the caller then runs v7). Instantiated in mla_decode_narrow_<dtype>_r512.cu.
+template <MlaDtype DT, int R, int P>
+cudaError_t launch_mla_decode_narrow(const MlaDecodeParams& params, cudaStream_t stream, bool* launched);
+
 // ---- v7's balanced grid ("planned"): work counted in pairs of 64-row cache tiles. Sequence b has
 // p_b = max(1, ceil(len_b / 128)) pairs, flattened sequence-major; each of the query's MTL m-tiles has a lane of
 // G / MTL CTAs, and share j of a lane takes the pairs [mla_plan_start(j), mla_plan_start(j + 1)): every SM gets the

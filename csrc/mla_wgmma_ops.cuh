@@ -62,6 +62,26 @@ __device__ __forceinline__ void wgmma_rs_m64n256(float (&d)[128], const uint32_t
   }
 #endif
 }
+// The narrow kernel (mla_decode_narrow.cuh): d (64x16) += A (64x16) * B (16x16), both from shared memory, B K-major;
+// A K-major, or M-major when TA (imm-trans-a = 1, legal for 16-bit types: its V^T read from the row-major tile).
+template <MlaDtype DT, int TA>
+__device__ __forceinline__ void wgmma_ss_m64n16(float (&d)[8], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (DT == MlaDtype::kBF16) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 {%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, p, 1, 1, %11, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TA));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {%0,%1,%2,%3,%4,%5,%6,%7}, %8, %9, p, 1, 1, %11, 0;\n}\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7])
+        : "l"(desc_a), "l"(desc_b), "r"(scale_d), "n"(TA));
+  }
+#endif
+}
 __device__ __forceinline__ void wgmma_fence() {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
@@ -90,6 +110,11 @@ template <int N>
 __device__ __forceinline__ void fence_operand(float (&r)[N]) {
 #pragma unroll
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+template <int A, int B>
+__device__ __forceinline__ void fence_operand(float (&r)[A][B]) {
+#pragma unroll
+  for (int i = 0; i < A; ++i) fence_operand(r[i]);
 }
 template <int N>
 __device__ __forceinline__ void fence_operand(uint32_t (&r)[N][4]) {

@@ -60,7 +60,7 @@ def has_kernel() -> bool:
 
 # The extension's test and benchmark hooks: each sets a process-wide switch and returns its previous value.
 KERNEL_HOOKS = {
-    "wgmma_mode": "_wgmma_mode",  # -1 default dispatch, 0 mma.sync everywhere, 1 the sm_90a kernel (v7), 2 v8
+    "wgmma_mode": "_wgmma_mode",  # -1 default dispatch, 0 mma.sync everywhere, 1 the sm_90a kernel (v7), 2 v8, 3 v9
     "pdl_mode": "_pdl_mode",  # -1 default, 0 plain launches, 1 programmatic dependent launch
     "force_splits": "_force_splits",  # 0 the split-KV heuristic, n > 0 that many splits
     "fp32_partials": "_fp32_partials",  # -1 default (input dtype), 0 input dtype, 1 fp32

@@ -11,7 +11,8 @@ packed cache layout, scale 1/sqrt(192):
 The PyTorch reference op (mla_patch.reference) is timed on the same inputs (events, no graph).
 Each row records the kernel the default dispatch ran, and times every other kernel on the same sets
 (--kernels, forced through the test hook: v7 = the sm_90a seesaw kernel, v8 = its 2-CTA pair kernel where it
-serves, mma = the portable mma.sync kernel), each checked against the mma.sync
+serves, v9 = the narrow kernel (heads as wgmma's N) where it serves, mma = the portable mma.sync kernel), each
+checked against the mma.sync
 kernel's output on the first set (relative error, so a fast wrong variant shows).
 FlashInfer's MLA decode (--fi-backends, default fa3,fa2; scripts/peer_flashinfer.py) is timed on the same
 sets with the same graph timing and checked once per cell against the float64 reference, when `flashinfer`
@@ -109,7 +110,7 @@ def time_events(fn, iters=3):
 
 
 # torch.ops.mla_patch._last_path() values and the _wgmma_mode that forces each kernel.
-KERNEL_NAMES = {0: "mma", 1: "v7", 2: "v8"}
+KERNEL_NAMES = {0: "mma", 1: "v7", 2: "v8", 3: "v9"}
 KERNEL_MODES = {name: mode for mode, name in KERNEL_NAMES.items()}
 # Kernels (and A/B switches: "tmakv") scripts/gpu_check.sh found broken in this run (smoke test or kernel
 # tests): never timed.

@@ -53,7 +53,7 @@ if [ "$mode" != "--bench-only" ]; then
   skip_timings() { export MLA_PATCH_SKIP_KERNELS=${MLA_PATCH_SKIP_KERNELS:+$MLA_PATCH_SKIP_KERNELS,}$1; }
   if smoke_failed v7 90; then
     echo "V7 SMOKE FAILED (status $smoke): MLA_PATCH_WGMMA=0 from here on" | tee -a "$OUT/gpu.txt"
-    export MLA_PATCH_WGMMA=0; skip_timings v7,v8; exclude_tests "not v7 and not v8"
+    export MLA_PATCH_WGMMA=0; skip_timings v7,v8,v9; exclude_tests "not v7 and not v8 and not v9"
   else
     # v7's balanced grid likewise: its failure keeps it out (MLA_PATCH_PLAN=0, no plan tests).
     if smoke_failed v7plan 60; then
@@ -69,6 +69,11 @@ if [ "$mode" != "--bench-only" ]; then
     if smoke_failed v8 60; then
       echo "V8 SMOKE FAILED (status $smoke): no v8 tests or timings from here on" | tee -a "$OUT/gpu.txt"
       skip_timings v8; exclude_tests "not v8"
+    fi
+    # The narrow kernel (v9) likewise.
+    if smoke_failed v9 60; then
+      echo "V9 SMOKE FAILED (status $smoke): no v9 tests or timings from here on" | tee -a "$OUT/gpu.txt"
+      skip_timings v9; exclude_tests "not v9"
     fi
   fi
   # --noconftest: the kernel tests need none of the shared fixtures (keeps them independent of the patch code).
@@ -90,10 +95,16 @@ if [ "$mode" != "--bench-only" ]; then
   if grep -E "FAILED .*v7|Fatal Python error|illegal|unspecified launch failure" "$OUT/pytest.log" \
       | grep -vE "plan|tmakv|tma_kv|cache_tiles" | grep -q .; then
     echo "V7 SUSPECT: the benchmark runs with MLA_PATCH_WGMMA=0" | tee -a "$OUT/gpu.txt"
-    export MLA_PATCH_WGMMA=0 MLA_PATCH_SKIP_KERNELS=v7,v8
-  elif grep -qE "FAILED .*v8" "$OUT/pytest.log"; then
-    echo "V8 SUSPECT: the benchmark leaves it out" | tee -a "$OUT/gpu.txt"
-    skip_timings v8  # added: a suspect tmakv stays out too
+    export MLA_PATCH_WGMMA=0 MLA_PATCH_SKIP_KERNELS=v7,v8,v9
+  else
+    if grep -qE "FAILED .*v8" "$OUT/pytest.log"; then
+      echo "V8 SUSPECT: the benchmark leaves it out" | tee -a "$OUT/gpu.txt"
+      skip_timings v8  # added: a suspect tmakv stays out too
+    fi
+    if grep -qE "FAILED .*v9" "$OUT/pytest.log"; then
+      echo "V9 SUSPECT: the benchmark leaves it out" | tee -a "$OUT/gpu.txt"
+      skip_timings v9
+    fi
   fi
   # Worst cases: the error, its ratio to the reference op's own error in the dtype, and the fraction of the
   # tests' bound (2 x that error + 1e-4, tests/test_kernel.py) it uses; the ratio alone overstates cases whose

@@ -196,10 +196,11 @@ def test_long_context(H, S):
 # where that serves, else v7. _last_path() names the kernel the last call launched. "v7" runs v7's regular grid,
 # "v7plan" its balanced grid (mla_plan_start, csrc/mla_params.h), which serves every call of these tests
 # (B < 1024); _last_plan() says which grid ran. "v7" copies its cache tiles by cp.async, "v7tmakv" by TMA (the
-# default) where they can be (_kv_by_tma_expected); _last_kv_tma() says which.
+# default) where they can be (_kv_by_tma_expected); _last_kv_tma() says which. Mode 3, the narrow kernel (v9: the
+# heads as wgmma's N, R = 512 and S*H <= 16 only, elsewhere v7), has tests of its own below (test_v9_*).
 IS_SM90 = torch.cuda.get_device_capability() == (9, 0)
 PATHS = ["v7", "v7plan", "v7tmakv", "v8", "mma"]
-MODES = {"mma": 0, "v7": 1, "v7plan": 1, "v7tmakv": 1, "v8": 2}
+MODES = {"mma": 0, "v7": 1, "v7plan": 1, "v7tmakv": 1, "v8": 2, "v9": 3}
 PLAN_MODES = {"v7": 0, "v7plan": 1, "v7tmakv": 0}
 TMA_KV_MODES = {"v7": 0, "v7plan": 0, "v7tmakv": 1}  # v8 where it does not serve: v7 with the default (on)
 WGMMA_PATHS = ("v7", "v7plan", "v7tmakv", "v8")
@@ -207,12 +208,15 @@ WGMMA_PATHS = ("v7", "v7plan", "v7tmakv", "v8")
 
 def _expected_kernel(path, q_latent):
     """The kernel `path` launches for these queries: v8 serves R = 512 with more than 32 query rows in an even
-    number of 64-row tiles (mla_pair_serves, csrc/mla_params.h); elsewhere its mode runs v7."""
-    if path != "v8":
-        return MODES[path]
+    number of 64-row tiles (mla_pair_serves, csrc/mla_params.h), v9 R = 512 with at most 16 (mla_narrow_serves);
+    elsewhere their modes run v7."""
     _, S, H, R = q_latent.shape
-    tiles = -(-S * H // 64)
-    return MODES["v8"] if R == 512 and S * H > 32 and tiles % 2 == 0 else MODES["v7"]
+    if path == "v8":
+        tiles = -(-S * H // 64)
+        return MODES["v8"] if R == 512 and S * H > 32 and tiles % 2 == 0 else MODES["v7"]
+    if path == "v9":
+        return MODES["v9"] if R == 512 and S * H <= 16 else MODES["v7"]
+    return MODES[path]
 
 
 def _path_settings(path, **extra):
@@ -227,8 +231,8 @@ def _path_settings(path, **extra):
 def _kv_by_tma_expected(path, q_latent, ran):
     """Whether `path`, having launched kernel `ran`, copied these queries' cache tiles by TMA: v7 with the switch on
     (v7tmakv; v8's fallback, by default) where R = 512 (128-byte rows in every block: the TMA boxes' 128-byte swizzle
-    is the kernel's layout)."""
-    return ran == MODES["v7"] and TMA_KV_MODES.get(path, 1) == 1 and q_latent.shape[-1] == 512
+    is the kernel's layout); v9 always."""
+    return ran == MODES["v9"] or (ran == MODES["v7"] and TMA_KV_MODES.get(path, 1) == 1 and q_latent.shape[-1] == 512)
 
 
 def _splits_forced() -> bool:
@@ -474,6 +478,91 @@ def test_v8_same_bits_as_v7(splits):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+# ---- The narrow kernel (v9, mode 3): its own shapes (R = 512, S*H <= 16: one 16-row query tile, the heads as
+# wgmma's N), each against float64 with NaN outside the ranges; elsewhere mode 3 runs v7.
+@pytest.mark.parametrize("layout", ["packed", "separate"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("H, S", [(16, 1), (1, 1), (4, 1), (8, 2), (5, 3), (2, 8), (13, 1)])
+def test_v9_narrow_sweep(H, S, dtype, layout):
+    """Ragged lengths (1, 0, 33, random, the full capacity) at every head count and token count the narrow kernel
+    serves: padded query columns (S*H < 16), causal new tokens, fp16 and bf16, packed and separate caches."""
+    seed = _seed("v9-sweep", H, S, str(dtype), layout)
+    g = torch.Generator().manual_seed(seed)
+    T = int(torch.randint(200, 1500, (1,), generator=g).item())
+    lens = [1, 0, 33, int(torch.randint(2, T, (1,), generator=g).item()), T]
+    tag = f"H={H} S={S} {dtype} {layout} T={T} lens={lens} seed={seed}"
+    _check_path("v9", make_case(len(lens), S, H, 512, 64, T, lens, dtype, layout, seed), tag)
+
+
+@pytest.mark.parametrize("layout", ["packed", "separate"])
+def test_v9_tile_edges_and_batch_one(layout):
+    """Lengths around the 64-row tiles, pairs of tiles (a warpgroup with no tile) and split boundaries; batch 1 at a
+    few lengths (many splits, the combine); short sequences in a long buffer (empty splits)."""
+    seed = _seed("v9-edges", layout)
+    lens = [1, 2, 31, 32, 33, 63, 64, 65, 95, 96, 97, 127, 128, 129, 191, 192, 193, 255, 256, 257, 1000, 4095, 4096, 0]
+    _check_path("v9", make_case(len(lens), 1, 16, 512, 64, 4096, lens, torch.bfloat16, layout, seed),
+                f"edges {layout} lens={lens} seed={seed}")
+    for L in (1, 64, 65, 128, 129, 1000, 4096):
+        seed = _seed("v9-b1", layout, L)
+        _check_path("v9", make_case(1, 1, 16, 512, 64, 4096, [L], torch.bfloat16, layout, seed), f"B=1 L={L} seed={seed}")
+    seed = _seed("v9-sparse", layout)
+    _check_path("v9", make_case(4, 2, 8, 512, 64, 32768, [5, 100, 0, 37], torch.bfloat16, layout, seed),
+                f"sparse seed={seed}")
+
+
+@pytest.mark.parametrize("fp32_partials", [0, 1], ids=["dtype_partials", "fp32_partials"])
+@pytest.mark.parametrize("splits", [1, 2, 3, 7, 64, 128])
+def test_v9_forced_splits(splits, fp32_partials):
+    """Any split-KV factor with partials in the input dtype or fp32: uneven chunks, empty splits, one split."""
+    with ops.kernel_settings(force_splits=splits, fp32_partials=fp32_partials):
+        seed = _seed("v9-splits", splits)
+        lens = [4000, 1, 777]
+        _check_path("v9", make_case(3, 1, 16, 512, 64, 4096, lens, torch.bfloat16, "packed", seed),
+                    f"splits={splits} lens={lens} seed={seed}")
+        seed += 1
+        _check_path("v9", make_case(1, 2, 8, 512, 64, 3000, [2999], torch.float16, "separate", seed),
+                    f"B=1 S=2 H=8 fp16 splits={splits} seed={seed}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_v9_growing_scores(dtype):
+    """Scores that grow along the cache: each warpgroup's running max jumps many times, and the two maxima differ
+    when they merge."""
+    B, S, H, R, P, T = 2, 1, 16, 512, 64, 3000
+    seed = _seed("v9-growing", str(dtype))
+    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(B, S, H, R, P, T, [3000, 1234], dtype, "separate", seed)
+    ramp = torch.linspace(0.2, 4.0, T, device=DEV)[None, :, None]
+    inputs = (q_latent, q_pe, (c_kv.float() * ramp).to(dtype), (k_pe.float() * ramp).to(dtype), kv_start, kv_end)
+    _check_path("v9", inputs, f"growing {dtype} seed={seed}")
+
+
+@pytest.mark.parametrize("splits", [1, 8])
+def test_v9_fp16_at_range_edge(splits):
+    """test_paths_fp16_at_range_edge through the narrow kernel (16 heads)."""
+    test_paths_fp16_at_range_edge("v9", splits)
+
+
+@pytest.mark.slow
+def test_v9_long_context():
+    """128K tokens at batch 1 and a ragged batch of long sequences."""
+    seed = _seed("v9-long")
+    T = 131072
+    _check_path("v9", make_case(1, 1, 16, 512, 64, T, [T], torch.bfloat16, "packed", seed), f"long B=1 seed={seed}")
+    lens = [T - 17, 65537, 1]
+    _check_path("v9", make_case(3, 1, 16, 512, 64, T, lens, torch.bfloat16, "separate", seed + 1),
+                f"long B=3 lens={lens} seed={seed + 1}")
+
+
+def test_v9_only_where_it_serves():
+    """Mode 3 runs v7 where the narrow kernel does not serve (more than 16 query rows, R = 256), right either way;
+    its outputs with PDL off and in a CUDA graph are the same bits."""
+    _skip_unless_sm90("v9")
+    for H, S, R, P in ((40, 1, 512, 64), (16, 2, 512, 64), (16, 1, 256, 32)):
+        seed = _seed("v9-not", H, S, R)
+        _check_path("v9", make_case(2, S, H, R, P, 700, [700, 3], torch.bfloat16, "packed", seed), f"H={H} S={S} R={R}")
+    _pdl_off_same_bits_and_graph("v9", heads=16)
+
+
 def test_dispatch_through_ops():
     """mla_patch.ops.mla_decode with backend='kernel' reaches the kernel and agrees with it."""
     inputs = make_case(2, 1, 16, 512, 64, 300, [300, 77], torch.bfloat16, "packed", _seed("ops"))
@@ -623,11 +712,17 @@ def test_paths_fp16_at_range_edge(path, splits):
 def test_paths_pdl_off_same_bits_and_graph(path):
     """Programmatic dependent launch changes scheduling only: with it off the outputs are bit-identical, and
     a CUDA graph of back-to-back calls (main kernel, combine, next main kernel) replays to the same bits."""
+    _pdl_off_same_bits_and_graph(path, heads=128)
+
+
+def _pdl_off_same_bits_and_graph(path, heads):
     _skip_unless_sm90(path)
     op = torch.ops.mla_patch
-    sets = [make_case(1, 1, 128, 512, 64, 8192, [8192 - 5 * i], torch.bfloat16, "packed", _seed("pdl", i)) for i in range(3)]
+    sets = [make_case(1, 1, heads, 512, 64, 8192, [8192 - 5 * i], torch.bfloat16, "packed", _seed("pdl", i))
+            for i in range(3)]
     with ops.kernel_settings(**_path_settings(path)):
         want = [run_kernel(*s) for s in sets]
+        assert op._last_path() == _expected_kernel(path, sets[0][0])
         with ops.kernel_settings(pdl_mode=0):
             off = [run_kernel(*s) for s in sets]
         for (o1, l1), (o0, l0) in zip(want, off):
