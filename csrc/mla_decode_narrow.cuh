@@ -31,7 +31,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
   constexpr int BLK = N * 128, TILE = NB * BLK, QBLK = M * 128, CHUNKS = (R + P) / 8;
   constexpr int SROW = R + 4;  // fp32 staging row of the epilogue: 4 floats of padding, conflict-free writes
   static_assert(R == 512 && P == 64 && M == 16 && N == 64, "128-byte rows in every block (the TMA swizzle), 16 heads");
-  static_assert(mla_narrow_smem_bytes(R, P) == 1024 + NB * QBLK + 2 * TILE + 2 * QBLK + 2048 + 16, "layout");
+  static_assert(mla_narrow_smem_bytes(R, P) == 1024 + NB * QBLK + 2 * TILE + 2 * QBLK + 2048 + 2 * NB * 8, "layout");
   static_assert(M * SROW * 4 <= TILE, "the epilogue stages a warpgroup's rows in its buffer");
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -40,7 +40,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
   const uint32_t s_buf0 = s_q + NB * QBLK;  // 1024-aligned: QBLK is 2 KB
   const uint32_t s_pt0 = s_buf0 + 2 * TILE;
   const uint32_t s_x = s_pt0 + 2 * QBLK;    // exchange: [2 wg][2 parity][4 warps][16] maxima, then the epilogue's
-  const uint32_t s_mbar = s_x + 2048;       // two mbarriers: buffer w landed
+  const uint32_t s_mbar = s_x + 2048;       // 2 x NB mbarriers: block j of buffer w landed (at 8 (w NB + j))
   auto at = [&](uint32_t addr) { return smem_raw + (addr - raw); };
   float* xch = reinterpret_cast<float*>(at(s_x));
 
@@ -85,28 +85,36 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
     }
     return;
   }
+  if (tid == 0) timeline_stamp(p, kTlDecode, kTlLengths);
   if (tid == 0) {
-    mbar_init(s_mbar, 1);
-    mbar_init(s_mbar + 8, 1);
+#pragma unroll
+    for (int i = 0; i < 2 * NB; ++i) mbar_init(s_mbar + 8 * i, 1);
     fence_mbarrier_init();  // visible to the copy engine before its bytes arrive
   }
   __syncthreads();
 
-  const uint32_t buf = s_buf0 + wg * TILE, bar = s_mbar + 8 * wg, pt = s_pt0 + wg * QBLK;
+  const uint32_t buf = s_buf0 + wg * TILE, bar = s_mbar + 8 * wg * NB, pt = s_pt0 + wg * QBLK;
   const int bar_wg = wg == 0 ? kBarWg0 : kBarWg1;
-  // Tile `tile` of the CTA's rows into this warpgroup's buffer: nine 64-row boxes (TMA zero-fills past T only).
+  // Tile `tile` of the CTA's rows into this warpgroup's buffer: nine 64-row boxes (TMA zero-fills past T only), each
+  // on its block's mbarrier, so QK starts on the first block while the rest lands (as v7's tiles).
   auto load_tile = [&](int tile) {
-    fence_proxy_async();  // this buffer's earlier generic writes (a zeroed tail, the staged output) before the copy
-    mbar_arrive_expect_tx(bar, TILE);
+    fence_proxy_async();  // this buffer's earlier generic writes (a zeroed tail) before the copy
     const int row = cb + tile * N;
 #pragma unroll
-    for (int j = 0; j < LB; ++j) tma_load_3d(buf + j * BLK, &maps.c_kv, j * 64, row, b, bar);
-    tma_load_3d(buf + LB * BLK, &maps.k_pe, 0, row, b, bar);
+    for (int j = 0; j < NB; ++j) {
+      mbar_arrive_expect_tx(bar + 8 * j, BLK);
+      if (j < LB) {
+        tma_load_3d(buf + j * BLK, &maps.c_kv, j * 64, row, b, bar + 8 * j);
+      } else {
+        tma_load_3d(buf + j * BLK, &maps.k_pe, 0, row, b, bar + 8 * j);
+      }
+    }
   };
   if (wt == 0 && wg < n_tiles) load_tile(wg);
   cp_async_wait<0>();
   fence_proxy_async();
   __syncthreads();  // every thread's part of Q landed and is visible to the tensor cores
+  if (kTimelinePhases && tid == 0) timeline_stamp(p, kTlDecode, kTlQ);
 
   // Fragment i of an m64n16 accumulator: row 16 warp + gq + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 tq + (i & 1).
   // This thread's four columns (query rows) k = 0..3 are col(k) = 8 (k >> 1) + 2 tq + (k & 1); fragment i is column
@@ -136,11 +144,14 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
 
   int n = 0;  // this warpgroup's tiles so far (the buffer's phase)
   for (int tile = wg; tile < n_tiles; tile += 2, ++n) {
-    mbar_wait(bar, static_cast<uint32_t>(n & 1));
+    const uint32_t parity = static_cast<uint32_t>(n & 1);
     const int keep = ce - (cb + tile * N);
     if (keep < N) {
       // A split's last tile: rows past ce are real (or NaN) cache rows. Softmax masks their scores, but PV would
-      // multiply P = 0 by them: zero their latent blocks for the tensor cores (v7's zero_tail).
+      // multiply P = 0 by them: once its latent blocks landed, zero their rows for the tensor cores (v7's
+      // zero_tail; the block waits below then return at once).
+#pragma unroll
+      for (int j = 0; j < LB; ++j) mbar_wait(bar + 8 * j, parity);
       unsigned char* base = at(buf);
       const int chunks = (N - keep) * 8;
       for (int i = wt; i < LB * chunks; i += 128) {
@@ -154,12 +165,17 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
     wgmma_fence();
 #pragma unroll
     for (int j = 0; j < NB * 4; ++j) {
+      if (j % 4 == 0) {
+        mbar_wait(bar + 8 * (j / 4), parity);
+        wgmma_fence();  // explicit, after the wait loop's branches (ptxas would inject one, C7519)
+      }
       const uint32_t koff = ((j / 4) * BLK + (j % 4) * 32) >> 4, qoff = ((j / 4) * QBLK + (j % 4) * 32) >> 4;
       wgmma_ss_m64n16<DT, 0>(s, smem_desc_kmajor(k_lo + koff), smem_desc_kmajor(q_lo + qoff), j > 0 ? 1 : 0);
     }
     wgmma_commit();
     wgmma_wait<0>();
     fence_operand(s);
+    if (kTimelinePhases && n == 0 && tid == 0) timeline_stamp(p, kTlDecode, kTlFirst);
 
     // Softmax per column: mask, scale, the column max over the tile's 64 rows (8 lanes of a warp by shuffles, the
     // warpgroup's 4 warps through shared memory, double-buffered by tile parity).
@@ -236,6 +252,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
     named_bar_sync(bar_wg, 128);  // the warpgroup's products over this buffer (and P^T) are done
     if (wt == 0 && tile + 2 < n_tiles) load_tile(tile + 2);
   }
+
+  if (kTimelinePhases && wt == 0) timeline_stamp(p, kTlDecode, wg == 0 ? kTlLoopEnd : kTlLoopEnd1);
 
   // ---- epilogue: each warpgroup's column sums and max, merged; each stages its O^T scaled to the common max and
   // divided by the sum (fp32, in its own buffer), and all threads store the sums of both stagings by rows.

@@ -167,10 +167,10 @@ inline bool mla_narrow_serves(int R, int P, int S, int H) {
   return R == 512 && P == 64 && static_cast<long>(S) * H <= kMlaNarrowMTile;
 }
 // 1 KB alignment slack + Q [NB][16 rows][128 B] + two cache tiles [NB][64][128 B] + P^T [2][16][128 B] + the
-// softmax exchange (2 KB) + two mbarriers (R = 512: 172,048 B).
+// softmax exchange (2 KB) + an mbarrier a 64-column block of each buffer (R = 512: 173,200 B).
 constexpr size_t mla_narrow_smem_bytes(int R, int P) {
   return 1024 + static_cast<size_t>(mla_wgmma_col_blocks(R, P)) * (kMlaNarrowMTile + 2 * kMlaSeesawNTile) * 128 +
-         2 * kMlaNarrowMTile * 128 + 2048 + 16;
+         2 * kMlaNarrowMTile * 128 + 2048 + 16 * static_cast<size_t>(mla_wgmma_col_blocks(R, P));
 }
 // Host launcher (the main kernel, then the shared LSE combine). *launched is false where it does not serve or the
 // cache's tensor maps do not encode (the caller then runs v7). Instantiated in mla_decode_narrow_<dtype>_r512.cu.

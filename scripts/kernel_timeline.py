@@ -137,7 +137,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cells", default="128,1,1024;128,1,16384;128,1,65536;128,16,1024;128,128,16384;16,1,16384")
-    ap.add_argument("--kernels", default="default", help="comma list of default, v7, v8, mma")
+    ap.add_argument("--kernels", default="default", help="comma list of default, v7, v8, v9, mma")
     args = ap.parse_args()
     assert ops.has_kernel(), ops.extension_error()
     l2 = torch.cuda.get_device_properties(0).L2_cache_size or 50 * 2**20
