@@ -75,7 +75,11 @@ enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1, kPathPair = 2, kPathNarro
 // (H = 16, padded to 64 rows; v7's late-QK_b order) from 256K rows (92afede: B = 16 at 16K 88.1 vs 92.2 us,
 // B = 64 at 4K 92.9 vs 95.2 us; below, B = 128 at 1K 48.9 vs 49.1 is a tie and B = 64 at 1K 34.6 vs 30.6 us), and
 // with R = 512 from 128K rows (session 9, after session 8's block-by-block tiles: B = 128 at 1K 46.5 vs 49.2 us,
-// B = 64 at 1K 31.9 vs 31.1, B = 16 at 4K 31.9 vs 30.3).
+// B = 64 at 1K 31.9 vs 31.1, B = 16 at 4K 31.9 vs 30.3). Where the narrow kernel serves (S*H <= 16, R = 512) it
+// replaces v7 and starts at 16K rows (session 10, 180a08a, H = 16: B = 1 at 16K 14.2 vs 14.9 us (mma.sync), B = 16 at
+// 1K 13.2 vs 13.3, B = 64 at 1K 30.1 vs 30.5; below, B = 1 at 4K 9.7 vs 9.0 and at 1K 9.4 vs 7.2; v7 is 1-6 %
+// slower than it in every H = 16 cell with batch), unless its switch is off (narrow_enabled).
+constexpr int64_t kNarrowMinRows = 16384;
 constexpr int64_t kSeesawMinRowsWide = 16384;
 constexpr int64_t kSeesawMinRowsWideTmaQ = 4096;
 constexpr int64_t kSeesawMinRowsNarrow = 256 * 1024;
@@ -175,26 +179,41 @@ bool seesaw_built(int dev, bool bf16, int64_t R) {
   return ok;
 }
 
-// tma_q_on: the TMA-query switch (tma_q_enabled), read once a call by the caller.
+// tma_q_on / narrow_on: the TMA-query and narrow-kernel switches (tma_q_enabled, narrow_enabled), read once a call
+// by the caller.
 int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P, int64_t B, int64_t S, int64_t H,
-                int64_t T, bool tma_q_on) {
+                int64_t T, bool tma_q_on, bool narrow_on) {
   if (info.cc_major != 9 || info.cc_minor != 0) return kPathMma;
   const int setting = wgmma_setting();
   if (setting == 0) return kPathMma;
+  const int r32 = static_cast<int>(R), p32 = static_cast<int>(P);
+  const bool narrow_serves = mla_narrow_serves(r32, p32, static_cast<int>(S), static_cast<int>(H)) &&
+                             static_cast<size_t>(info.smem_optin) >= mla_narrow_smem_bytes(r32, p32);
+  const bool narrow = narrow_serves && (setting == 3 || (setting == -1 && narrow_on));
   if (setting == -1) {
-    const bool tma_q = tma_q_on && mla_seesaw_tma_q_serves(static_cast<int>(R), static_cast<int>(H));
-    const int64_t min_rows = S * H < kSeesawWideQueryRows ? (R == 512 ? kSeesawMinRowsNarrow512 : kSeesawMinRowsNarrow)
+    const bool tma_q = tma_q_on && mla_seesaw_tma_q_serves(r32, static_cast<int>(H));
+    const int64_t min_rows = narrow                       ? kNarrowMinRows
+                             : S * H < kSeesawWideQueryRows ? (R == 512 ? kSeesawMinRowsNarrow512 : kSeesawMinRowsNarrow)
                              : tma_q                      ? kSeesawMinRowsWideTmaQ
                                                           : kSeesawMinRowsWide;
     if (B * T < min_rows) return kPathMma;
   }
-  const size_t smem = mla_seesaw_smem_bytes(static_cast<int>(R), static_cast<int>(P));
-  if (static_cast<size_t>(info.smem_optin) < smem || !seesaw_built(dev, bf16, R)) return kPathMma;
-  const bool pair = setting == 2 && mla_pair_serves(static_cast<int>(R), static_cast<int>(S), static_cast<int>(H));
-  const bool narrow = setting == 3 &&
-                      mla_narrow_serves(static_cast<int>(R), static_cast<int>(P), static_cast<int>(S), static_cast<int>(H)) &&
-                      static_cast<size_t>(info.smem_optin) >= mla_narrow_smem_bytes(static_cast<int>(R), static_cast<int>(P));
+  // The narrow kernel's binary is built with v7's (the same sm_90a flags): one check serves both.
+  if (static_cast<size_t>(info.smem_optin) < mla_seesaw_smem_bytes(r32, p32) || !seesaw_built(dev, bf16, R)) return kPathMma;
+  const bool pair = setting == 2 && mla_pair_serves(r32, static_cast<int>(S), static_cast<int>(H));
   return pair ? kPathPair : narrow ? kPathNarrow : kPathSeesaw;
+}
+
+// The narrow kernel (v9) in the default dispatch where it serves: on by default; MLA_PATCH_NARROW=0 turns it off (v7
+// or mma.sync by their thresholds there; read once per process), the hook mla_patch::_narrow_mode(0|1|-1) overrides
+// (the benchmark's A/B and the tests). Mode 3 of _wgmma_mode runs it wherever it serves either way.
+std::atomic<int> g_narrow_mode{-1};
+bool narrow_enabled() {
+  static const bool env_on = env_flag("MLA_PATCH_NARROW", true);
+  return switch_on(g_narrow_mode, env_on);
+}
+int64_t narrow_mode_op(int64_t mode) {
+  return set_switch(g_narrow_mode, mode, "mla_decode: _narrow_mode takes -1 (default), 0 (off) or 1 (on)");
 }
 
 // SMs the pair kernel can fill: two per 2-CTA cluster the device runs at once (cached per device and dtype), so
@@ -343,7 +362,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
               " bytes of shared memory per block, this GPU allows ", num(info.smem_optin));
   const bool bf16 = dtype == at::kBFloat16;
   const bool tma_q_on = tma_q_enabled();
-  const int path = choose_path(info, device.index(), bf16, R, P, B, S, H, T, tma_q_on);
+  const int path = choose_path(info, device.index(), bf16, R, P, B, S, H, T, tma_q_on, narrow_enabled());
   const int b32 = static_cast<int>(B), s32 = static_cast<int>(S), h32 = static_cast<int>(H), t32 = static_cast<int>(T);
   const int forced = g_forced_splits.load();
   const int num_splits = forced > 0             ? forced
@@ -472,7 +491,7 @@ TORCH_LIBRARY(mla_patch, m) {
   // Test and benchmark hooks: the kernel mode (returns the previous one), the kernel of the last call,
   // programmatic dependent launch on/off, a forced split-KV factor, fp32 split partials on/off, v7's query tile
   // by TMA on/off and whether the last call's went by TMA, the same for its cache tiles, v7's balanced grid and
-  // whether the last call ran it.
+  // whether the last call ran it, the narrow kernel in the default dispatch on/off.
   m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
   m.def("_last_path() -> int", &last_path_op);
   m.def("_pdl_mode(int mode) -> int", &pdl_mode_op);
@@ -483,6 +502,7 @@ TORCH_LIBRARY(mla_patch, m) {
   m.def("_tma_kv(int mode) -> int", &tma_kv_op);
   m.def("_last_kv_tma() -> int", &last_kv_tma_op);
   m.def("_plan_mode(int mode) -> int", &plan_mode_op);
+  m.def("_narrow_mode(int mode) -> int", &narrow_mode_op);
   m.def("_last_plan() -> int", &last_plan_op);
   m.def("_timeline(Tensor? stamps) -> ()", &timeline_op);
 }

@@ -70,10 +70,10 @@ if [ "$mode" != "--bench-only" ]; then
       echo "V8 SMOKE FAILED (status $smoke): no v8 tests or timings from here on" | tee -a "$OUT/gpu.txt"
       skip_timings v8; exclude_tests "not v8"
     fi
-    # The narrow kernel (v9) likewise.
+    # The narrow kernel (v9) likewise: MLA_PATCH_NARROW=0 (the default dispatch without it), no v9 tests or timings.
     if smoke_failed v9 60; then
-      echo "V9 SMOKE FAILED (status $smoke): no v9 tests or timings from here on" | tee -a "$OUT/gpu.txt"
-      skip_timings v9; exclude_tests "not v9"
+      echo "V9 SMOKE FAILED (status $smoke): MLA_PATCH_NARROW=0 from here on" | tee -a "$OUT/gpu.txt"
+      export MLA_PATCH_NARROW=0; skip_timings v9,nonarrow; exclude_tests "not v9 and not narrow"
     fi
   fi
   # --noconftest: the kernel tests need none of the shared fixtures (keeps them independent of the patch code).
@@ -101,9 +101,9 @@ if [ "$mode" != "--bench-only" ]; then
       echo "V8 SUSPECT: the benchmark leaves it out" | tee -a "$OUT/gpu.txt"
       skip_timings v8  # added: a suspect tmakv stays out too
     fi
-    if grep -qE "FAILED .*v9" "$OUT/pytest.log"; then
-      echo "V9 SUSPECT: the benchmark leaves it out" | tee -a "$OUT/gpu.txt"
-      skip_timings v9
+    if grep -qE "FAILED .*(v9|narrow)" "$OUT/pytest.log"; then
+      echo "V9 SUSPECT: the benchmark runs with MLA_PATCH_NARROW=0 and no v9 timings" | tee -a "$OUT/gpu.txt"
+      export MLA_PATCH_NARROW=0; skip_timings v9,nonarrow
     fi
   fi
   # Worst cases: the error, its ratio to the reference op's own error in the dtype, and the fraction of the

@@ -563,6 +563,25 @@ def test_v9_only_where_it_serves():
     _pdl_off_same_bits_and_graph("v9", heads=16)
 
 
+@pytest.mark.parametrize("narrow", [-1, 0])
+def test_v9_default_dispatch(narrow):
+    """The default dispatch runs the narrow kernel where it serves from 16K cached rows a call (B x capacity) and
+    mma.sync below; with its switch off (_narrow_mode(0), MLA_PATCH_NARROW=0) v7's thresholds apply (S*H < 64 at
+    R = 512: mma.sync below 128K rows). More than 16 query rows never take it."""
+    _skip_unless_sm90("v9")
+    narrow_default = MODES["v9"] if narrow == -1 else MODES["mma"]
+    # (B, S, H, T): the kernel the default dispatch runs
+    cases = [((2, 1, 16, 8192), narrow_default), ((1, 1, 16, 4096), MODES["mma"]), ((4, 2, 8, 4096), narrow_default),
+             ((2, 2, 16, 8192), MODES["mma"]), ((1, 1, 16, 131072), MODES["v9"] if narrow == -1 else MODES["v7"])]
+    for (B, S, H, T), want in cases:
+        seed = _seed("v9-default", B, S, H, T, narrow)
+        tag = f"default narrow={narrow} B={B} S={S} H={H} T={T} seed={seed}"
+        inputs = make_case(B, S, H, 512, 64, T, [T - 3 * b for b in range(B)], torch.bfloat16, "packed", seed)
+        with ops.kernel_settings(narrow_mode=narrow):
+            check_case(inputs, tag)
+            assert torch.ops.mla_patch._last_path() == want, f"{tag}: kernel {torch.ops.mla_patch._last_path()}"
+
+
 def test_dispatch_through_ops():
     """mla_patch.ops.mla_decode with backend='kernel' reaches the kernel and agrees with it."""
     inputs = make_case(2, 1, 16, 512, 64, 300, [300, 77], torch.bfloat16, "packed", _seed("ops"))
