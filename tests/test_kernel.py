@@ -469,8 +469,7 @@ def test_v8_same_bits_as_v7(splits):
         make_case(3, 2, 128, 512, 64, 3000, [3000, 65, 1711], torch.float16, "separate", _seed("v8-bits", splits, 1)),
     ]
     for inputs in cases:
-        # v7 with its splits merged by the combine kernel, as v8's are (not in clusters: another summation order).
-        with ops.kernel_settings(wgmma_mode=MODES["v7"], force_splits=splits, cluster_mode=0):
+        with ops.kernel_settings(wgmma_mode=MODES["v7"], force_splits=splits):
             want = run_kernel(*inputs)
             assert torch.ops.mla_patch._last_path() == MODES["v7"]
         with ops.kernel_settings(wgmma_mode=MODES["v8"], force_splits=splits):
