@@ -216,40 +216,6 @@ int64_t narrow_mode_op(int64_t mode) {
   return set_switch(g_narrow_mode, mode, "mla_decode: _narrow_mode takes -1 (default), 0 (off) or 1 (on)");
 }
 
-// v7's splits merged inside thread-block clusters (cluster_merge_rows in mla_decode_seesaw.cuh): on by default;
-// MLA_PATCH_CLUSTER_MERGE=0 turns it off (read once per process), the hook mla_patch::_cluster_mode(0|1|-1) overrides
-// (the benchmark's A/B and the tests); _last_cluster() gives the last call's cluster size (1: none).
-std::atomic<int> g_cluster_mode{-1};
-std::atomic<int> g_last_cluster{1};
-bool cluster_merge_enabled() {
-  static const bool env_on = env_flag("MLA_PATCH_CLUSTER_MERGE", true);
-  return switch_on(g_cluster_mode, env_on);
-}
-int64_t cluster_mode_op(int64_t mode) {
-  return set_switch(g_cluster_mode, mode, "mla_decode: _cluster_mode takes -1 (default), 0 (off) or 1 (on)");
-}
-int64_t last_cluster_op() { return g_last_cluster.load(); }
-
-// The cluster size v7 merges `num_splits` splits in: the largest of 8, 4, 2 that divides them and whose clusters all
-// fit on the device at once (`ctas` CTAs: a cluster that waits for a second wave would cost more than the merge
-// saves), else 1. The device's cluster capacity is queried once per (device, dtype, R, size).
-int cluster_splits_for(int dev, bool bf16, int64_t R, int num_splits, int64_t ctas) {
-  static int cache[64][4][4] = {};  // [dev][dtype, R][log2 size - 1]: clusters + 1 (0: not asked yet)
-  for (int size = 8, k = 2; size >= 2; size /= 2, --k) {
-    if (num_splits % size != 0) continue;
-    int& slot = cache[dev >= 0 && dev < 64 ? dev : 0][(bf16 ? 0 : 2) + (R == 512 ? 0 : 1)][k];
-    if (slot == 0) {
-      const int n = R == 512 ? (bf16 ? mla_seesaw_max_clusters<MlaDtype::kBF16, 512, 64>(size)
-                                     : mla_seesaw_max_clusters<MlaDtype::kFP16, 512, 64>(size))
-                             : (bf16 ? mla_seesaw_max_clusters<MlaDtype::kBF16, 256, 32>(size)
-                                     : mla_seesaw_max_clusters<MlaDtype::kFP16, 256, 32>(size));
-      slot = n + 1;
-    }
-    if (static_cast<int64_t>(slot - 1) * size >= ctas) return size;
-  }
-  return 1;
-}
-
 // SMs the pair kernel can fill: two per 2-CTA cluster the device runs at once (cached per device and dtype), so
 // its split count keeps the grid one wave; the SM count if the occupancy query fails (the launch then reports it).
 int pair_sms(int dev, bool bf16, int num_sms) {
@@ -410,12 +376,6 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
                     mla_plan_serves(b32, s32, h32, T) &&
                     static_cast<size_t>(info.smem_optin) >=
                         mla_seesaw_smem_bytes(static_cast<int>(R), static_cast<int>(P)) + kMlaPlanSmemBytes;
-  // v7's regular grid merges its splits inside clusters where they fit (cluster_splits_for).
-  const int cluster = path == kPathSeesaw && !plan && num_splits > 1 && cluster_merge_enabled()
-                          ? cluster_splits_for(device.index(), bf16, R, num_splits,
-                                               (S * H + kMlaSeesawMTile - 1) / kMlaSeesawMTile * num_splits * B)
-                          : 1;
-  const int partial_slots = num_splits / cluster;
   at::Tensor o_partial, lse_partial, plan_offsets;
   auto f32 = q_latent.options().dtype(at::kFloat);
   // A lane of CTAs for each 64-row m-tile of the query rows (mla_plan_start).
@@ -425,9 +385,9 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
     o_partial = at::empty({2 * plan_ctas, kMlaSeesawMTile, R}, partial_f32 ? f32 : q_latent.options());
     lse_partial = at::empty({2 * plan_ctas, kMlaSeesawMTile}, f32);
     plan_offsets = at::empty({B + 1}, q_latent.options().dtype(at::kInt));
-  } else if (partial_slots > 1) {
-    o_partial = at::empty({B, partial_slots, S * H, R}, partial_f32 ? f32 : q_latent.options());
-    lse_partial = at::empty({B, partial_slots, S * H}, f32);
+  } else if (num_splits > 1) {
+    o_partial = at::empty({B, num_splits, S * H, R}, partial_f32 ? f32 : q_latent.options());
+    lse_partial = at::empty({B, num_splits, S * H}, f32);
   }
 
   MlaDecodeParams p{};
@@ -463,7 +423,6 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.partial_f32 = partial_f32 ? 1 : 0;
   p.tma_q = tma_q_on ? 1 : 0;
   p.tma_kv = tma_kv_enabled() ? 1 : 0;
-  p.cluster_splits = cluster;
   const at::Tensor& timeline = timeline_buffer();
   if (timeline.defined() && timeline.device() == device) {
     p.timeline = reinterpret_cast<unsigned long long*>(timeline.data_ptr<int64_t>());
@@ -508,7 +467,6 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   g_last_q_tma.store(q_tma ? 1 : 0);
   g_last_kv_tma.store(kv_tma ? 1 : 0);
   g_last_plan.store(plan ? 1 : 0);
-  g_last_cluster.store(cluster);
   TORCH_CHECK(err == cudaSuccess, "mla_decode: kernel launch failed: ", cudaGetErrorString(err));
   return {out_latent, lse};
 }
@@ -533,8 +491,7 @@ TORCH_LIBRARY(mla_patch, m) {
   // Test and benchmark hooks: the kernel mode (returns the previous one), the kernel of the last call,
   // programmatic dependent launch on/off, a forced split-KV factor, fp32 split partials on/off, v7's query tile
   // by TMA on/off and whether the last call's went by TMA, the same for its cache tiles, v7's balanced grid and
-  // whether the last call ran it, the narrow kernel in the default dispatch on/off, v7's cluster merge of its splits
-  // on/off and the last call's cluster size.
+  // whether the last call ran it, the narrow kernel in the default dispatch on/off.
   m.def("_wgmma_mode(int mode) -> int", &wgmma_mode_op);
   m.def("_last_path() -> int", &last_path_op);
   m.def("_pdl_mode(int mode) -> int", &pdl_mode_op);
@@ -546,8 +503,6 @@ TORCH_LIBRARY(mla_patch, m) {
   m.def("_last_kv_tma() -> int", &last_kv_tma_op);
   m.def("_plan_mode(int mode) -> int", &plan_mode_op);
   m.def("_narrow_mode(int mode) -> int", &narrow_mode_op);
-  m.def("_cluster_mode(int mode) -> int", &cluster_mode_op);
-  m.def("_last_cluster() -> int", &last_cluster_op);
   m.def("_last_plan() -> int", &last_plan_op);
   m.def("_timeline(Tensor? stamps) -> ()", &timeline_op);
 }

@@ -64,31 +64,6 @@ __device__ __forceinline__ void mbar_arrive_cluster(uint32_t addr, uint32_t rank
       : "memory");
 #endif
 }
-// The shared address `addr` of this CTA mapped to cluster CTA `rank`'s shared memory (distributed shared memory).
-__device__ __forceinline__ uint32_t cluster_map(uint32_t addr, uint32_t rank) {
-  uint32_t r = addr;
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;\n" : "=r"(r) : "r"(addr), "r"(rank));
-#endif
-  return r;
-}
-__device__ __forceinline__ float ld_cluster_f32(uint32_t addr) {
-  float v = 0.f;
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("ld.shared::cluster.f32 %0, [%1];\n" : "=f"(v) : "r"(addr) : "memory");
-#endif
-  return v;
-}
-__device__ __forceinline__ float4 ld_cluster_f32x4(uint32_t addr) {
-  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];\n"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(addr)
-               : "memory");
-#endif
-  return v;
-}
 // This thread's arrival, announcing `bytes` more to land before the phase completes.
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t addr, uint32_t bytes) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

@@ -732,23 +732,21 @@ __global__ void __launch_bounds__(128) mla_combine_kernel(const MlaDecodeParams 
 // from this many (b, query row) pairs on.
 constexpr int kCombineGroupedMaxRows = 128;
 
-// Every launch of our kernels: programmatic dependent launch when `pdl`, thread-block clusters of cluster_x x cluster_y
-// CTAs when that is more than 1 (v8's pairs along x, v7's merged splits along y). Not copyable: cfg.attrs points into
-// it.
+// Every launch of our kernels: programmatic dependent launch when `pdl`, thread-block clusters of `cluster_x` CTAs
+// along the grid's x when that is more than 1 (v8's pair kernel). Not copyable: cfg.attrs points into it.
 struct LaunchConfig {
   cudaLaunchConfig_t cfg{};
   cudaLaunchAttribute attr[2];
-  LaunchConfig(dim3 grid, int threads, size_t smem, cudaStream_t stream, bool pdl, unsigned cluster_x = 1,
-               unsigned cluster_y = 1) {
+  LaunchConfig(dim3 grid, int threads, size_t smem, cudaStream_t stream, bool pdl, unsigned cluster_x = 1) {
     cfg.gridDim = grid;
     cfg.blockDim = dim3(threads);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
     unsigned n = 0;
-    if (cluster_x > 1 || cluster_y > 1) {
+    if (cluster_x > 1) {
       attr[n].id = cudaLaunchAttributeClusterDimension;
       attr[n].val.clusterDim.x = cluster_x;
-      attr[n].val.clusterDim.y = cluster_y;
+      attr[n].val.clusterDim.y = 1;
       attr[n].val.clusterDim.z = 1;
       ++n;
     }

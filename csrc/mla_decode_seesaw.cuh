@@ -155,70 +155,6 @@ enum SeesawPart : int { kSelf = 0, kCross = 1 };
 // slower at 4K-16K (B = 128, 16K 1108-1115 vs 1061-1078 us), within noise at 1K.
 constexpr int kSeesawLateMaxRows = 32;
 
-// ---- The splits of a (sequence, m-tile) merged inside a thread-block cluster (v7's regular grid, p.cluster_splits =
-// C > 1): the C CTAs of a cluster are C consecutive splits. Each has staged its normalized rows (fp32, [64][R + 8] at
-// s_stage, store_rows' layout) and their lse ([64] floats at s_lse, -inf for an empty split) in its shared memory. After
-// a cluster barrier, CTA rank k merges rows [k 64 / C, (k + 1) 64 / C) over the C stagings through distributed shared
-// memory with the combine's weights (exp(lse_j - max); an empty split's weight is 0 and its staged bytes are never
-// read) and writes them: the output itself where the cluster holds every split, else slot split / C of the
-// num_splits / C partials the combine kernel then merges. The second barrier keeps every CTA's shared memory alive
-// until the others have read it. All 256 threads of every CTA of the cluster call it.
-constexpr int kMlaMaxClusterSplits = 8;
-template <MlaDtype DT, int R>
-__device__ __forceinline__ void cluster_merge_rows(const MlaDecodeParams& p, const SeesawCtx& c, uint32_t s_stage,
-                                                   uint32_t s_lse) {
-  using T = typename DtypeTraits<DT>::T;
-  constexpr int M = kMlaSeesawMTile, ROWB = (R + 8) * 4, CH = R / 4;  // CH: float4 chunks a row
-  const int C = p.cluster_splits;
-  cluster_sync();  // every CTA's rows and lse are staged (release / acquire across the cluster)
-  const uint32_t rank = cluster_ctarank();
-  const int rows = M / C, tpr = 256 / rows;  // rows this CTA merges, threads a row
-  const int lr = static_cast<int>(rank) * rows + static_cast<int>(threadIdx.x) / tpr, part = threadIdx.x % tpr;
-  const int g = c.row0 + lr, groups = p.num_splits / C, slot = c.split / C;
-  if (g < c.MT) {
-    float w[kMlaMaxClusterSplits];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < kMlaMaxClusterSplits; ++j) {
-      w[j] = j < C ? ld_cluster_f32(cluster_map(s_lse + 4 * lr, j)) : -INFINITY;
-      mx = fmaxf(mx, w[j]);
-    }
-    float wsum = 0.f;
-#pragma unroll
-    for (int j = 0; j < kMlaMaxClusterSplits; ++j) {
-      w[j] = w[j] == -INFINITY ? 0.f : __expf(w[j] - mx);
-      wsum += w[j];
-    }
-    const float inv = wsum > 0.f ? 1.f / wsum : 0.f;
-    const size_t row = groups == 1 ? static_cast<size_t>(c.b) * c.MT + g
-                                   : (static_cast<size_t>(c.b) * groups + slot) * c.MT + g;
-    for (int ch = part; ch < CH; ch += tpr) {
-      float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll
-      for (int j = 0; j < kMlaMaxClusterSplits; ++j) {
-        if (w[j] > 0.f) {
-          const float4 v = ld_cluster_f32x4(cluster_map(s_stage + lr * ROWB + ch * 16, j));
-          acc.x += w[j] * v.x;
-          acc.y += w[j] * v.y;
-          acc.z += w[j] * v.z;
-          acc.w += w[j] * v.w;
-        }
-      }
-      acc = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
-      if (groups > 1 && p.partial_f32) {
-        *reinterpret_cast<float4*>(static_cast<float*>(p.o_partial) + row * R + ch * 4) = acc;
-      } else {
-        const auto lo = pack_out<DT>(acc.x, acc.y), hi = pack_out<DT>(acc.z, acc.w);
-        T* dst = static_cast<T*>(groups == 1 ? p.out_latent : p.o_partial) + row * R + ch * 4;
-        *reinterpret_cast<uint2*>(dst) =
-            make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
-      }
-    }
-    if (part == 0) (groups == 1 ? p.lse : p.lse_partial)[row] = wsum > 0.f ? mx + __logf(wsum) : -INFINITY;
-  }
-  cluster_sync();  // no CTA leaves while another still reads its shared memory
-}
-
 template <MlaDtype DT, int R, int P, int W, bool LATE, bool PAIR, bool TMAQ, bool PLAN, bool TMAK>
 __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const SeesawCtx& c) {
   using Tr = DtypeTraits<DT>;
@@ -653,16 +589,10 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   l1 += lo.y;
   const float inv0 = l0 > 0.f ? 1.f / l0 : 0.f, inv1 = l1 > 0.f ? 1.f / l1 : 0.f;
   const int nsplit = c.nsplit, MT = c.MT;
-  // Splits merged in a cluster (cluster_merge_rows): the lse goes to shared memory (slot_ma: free after the loops).
-  const bool to_cluster = !PLAN && !PAIR && p.cluster_splits > 1;
-  float* const s_lse = reinterpret_cast<float*>(c.slot_ma);
   if (W == 0 && tq == 0) {
     const float lse0 = l0 > 0.f ? (m0 + __log2f(l0)) * kLn2 : -INFINITY;
     const float lse1 = l1 > 0.f ? (m1 + __log2f(l1)) * kLn2 : -INFINITY;
-    if (to_cluster) {
-      s_lse[c.g0 - c.row0] = lse0;
-      s_lse[c.g1 - c.row0] = lse1;
-    } else if constexpr (PLAN) {
+    if constexpr (PLAN) {
       float* dst = (plan_get<R, P>(c, kPlanToPartial) ? p.lse_partial : p.lse) + plan_get<R, P>(c, kPlanOutRow);
       if (c.g0 < MT) dst[c.g0 - c.row0] = lse0;
       if (c.g1 < MT) dst[c.g1 - c.row0] = lse1;
@@ -677,8 +607,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   // so global stores are whole 16-byte chunks of consecutive columns: the fragments hold 4- or 8-byte pieces
   // of 8 rows. Rows are padded by 16 (bf16) / 32 (fp32) bytes, so the fragment writes hit 32 banks.
   const int r0 = (wt >> 5) * 16 + (lane >> 2), col = W * NV + 2 * tq;
-  // Output elements O (T for the output, float for split partials) paired by `pack`; rows padded by 8 O. With
-  // `out` null the rows stay staged (fp32) for cluster_merge_rows.
+  // Output elements O (T for the output, float for split partials) paired by `pack`; rows padded by 8 O.
   auto store_rows = [&](auto* out, auto pack) {
     using O = std::remove_pointer_t<decltype(out)>;
     constexpr int ES = sizeof(O), ROWB = (R + 8) * ES, CPR = R * ES / 16;  // CPR: 16-byte chunks a row
@@ -693,7 +622,6 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
             pack(o[4 * j + 2 * hi] * inv, o[4 * j + 2 * hi + 1] * inv);
       }
     }
-    if (out == nullptr) return;
     named_bar_sync(kBarOut, 256);
     for (int i = threadIdx.x; i < kMlaSeesawMTile * CPR; i += 256) {
       const int r = i / CPR, cc = i % CPR;
@@ -706,10 +634,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   };
   const size_t partial_row = PLAN ? static_cast<size_t>(plan_get<R, P>(c, kPlanOutRow))
                                   : (static_cast<size_t>(c.b) * nsplit + c.split) * MT + c.row0;
-  if (to_cluster) {
-    store_rows(static_cast<float*>(nullptr), [](float x, float y) { return make_float2(x, y); });
-    cluster_merge_rows<DT, R>(p, c, c.s_q, c.smem_base + static_cast<uint32_t>(reinterpret_cast<unsigned char*>(s_lse) - c.smem));
-  } else if (PLAN ? !plan_get<R, P>(c, kPlanToPartial) : nsplit == 1) {
+  if (PLAN ? !plan_get<R, P>(c, kPlanToPartial) : nsplit == 1) {
     store_rows(static_cast<T*>(p.out_latent) + (PLAN ? partial_row : static_cast<size_t>(c.b) * MT + c.row0) * R,
                [](float x, float y) { return pack_out<DT>(x, y); });
   } else if (p.partial_f32) {
@@ -986,11 +911,6 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
     } else {
       cp_async_wait<0>();  // the Q copy lands before the CTA exits
     }
-    if (!PAIR && p.cluster_splits > 1) {  // an empty split of a merging cluster: weight 0 (its rows are never read)
-      if (tid < M) reinterpret_cast<float*>(c.slot_ma)[tid] = -INFINITY;
-      cluster_merge_rows<DT, R>(p, c, c.s_q, s_slots);
-      return;
-    }
     if (nsplit == 1) {
       T* out = static_cast<T*>(p.out_latent);
       for (int i = tid; i < M * (R / 8); i += 256) {
@@ -1240,16 +1160,6 @@ cudaError_t launch_seesaw_variant(const MlaDecodeParams& params, cudaStream_t st
     if (err != cudaSuccess) return err;
     err = launch_kernel(kernel, dim3(params.plan_ctas), 256, smem, stream, params, maps);
     return err != cudaSuccess ? err : launch_plan_combine<DT, R>(params, stream);
-  } else if (params.cluster_splits > 1) {  // the splits merged in clusters along y (cluster_merge_rows)
-    err = allow_dynamic_smem(kernel, smem, dev, smem_set);
-    if (err != cudaSuccess) return err;
-    const dim3 grid(ceil_div(params.S * params.H, kMlaSeesawMTile), params.num_splits, params.B);
-    const LaunchConfig launch(grid, 256, smem, stream, params.pdl != 0, 1, params.cluster_splits);
-    err = cudaLaunchKernelEx(&launch.cfg, kernel, params, maps);
-    if (err != cudaSuccess || params.num_splits == params.cluster_splits) return err;
-    MlaDecodeParams merged = params;  // the combine sees the clusters' partials
-    merged.num_splits = params.num_splits / params.cluster_splits;
-    return launch_mla_combine<DT, R>(merged, stream);
   } else {
     err = launch_main_kernel(kernel, kMlaSeesawMTile, smem, smem_set, dev, params, stream, maps);
     if (err != cudaSuccess || params.num_splits == 1) return err;
@@ -1349,24 +1259,6 @@ cudaError_t launch_mla_decode_pair(const MlaDecodeParams& params, cudaStream_t s
   *launched_pair = true;
   if (params.num_splits == 1) return err;
   return mla::launch_mla_combine<DT, R>(params, stream);
-}
-
-template <MlaDtype DT, int R, int P>
-int mla_seesaw_max_clusters(int cluster_splits) {
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  constexpr size_t smem = mla_seesaw_smem_bytes(R, P);
-  // Every v7 variant of the regular grid takes the same shared memory and 256 threads: one CTA a SM.
-  auto kernel = mla::mla_decode_seesaw_kernel<DT, R, P, false, false, false, false, false>;
-  static bool smem_set[64] = {};
-  int clusters = 0;
-  const mla::LaunchConfig launch(dim3(1, cluster_splits, 1), 256, smem, nullptr, false, 1, cluster_splits);
-  if (mla::allow_dynamic_smem(kernel, smem, dev, smem_set) != cudaSuccess ||
-      cudaOccupancyMaxActiveClusters(&clusters, kernel, &launch.cfg) != cudaSuccess) {
-    cudaGetLastError();
-    return 0;
-  }
-  return clusters;
 }
 
 template <MlaDtype DT, int R, int P>

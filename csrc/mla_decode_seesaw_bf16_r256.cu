@@ -3,4 +3,3 @@
 
 template cudaError_t launch_mla_decode_seesaw<MlaDtype::kBF16, 256, 32>(const MlaDecodeParams&, cudaStream_t, bool*, bool*);
 template bool mla_seesaw_built<MlaDtype::kBF16, 256, 32>();
-template int mla_seesaw_max_clusters<MlaDtype::kBF16, 256, 32>(int);

@@ -5,4 +5,3 @@ template cudaError_t launch_mla_decode_seesaw<MlaDtype::kBF16, 512, 64>(const Ml
 template bool mla_seesaw_built<MlaDtype::kBF16, 512, 64>();
 template cudaError_t launch_mla_decode_pair<MlaDtype::kBF16, 512, 64>(const MlaDecodeParams&, cudaStream_t, bool*, bool*, bool*);
 template int mla_pair_max_clusters<MlaDtype::kBF16, 512, 64>();
-template int mla_seesaw_max_clusters<MlaDtype::kBF16, 512, 64>(int);

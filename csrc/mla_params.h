@@ -48,10 +48,6 @@ struct MlaDecodeParams {
   // CTA 0 writes the per-sequence pair offsets [B + 1] to plan_offsets for the combine.
   int plan_ctas;
   int32_t* plan_offsets;
-
-  // v7's regular grid: the splits of a (sequence, m-tile) merged inside thread-block clusters of this many CTAs (1:
-  // none; else it divides num_splits, and the partials hold num_splits / cluster_splits slots, none when equal).
-  int cluster_splits;
 };
 
 // Cache rows per pipeline stage.
@@ -152,9 +148,6 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
                                      bool* kv_by_tma);
 template <MlaDtype DT, int R, int P>
 bool mla_seesaw_built();
-// How many clusters of `cluster_splits` v7 CTAs (along the grid's y) the device runs at once (0 if the query fails).
-template <MlaDtype DT, int R, int P>
-int mla_seesaw_max_clusters(int cluster_splits);
 
 // ---- sm_90a pair path (kernel v8): v7's seesaw order with the two 64-row query tiles of a (sequence, split)
 // as a 2-CTA cluster that fetches each cache tile once, by TMA multicast into both. It serves R = 512 (the

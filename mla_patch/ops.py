@@ -68,7 +68,6 @@ KERNEL_HOOKS = {
     "tma_kv": "_tma_kv",  # -1 default (on), 0 v7's cache tiles by cp.async, 1 by TMA where they can be
     "plan_mode": "_plan_mode",  # -1 default (off), 0 v7's regular grid, 1 its balanced grid where it serves
     "narrow_mode": "_narrow_mode",  # -1 default (on), 0 no narrow kernel (v9) in the default dispatch, 1 on
-    "cluster_mode": "_cluster_mode",  # -1 default (on), 0 v7's splits merged by the combine kernel only, 1 in clusters
 }
 
 

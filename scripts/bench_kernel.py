@@ -22,7 +22,7 @@ Each row also times the default dispatch with each --ab switch flipped (same set
 (programmatic dependent launch off, nopdl_us), `f32part` (fp32 split partials, f32part_us), `cpq` (v7's query
 tile by cp.async instead of TMA, cpq_us), `plan` / `noplan` (v7's balanced grid wherever it serves / never),
 `tmakv` / `cpkv` (v7's cache tiles by TMA wherever they can be / by cp.async), `nonarrow` (the default dispatch
-without the narrow kernel, v9), `nocluster` (v7's splits merged by the combine kernel alone, not in clusters), and
+without the narrow kernel, v9), and
 --sweep-splits N,N,... times every kernel with those split-KV factors forced on the --sweep-batches
 cells (the data behind the split heuristics in csrc/mla_params.h).
 Writes bench_kernel.json and bench_kernel.png under --out.
@@ -153,8 +153,7 @@ def time_kernels(fns, first_set, default_path, wanted, copy_gbs, cache_bytes):
 # A/B switches (--ab): the kernel setting that flips one of the default's features.
 AB_SWITCHES = {"nopdl": {"pdl_mode": 0}, "f32part": {"fp32_partials": 1}, "cpq": {"tma_q": 0},
                "plan": {"plan_mode": 1}, "noplan": {"plan_mode": 0},
-               "tmakv": {"tma_kv": 1}, "cpkv": {"tma_kv": 0}, "nonarrow": {"narrow_mode": 0},
-               "nocluster": {"cluster_mode": 0}}
+               "tmakv": {"tma_kv": 1}, "cpkv": {"tma_kv": 0}, "nonarrow": {"narrow_mode": 0}}
 
 
 def time_switched(fns, name):

@@ -70,11 +70,6 @@ if [ "$mode" != "--bench-only" ]; then
       echo "V8 SMOKE FAILED (status $smoke): no v8 tests or timings from here on" | tee -a "$OUT/gpu.txt"
       skip_timings v8; exclude_tests "not v8"
     fi
-    # v7's splits merged in clusters likewise: MLA_PATCH_CLUSTER_MERGE=0, no cluster tests or nocluster timings.
-    if smoke_failed v7cluster 60; then
-      echo "V7CLUSTER SMOKE FAILED (status $smoke): MLA_PATCH_CLUSTER_MERGE=0 from here on" | tee -a "$OUT/gpu.txt"
-      export MLA_PATCH_CLUSTER_MERGE=0; skip_timings nocluster; exclude_tests "not cluster"
-    fi
     # The narrow kernel (v9) likewise: MLA_PATCH_NARROW=0 (the default dispatch without it), no v9 tests or timings.
     if smoke_failed v9 60; then
       echo "V9 SMOKE FAILED (status $smoke): MLA_PATCH_NARROW=0 from here on" | tee -a "$OUT/gpu.txt"
@@ -97,13 +92,8 @@ if [ "$mode" != "--bench-only" ]; then
     echo "V7TMAKV SUSPECT: the benchmark runs with MLA_PATCH_TMA_KV=0 and no tmakv timings" | tee -a "$OUT/gpu.txt"
     export MLA_PATCH_TMA_KV=0; skip_timings tmakv
   fi
-  # Likewise a failed case of v7's cluster merge only (ids with "cluster"): the benchmark without it.
-  if grep -E "FAILED .*cluster" "$OUT/pytest.log" >/dev/null; then
-    echo "V7CLUSTER SUSPECT: the benchmark runs with MLA_PATCH_CLUSTER_MERGE=0" | tee -a "$OUT/gpu.txt"
-    export MLA_PATCH_CLUSTER_MERGE=0; skip_timings nocluster
-  fi
   if grep -E "FAILED .*v7|Fatal Python error|illegal|unspecified launch failure" "$OUT/pytest.log" \
-      | grep -vE "plan|tmakv|tma_kv|cache_tiles|cluster" | grep -q .; then
+      | grep -vE "plan|tmakv|tma_kv|cache_tiles" | grep -q .; then
     echo "V7 SUSPECT: the benchmark runs with MLA_PATCH_WGMMA=0" | tee -a "$OUT/gpu.txt"
     export MLA_PATCH_WGMMA=0 MLA_PATCH_SKIP_KERNELS=v7,v8,v9
   else

@@ -478,43 +478,6 @@ def test_v8_same_bits_as_v7(splits):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
-@pytest.mark.parametrize("fp32_partials", [0, 1], ids=["dtype_partials", "fp32_partials"])
-@pytest.mark.parametrize("case", ["b1-8", "b1-16", "b1-64", "empty-seq", "r256-s2", "one-row"])
-def test_v7_cluster_merge(case, fp32_partials):
-    """v7's splits merged inside thread-block clusters (the default where a cluster size divides the split count and
-    all clusters fit at once): the whole merge in the clusters (8 splits), clusters' partials then the combine (16,
-    64), clusters of empty splits (an empty sequence, a 1-row sequence, short sequences in a long buffer), R = 256 with
-    two tokens, partials in the input dtype or fp32; against float64 with NaN outside the ranges, and close to the
-    combine kernel's merge of the same splits (_cluster_mode(0)). _last_cluster() says the cluster size."""
-    _skip_unless_sm90("v7")
-    B, S, H, R, P, T, lens, splits = {
-        "b1-8": (1, 1, 128, 512, 64, 1000, [1000], 8),
-        "b1-16": (1, 1, 128, 512, 64, 9000, [8999], 16),
-        "b1-64": (1, 1, 128, 512, 64, 65536, [65536], 64),
-        "empty-seq": (2, 1, 64, 512, 64, 4000, [4000, 0], 4),
-        "r256-s2": (1, 2, 40, 256, 32, 3000, [2999], 8),
-        "one-row": (3, 1, 16, 512, 64, 32768, [1, 100, 37], 8),
-    }[case]
-    seed = _seed("v7-cluster", case, fp32_partials)
-    dtype = torch.float16 if case == "r256-s2" else torch.bfloat16
-    inputs = make_case(B, S, H, R, P, T, lens, dtype, "packed", seed)
-    tag = f"cluster {case} splits={splits} fp32_partials={fp32_partials} seed={seed}"
-    got = {}
-    for mode in (0, 1):
-        with ops.kernel_settings(wgmma_mode=MODES["v7"], plan_mode=0, cluster_mode=mode, force_splits=splits,
-                                 fp32_partials=fp32_partials):
-            check_case(inputs, f"{tag} cluster_mode={mode}")
-            got[mode] = run_kernel(*inputs)
-            cluster = torch.ops.mla_patch._last_cluster()
-        assert torch.ops.mla_patch._last_path() == MODES["v7"], tag
-        if mode == 0:
-            assert cluster == 1, f"{tag}: cluster {cluster} with the merge off"
-        else:
-            assert cluster > 1 and splits % cluster == 0, f"{tag}: cluster {cluster}"
-    assert _rel(got[1][0], got[0][0]) < 1e-2, tag
-    torch.testing.assert_close(got[1][1], got[0][1], rtol=0, atol=1e-3)
-
-
 # ---- The narrow kernel (v9, mode 3): its own shapes (R = 512, S*H <= 16: one 16-row query tile, the heads as
 # wgmma's N), each against float64 with NaN outside the ranges; elsewhere mode 3 runs v7.
 @pytest.mark.parametrize("layout", ["packed", "separate"])
