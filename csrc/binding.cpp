@@ -192,14 +192,17 @@ int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P
   const bool narrow = narrow_serves && (setting == 3 || (setting == -1 && narrow_on));
   if (setting == -1) {
     const bool tma_q = tma_q_on && mla_seesaw_tma_q_serves(r32, static_cast<int>(H));
-    const int64_t min_rows = narrow                       ? kNarrowMinRows
-                             : S * H < kSeesawWideQueryRows ? (R == 512 ? kSeesawMinRowsNarrow512 : kSeesawMinRowsNarrow)
-                             : tma_q                      ? kSeesawMinRowsWideTmaQ
-                                                          : kSeesawMinRowsWide;
+    const int64_t narrow_v7 = R == 512 ? kSeesawMinRowsNarrow512 : kSeesawMinRowsNarrow;  // v7's late order
+    const int64_t min_rows = narrow                         ? kNarrowMinRows
+                             : S * H < kSeesawWideQueryRows ? narrow_v7
+                             : tma_q                        ? kSeesawMinRowsWideTmaQ
+                                                            : kSeesawMinRowsWide;
     if (B * T < min_rows) return kPathMma;
   }
   // The narrow kernel's binary is built with v7's (the same sm_90a flags): one check serves both.
-  if (static_cast<size_t>(info.smem_optin) < mla_seesaw_smem_bytes(r32, p32) || !seesaw_built(dev, bf16, R)) return kPathMma;
+  if (static_cast<size_t>(info.smem_optin) < mla_seesaw_smem_bytes(r32, p32) || !seesaw_built(dev, bf16, R)) {
+    return kPathMma;
+  }
   const bool pair = setting == 2 && mla_pair_serves(r32, static_cast<int>(S), static_cast<int>(H));
   return pair ? kPathPair : narrow ? kPathNarrow : kPathSeesaw;
 }
@@ -365,10 +368,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   const int path = choose_path(info, device.index(), bf16, R, P, B, S, H, T, tma_q_on, narrow_enabled());
   const int b32 = static_cast<int>(B), s32 = static_cast<int>(S), h32 = static_cast<int>(H), t32 = static_cast<int>(T);
   const int forced = g_forced_splits.load();
-  const int num_splits = forced > 0             ? forced
-                         : path == kPathMma    ? mla_decode_num_splits(b32, s32, h32, t32, num_sms)
-                         : path == kPathPair   ? mla_seesaw_num_splits(b32, s32, h32, t32, pair_sms(device.index(), bf16, num_sms))
-                                               : mla_seesaw_num_splits(b32, s32, h32, t32, num_sms);
+  // v7 and v9 fill one wave of CTAs; v8 one of its 2-CTA clusters.
+  const int split_sms = path == kPathPair ? pair_sms(device.index(), bf16, num_sms) : num_sms;
+  const int num_splits = forced > 0          ? forced
+                         : path == kPathMma ? mla_decode_num_splits(b32, s32, h32, t32, num_sms)
+                                            : mla_seesaw_num_splits(b32, s32, h32, t32, split_sms);
   const bool partial_f32 = fp32_partials();
   // The balanced grid (opt-in): v7 only, not with a forced split count or the timeline (whose rows are the regular
   // grid's).

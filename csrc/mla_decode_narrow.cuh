@@ -10,12 +10,13 @@
 //   O^T [512 x 16] += V^T [512 x 64] P^T [64 x 16]     (8 m-blocks x 4 k-steps; A = the same tile read M-major)
 // Grid: x = 16-row tile of the S*H query rows (one where S*H <= 16), y = KV split, z = sequence; 256 threads.
 // Warpgroup w takes tiles w, w + 2, ... of the CTA's rows [cb, ce) through buffer w of its own, copied by TMA (one
-// thread, nine 64-row boxes on the buffer's mbarrier), reloaded once its PV is done; each keeps its own running
-// max m (lazy: moves only past m + 8 in log2, as v7), row sums and O^T (64 fp32 accumulators a thread), and the two
-// merge through shared memory at the end. With a quarter of v7's tensor work the buffers turn over sooner, which
-// is what the memory-bound H = 16 cells need.
+// thread, nine 64-row boxes, each on its 64-column block's mbarrier), reloaded once its PV is done; each keeps its
+// own running max m (lazy: moves only past m + 8 in log2, as v7), row sums and O^T (64 fp32 accumulators a thread),
+// and the two merge through shared memory at the end. (Session 10 measured its loop at the HBM rate, as v7's late
+// order's: what it gains is outside the loop; docs/KERNEL.md.)
 // Shared memory (1024-aligned, 128-byte swizzle as v7: 16-byte chunk c of a 128-byte row r at chunk c ^ (r % 8)):
-// Q [NB][16][64], buffers 0 and 1 [NB][64][64], P^T [2][16 heads][64 rows], the softmax exchange, two mbarriers.
+// Q [NB][16][64], buffers 0 and 1 [NB][64][64], P^T [2][16 heads][64 rows], the softmax exchange, an mbarrier a
+// 64-column block of each buffer.
 #pragma once
 
 #include "mla_decode_seesaw.cuh"
@@ -57,8 +58,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
   // Q: 16 rows (past S*H zero-filled, so their scores are 0 and masked), swizzled, by all threads.
   for (int i = tid; i < M * CHUNKS; i += 256) {
     const int r = i / CHUNKS, cc = i % CHUNKS;
-    cp_async_16(s_q + (cc >> 3) * QBLK + r * 128 + (((cc & 7) ^ (r & 7)) << 4), query_chunk_src<T, R>(p, b, row0 + r, cc),
-                row0 + r < MT);
+    cp_async_16(s_q + (cc >> 3) * QBLK + r * 128 + (((cc & 7) ^ (r & 7)) << 4),
+                query_chunk_src<T, R>(p, b, row0 + r, cc), row0 + r < MT);
   }
   cp_async_commit();
   // This CTA's rows: the visible range cut into num_splits chunks of whole pairs of tiles (v7's cut).
@@ -76,7 +77,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
       for (int i = tid; i < M * (R / 8); i += 256) {
         const int r = i / (R / 8), cc = i % (R / 8);
         if (row0 + r < MT) {
-          *reinterpret_cast<uint4*>(out + (static_cast<size_t>(b) * MT + row0 + r) * R + cc * 8) = make_uint4(0, 0, 0, 0);
+          const size_t at_out = (static_cast<size_t>(b) * MT + row0 + r) * R + cc * 8;
+          *reinterpret_cast<uint4*>(out + at_out) = make_uint4(0, 0, 0, 0);
         }
       }
       if (tid < M && row0 + tid < MT) p.lse[static_cast<size_t>(b) * MT + row0 + tid] = -INFINITY;

@@ -504,7 +504,8 @@ def test_v9_tile_edges_and_batch_one(layout):
                 f"edges {layout} lens={lens} seed={seed}")
     for L in (1, 64, 65, 128, 129, 1000, 4096):
         seed = _seed("v9-b1", layout, L)
-        _check_path("v9", make_case(1, 1, 16, 512, 64, 4096, [L], torch.bfloat16, layout, seed), f"B=1 L={L} seed={seed}")
+        _check_path("v9", make_case(1, 1, 16, 512, 64, 4096, [L], torch.bfloat16, layout, seed),
+                    f"B=1 L={L} seed={seed}")
     seed = _seed("v9-sparse", layout)
     _check_path("v9", make_case(4, 2, 8, 512, 64, 32768, [5, 100, 0, 37], torch.bfloat16, layout, seed),
                 f"sparse seed={seed}")
@@ -559,7 +560,8 @@ def test_v9_only_where_it_serves():
     _skip_unless_sm90("v9")
     for H, S, R, P in ((40, 1, 512, 64), (16, 2, 512, 64), (16, 1, 256, 32)):
         seed = _seed("v9-not", H, S, R)
-        _check_path("v9", make_case(2, S, H, R, P, 700, [700, 3], torch.bfloat16, "packed", seed), f"H={H} S={S} R={R}")
+        _check_path("v9", make_case(2, S, H, R, P, 700, [700, 3], torch.bfloat16, "packed", seed),
+                    f"H={H} S={S} R={R}")
     _pdl_off_same_bits_and_graph("v9", heads=16)
 
 
@@ -571,8 +573,9 @@ def test_v9_default_dispatch(narrow):
     _skip_unless_sm90("v9")
     narrow_default = MODES["v9"] if narrow == -1 else MODES["mma"]
     # (B, S, H, T): the kernel the default dispatch runs
-    cases = [((2, 1, 16, 8192), narrow_default), ((1, 1, 16, 4096), MODES["mma"]), ((4, 2, 8, 4096), narrow_default),
-             ((2, 2, 16, 8192), MODES["mma"]), ((1, 1, 16, 131072), MODES["v9"] if narrow == -1 else MODES["v7"])]
+    cases = [((2, 1, 16, 8192), narrow_default), ((1, 1, 16, 4096), MODES["mma"]),
+             ((4, 2, 8, 4096), narrow_default), ((2, 2, 16, 8192), MODES["mma"]),
+             ((1, 1, 16, 131072), MODES["v9"] if narrow == -1 else MODES["v7"])]
     for (B, S, H, T), want in cases:
         seed = _seed("v9-default", B, S, H, T, narrow)
         tag = f"default narrow={narrow} B={B} S={S} H={H} T={T} seed={seed}"
