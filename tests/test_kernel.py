@@ -511,6 +511,16 @@ def test_v9_tile_edges_and_batch_one(layout):
                 f"sparse seed={seed}")
 
 
+def test_v9_strided_queries():
+    """Queries as views of one [B, S, H, R+P] buffer (strides, not contiguity) through the narrow kernel."""
+    B, S, H, R, P, T = 3, 2, 8, 512, 64, 700
+    seed = _seed("v9-strided")
+    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(B, S, H, R, P, T, [700, 3, 450], torch.bfloat16,
+                                                             "packed", seed)
+    qbuf = torch.cat([q_latent, q_pe], dim=-1)
+    _check_path("v9", (qbuf[..., :R], qbuf[..., R:], c_kv, k_pe, kv_start, kv_end), f"strided seed={seed}")
+
+
 @pytest.mark.parametrize("fp32_partials", [0, 1], ids=["dtype_partials", "fp32_partials"])
 @pytest.mark.parametrize("splits", [1, 2, 3, 7, 64, 128])
 def test_v9_forced_splits(splits, fp32_partials):
