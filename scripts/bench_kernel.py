@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--no-ref", action="store_true", help="skip the PyTorch reference timings")
     ap.add_argument("--profile-one", default="", metavar="H,B,L[;H,B,L...]",
                     help="only call the op (and each --fi-backends peer) 5 times on these configs (for ncu), no timing")
-    ap.add_argument("--kernels", default="v7,mma",
+    ap.add_argument("--kernels", default="v7,mma,v9",
                     help="kernels also timed on every cell's sets (sm_90a ones only on compute capability 9.0)")
     ap.add_argument("--ref-max-bytes", type=float, default=2.5e9, help="skip the reference above this cache size")
     ap.add_argument("--fi-backends", default="fa3,fa2", help="FlashInfer MLA backends timed on every cell ('' = none)")
