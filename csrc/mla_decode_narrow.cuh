@@ -72,19 +72,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
   if (tid == 0) timeline_meta(p, kTlDecode, n_tiles);
   if (n_tiles == 0) {
     cp_async_wait<0>();  // the Q copy lands before the CTA exits
-    if (nsplit == 1) {
-      T* out = static_cast<T*>(p.out_latent);
-      for (int i = tid; i < M * (R / 8); i += 256) {
-        const int r = i / (R / 8), cc = i % (R / 8);
-        if (row0 + r < MT) {
-          const size_t at_out = (static_cast<size_t>(b) * MT + row0 + r) * R + cc * 8;
-          *reinterpret_cast<uint4*>(out + at_out) = make_uint4(0, 0, 0, 0);
-        }
-      }
-      if (tid < M && row0 + tid < MT) p.lse[static_cast<size_t>(b) * MT + row0 + tid] = -INFINITY;
-    } else if (tid < M && row0 + tid < MT) {
-      p.lse_partial[(static_cast<size_t>(b) * nsplit + split) * MT + row0 + tid] = -INFINITY;
-    }
+    write_empty_split<T, R, M>(p, tid, b, split, nsplit, MT, row0);
     return;
   }
   if (tid == 0) timeline_stamp(p, kTlDecode, kTlLengths);

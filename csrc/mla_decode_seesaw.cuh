@@ -812,6 +812,26 @@ __device__ __forceinline__ void seesaw_planned(const MlaDecodeParams& p, SeesawC
 // TMAK (v7, R = 512, the regular grid): its cache tiles by TMA, one thread a part, so the loading warpgroup no longer
 // issues ~36 cp.async and their addresses a thread a pair (measured 4-9 % faster at H = 128 with batch, 1-5 % at
 // H = 16 in the late order: see encode_map for the L2 promotion that order needs).
+// A CTA whose split holds none of its sequence's rows (v7, v9): its M query rows from row0 (of MT) see nothing. With
+// one split it writes them itself (zeros, lse -inf); else its partials' lse is -inf, which gives them weight 0 in the
+// combine (their rows are never read). All 256 threads (tid).
+template <typename T, int R, int M>
+__device__ __forceinline__ void write_empty_split(const MlaDecodeParams& p, int tid, int b, int split, int nsplit, int MT,
+                                                  int row0) {
+  if (nsplit == 1) {
+    T* out = static_cast<T*>(p.out_latent);
+    for (int i = tid; i < M * (R / 8); i += 256) {
+      const int r = i / (R / 8), cc = i % (R / 8);
+      if (row0 + r < MT) {
+        *reinterpret_cast<uint4*>(out + (static_cast<size_t>(b) * MT + row0 + r) * R + cc * 8) = make_uint4(0, 0, 0, 0);
+      }
+    }
+    if (tid < M && row0 + tid < MT) p.lse[static_cast<size_t>(b) * MT + row0 + tid] = -INFINITY;
+  } else if (tid < M && row0 + tid < MT) {
+    p.lse_partial[(static_cast<size_t>(b) * nsplit + split) * MT + row0 + tid] = -INFINITY;
+  }
+}
+
 template <MlaDtype DT, int R, int P, bool LATE, bool PAIR, bool TMAQ, bool PLAN, bool TMAK>
 __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDecodeParams p,
                                                                    const __grid_constant__ KernelMaps<PAIR, TMAQ, TMAK> maps) {
@@ -911,18 +931,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
     } else {
       cp_async_wait<0>();  // the Q copy lands before the CTA exits
     }
-    if (nsplit == 1) {
-      T* out = static_cast<T*>(p.out_latent);
-      for (int i = tid; i < M * (R / 8); i += 256) {
-        const int r = i / (R / 8), cc = i % (R / 8);
-        if (row0 + r < MT) {
-          *reinterpret_cast<uint4*>(out + (static_cast<size_t>(b) * MT + row0 + r) * R + cc * 8) = make_uint4(0, 0, 0, 0);
-        }
-      }
-      if (tid < M && row0 + tid < MT) p.lse[static_cast<size_t>(b) * MT + row0 + tid] = -INFINITY;
-    } else if (tid < M && row0 + tid < MT) {
-      p.lse_partial[(static_cast<size_t>(b) * nsplit + c.split) * MT + row0 + tid] = -INFINITY;
-    }
+    write_empty_split<T, R, M>(p, tid, b, c.split, nsplit, MT, row0);
     return;
   }
   if (tid == 0) timeline_stamp(p, kTlDecode, kTlLengths);
