@@ -118,6 +118,15 @@ def check_case(inputs, tag, sm_scale=SM_SCALE):
     return err, err_ref
 
 
+def growing_case(S, H, dtype, seed):
+    """make_case for two sequences (3000 and 1234 rows of a 3000-row separate cache) whose rows are scaled by a ramp
+    from 0.2 to 4.0 along the cache: the scores grow, so the running max jumps many times (the rescale path)."""
+    T = 3000
+    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(2, S, H, 512, 64, T, [3000, 1234], dtype, "separate", seed)
+    ramp = torch.linspace(0.2, 4.0, T, device=DEV)[None, :, None]
+    return q_latent, q_pe, (c_kv.float() * ramp).to(dtype), (k_pe.float() * ramp).to(dtype), kv_start, kv_end
+
+
 @pytest.mark.parametrize("layout", ["packed", "separate"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("S", [1, 2, 4])
@@ -157,11 +166,8 @@ def test_short_sequences_in_long_buffer(H):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_growing_scores(dtype):
     """Scores that grow along the cache: the running max jumps many times (rescale path)."""
-    B, S, H, R, P, T = 2, 2, 40, 512, 64, 3000
     seed = _seed("growing", str(dtype))
-    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(B, S, H, R, P, T, [3000, 1234], dtype, "separate", seed)
-    ramp = torch.linspace(0.2, 4.0, T, device=DEV)[None, :, None]
-    inputs = (q_latent, q_pe, (c_kv.float() * ramp).to(dtype), (k_pe.float() * ramp).to(dtype), kv_start, kv_end)
+    inputs = growing_case(2, 40, dtype, seed)
     check_case(inputs, f"growing {dtype} seed={seed}")
 
 
@@ -204,6 +210,9 @@ MODES = {"mma": 0, "v7": 1, "v7plan": 1, "v7tmakv": 1, "v8": 2, "v9": 3}
 PLAN_MODES = {"v7": 0, "v7plan": 1, "v7tmakv": 0}
 TMA_KV_MODES = {"v7": 0, "v7plan": 0, "v7tmakv": 1}  # v8 where it does not serve: v7 with the default (on)
 WGMMA_PATHS = ("v7", "v7plan", "v7tmakv", "v8")
+# Lengths around the 32- and 64-row tiles and pairs of 64-row tiles, with an empty sequence (a 4096-row capacity).
+TILE_EDGE_LENS = [1, 2, 31, 32, 33, 63, 64, 65, 95, 96, 97, 127, 128, 129, 191, 192, 193, 255, 256, 257,
+                  1000, 4095, 4096, 0]
 
 
 def _expected_kernel(path, q_latent):
@@ -288,7 +297,7 @@ def test_paths_tile_edges(path, H, S, layout):
     """Lengths around the 32- and 64-row tiles, pairs of tiles and split boundaries, a batch large enough for
     no split too."""
     seed = _seed("paths-edges", H, S, layout)
-    lens = [1, 2, 31, 32, 33, 63, 64, 65, 95, 96, 97, 127, 128, 129, 191, 192, 193, 255, 256, 257, 1000, 4095, 4096, 0]
+    lens = TILE_EDGE_LENS
     tag = f"edges H={H} S={S} {layout} lens={lens} seed={seed}"
     _check_path(path, make_case(len(lens), S, H, 512, 64, 4096, lens, torch.bfloat16, layout, seed), tag)
 
@@ -309,11 +318,8 @@ def test_paths_batch_one(path, H):
 @pytest.mark.parametrize("path", PATHS)
 def test_paths_growing_scores(path, dtype):
     """The running max jumps many times (rescale path), 128 heads, two new tokens."""
-    B, S, H, R, P, T = 2, 2, 128, 512, 64, 3000
     seed = _seed("paths-growing", str(dtype))
-    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(B, S, H, R, P, T, [3000, 1234], dtype, "separate", seed)
-    ramp = torch.linspace(0.2, 4.0, T, device=DEV)[None, :, None]
-    inputs = (q_latent, q_pe, (c_kv.float() * ramp).to(dtype), (k_pe.float() * ramp).to(dtype), kv_start, kv_end)
+    inputs = growing_case(2, 128, dtype, seed)
     _check_path(path, inputs, f"growing {dtype} seed={seed}")
 
 
@@ -499,7 +505,7 @@ def test_v9_tile_edges_and_batch_one(layout):
     """Lengths around the 64-row tiles, pairs of tiles (a warpgroup with no tile) and split boundaries; batch 1 at a
     few lengths (many splits, the combine); short sequences in a long buffer (empty splits)."""
     seed = _seed("v9-edges", layout)
-    lens = [1, 2, 31, 32, 33, 63, 64, 65, 95, 96, 97, 127, 128, 129, 191, 192, 193, 255, 256, 257, 1000, 4095, 4096, 0]
+    lens = TILE_EDGE_LENS
     _check_path("v9", make_case(len(lens), 1, 16, 512, 64, 4096, lens, torch.bfloat16, layout, seed),
                 f"edges {layout} lens={lens} seed={seed}")
     for L in (1, 64, 65, 128, 129, 1000, 4096):
@@ -539,11 +545,8 @@ def test_v9_forced_splits(splits, fp32_partials):
 def test_v9_growing_scores(dtype):
     """Scores that grow along the cache: each warpgroup's running max jumps many times, and the two maxima differ
     when they merge."""
-    B, S, H, R, P, T = 2, 1, 16, 512, 64, 3000
     seed = _seed("v9-growing", str(dtype))
-    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(B, S, H, R, P, T, [3000, 1234], dtype, "separate", seed)
-    ramp = torch.linspace(0.2, 4.0, T, device=DEV)[None, :, None]
-    inputs = (q_latent, q_pe, (c_kv.float() * ramp).to(dtype), (k_pe.float() * ramp).to(dtype), kv_start, kv_end)
+    inputs = growing_case(1, 16, dtype, seed)
     _check_path("v9", inputs, f"growing {dtype} seed={seed}")
 
 
