@@ -99,9 +99,10 @@ int wgmma_setting() {
   return env_mode;
 }
 
-// The on/off switches below (v7's query tile by TMA, PDL, fp32 partials, v7's balanced grid) share one shape: a
-// test / benchmark hook mla_patch::_<name>(0|1|-1) sets the mode, and -1 (the default) leaves it to an environment
-// variable, read once per process (the caller's static): on unless it is "0" (default_on), or off unless it is "1".
+// The on/off switches below (v7's query and cache tiles by TMA, its balanced grid, the narrow kernel, PDL, fp32
+// partials) share one shape: a test / benchmark hook mla_patch::_<name>(0|1|-1) sets the mode, and -1 (the default)
+// leaves it to an environment variable, read once per process (the caller's static): on unless it is "0"
+// (default_on), or off unless it is "1".
 bool env_flag(const char* name, bool default_on) {
   const char* e = std::getenv(name);
   return default_on ? (e == nullptr || std::strcmp(e, "0") != 0) : (e != nullptr && std::strcmp(e, "1") == 0);

@@ -113,7 +113,7 @@ def time_events(fn, iters=3):
 # torch.ops.mla_patch._last_path() values and the _wgmma_mode that forces each kernel.
 KERNEL_NAMES = {0: "mma", 1: "v7", 2: "v8", 3: "v9"}
 KERNEL_MODES = {name: mode for mode, name in KERNEL_NAMES.items()}
-# Kernels (and A/B switches: "tmakv") scripts/gpu_check.sh found broken in this run (smoke test or kernel
+# Kernels (and A/B switches: "tmakv", "nonarrow") scripts/gpu_check.sh found broken in this run (smoke test or kernel
 # tests): never timed.
 SKIPPED_KERNELS = set(os.environ.get("MLA_PATCH_SKIP_KERNELS", "").split(","))
 

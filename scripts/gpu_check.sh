@@ -95,7 +95,7 @@ if [ "$mode" != "--bench-only" ]; then
   if grep -E "FAILED .*v7|Fatal Python error|illegal|unspecified launch failure" "$OUT/pytest.log" \
       | grep -vE "plan|tmakv|tma_kv|cache_tiles" | grep -q .; then
     echo "V7 SUSPECT: the benchmark runs with MLA_PATCH_WGMMA=0" | tee -a "$OUT/gpu.txt"
-    export MLA_PATCH_WGMMA=0 MLA_PATCH_SKIP_KERNELS=v7,v8,v9
+    export MLA_PATCH_WGMMA=0; skip_timings v7,v8,v9
   else
     if grep -qE "FAILED .*v8" "$OUT/pytest.log"; then
       echo "V8 SUSPECT: the benchmark leaves it out" | tee -a "$OUT/gpu.txt"

@@ -3,9 +3,8 @@ v8, its 2-CTA pair; v9, the narrow kernel) against the float64 reference, before
 
 A hang or a crash here costs seconds under `timeout`, not the whole test run; scripts/gpu_check.sh
 then keeps that kernel out of the rest of the run (v7: MLA_PATCH_WGMMA=0 and no v7 tests; v8: no v8 tests or
-timings; v7plan: MLA_PATCH_PLAN=0 and no plan tests; v7tmakv: MLA_PATCH_TMA_KV=0, no tmakv tests or timings; v9: no
-v9 tests or timings), so
-the run still yields the other kernels' tests and numbers.
+timings; v7plan: MLA_PATCH_PLAN=0 and no plan tests; v7tmakv: MLA_PATCH_TMA_KV=0, no tmakv tests or timings; v9:
+MLA_PATCH_NARROW=0, no v9 tests or timings), so the run still yields the other kernels' tests and numbers.
 Usage: python3 scripts/wgmma_smoke.py [v7|v7plan|v7tmakv|v8|v9]
 Exit status 0: it ran and matched; 1: wrong or NaN; 2: the kernel did not run (not sm_90 / not built).
 """
