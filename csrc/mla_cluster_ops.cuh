@@ -1,6 +1,6 @@
-// Thread-block-cluster, transaction-count mbarrier and bulk-tensor-copy (TMA) wrappers for the sm_90a kernels
-// (mla_decode_seesaw.cuh: v7's query and cache tiles by TMA, v8's cache tiles by TMA multicast). Empty bodies
-// outside sm_90a (the kernels are never launched there).
+// mbarrier, thread-block-cluster and bulk-tensor-copy (TMA) wrappers for the sm_90a code (mla_decode_seesaw.cuh:
+// v7's query and cache tiles by TMA, v8's cache tiles by TMA multicast; mla_decode.cuh: the mma.sync kernel's query
+// tile by TMA). The cluster, expect-tx and copy wrappers have empty bodies outside sm_90a (never reached there).
 #pragma once
 #include <cstdint>
 #include <type_traits>
@@ -34,6 +34,22 @@ template <bool PAIR, bool TMAQ, bool TMAK>
 using KernelMaps =
     std::conditional_t<PAIR, PairMaps, std::conditional_t<TMAK, TileMaps, std::conditional_t<TMAQ, QMaps, NoMaps>>>;
 
+__device__ __forceinline__ void mbar_init(uint32_t addr, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(addr), "r"(count) : "memory");
+}
+// A wait that never ends is a bug (a load that was never issued): trap after ~2^26 polls (seconds), so it
+// shows as a launch failure instead of a hung GPU.
+__device__ __forceinline__ void mbar_wait(uint32_t addr, uint32_t parity) {
+  uint32_t done = 0;
+  for (uint32_t polls = 0; !done; ++polls) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(addr), "r"(parity)
+        : "memory");
+    if (polls == (1u << 26)) __trap();
+  }
+}
 __device__ __forceinline__ uint32_t cluster_ctarank() {
   uint32_t r = 0;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

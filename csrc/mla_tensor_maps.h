@@ -1,0 +1,97 @@
+// Host side of the TMA paths: tensor maps over the query and cache tensors (cuTensorMapEncodeTiled, reached through
+// the runtime so the extension does not link libcuda), cached while the tensors stay the same. Used by v7 / v8 / v9
+// (mla_decode_seesaw.cuh, mla_decode_narrow.cuh) and by the mma.sync kernel's query rows on sm_90a (mla_decode.cuh).
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
+#include <array>
+#include <cstdint>
+
+#include "mla_cluster_ops.cuh"
+#include "mla_params.h"
+
+namespace mla {
+
+// cuTensorMapEncodeTiled from the driver through the runtime, so the extension does not link libcuda; null
+// where the driver lacks it.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      f = nullptr;
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A 16-bit tensor (last dim contiguous) as a tiled map of `rank` dims, innermost first: `dims`, the element
+// strides of dims 1.. (a size-1 dim's stride is arbitrary in torch: replaced by a dense one), `box` in the
+// 128-byte swizzle (our shared layout); out-of-range elements read as zeros. False if the driver refuses it.
+// No L2 promotion: a box row is 128 bytes of a cache row 1152 bytes long, and promoting each fill to 256 bytes made
+// v7's TMA tiles 1-4 % slower than cp.async where memory-bound (H = 16, late order) and 1-5 % faster without it
+// (H200, session 9, same machine; H = 128 within 1-3 % either way).
+template <MlaDtype DT>
+bool encode_map(CUtensorMap* map, const void* base, int rank, const int64_t* dims, const int64_t* strides,
+                const uint32_t* box) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  cuuint64_t d[4], st[3];
+  cuuint32_t bx[4], elem_strides[4] = {1, 1, 1, 1};
+  int64_t dense = dims[0];
+  for (int i = 0; i < rank; ++i) {
+    d[i] = static_cast<cuuint64_t>(dims[i]);
+    bx[i] = box[i];
+    if (i > 0) {
+      const int64_t stride = dims[i] > 1 ? strides[i - 1] : dense;
+      st[i - 1] = static_cast<cuuint64_t>(stride) * 2;  // bytes
+      dense = stride * dims[i];
+    }
+  }
+  return encode(map, DT == MlaDtype::kBF16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, rank,
+                const_cast<void*>(base), d, st, bx, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                CU_TENSOR_MAP_L2_PROMOTION_NONE, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The last call's maps, re-encoded only when the tensors (pointers, sizes, strides: `key`) change: decode steps
+// of one model reuse the cache tensors, and static buffers (CUDA graphs) the query ones.
+template <typename Maps, size_t K>
+struct MapCache {
+  std::array<int64_t, K> key{};
+  Maps maps{};
+  bool valid = false;
+  template <typename Encode>
+  bool get(const std::array<int64_t, K>& k, Maps* out, Encode encode) {
+    if (!(valid && k == key)) {
+      valid = encode(&maps);
+      key = k;
+      if (!valid) return false;
+    }
+    *out = maps;
+    return true;
+  }
+};
+inline int64_t ptr_key(const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p)); }
+
+// q_latent and q_pe as {cols, H, S, B}, box {64, BOX, 1, 1}: BOX heads of one token a 64-column block (v7: 64, where
+// H is a multiple of 64, mla_seesaw_tma_q_serves; the mma.sync kernel: its M tile, mla_decode_tma_q_serves).
+template <MlaDtype DT, int BOX>
+bool query_maps(const MlaDecodeParams& p, int R, int P, QMaps* maps) {
+  thread_local MapCache<QMaps, 11> cache;
+  const std::array<int64_t, 11> key{ptr_key(p.q_latent), ptr_key(p.q_pe), p.H,         p.S,         p.B,       p.q_latent_sh,
+                                    p.q_latent_ss,        p.q_latent_sb,      p.q_pe_sh, p.q_pe_ss, p.q_pe_sb};
+  return cache.get(key, maps, [&](QMaps* m) {
+    const uint32_t box[4] = {64, BOX, 1, 1};
+    const int64_t l_dims[4] = {R, p.H, p.S, p.B}, r_dims[4] = {P, p.H, p.S, p.B};
+    const int64_t l_st[3] = {p.q_latent_sh, p.q_latent_ss, p.q_latent_sb}, r_st[3] = {p.q_pe_sh, p.q_pe_ss, p.q_pe_sb};
+    return encode_map<DT>(&m->q_latent, p.q_latent, 4, l_dims, l_st, box) &&
+           encode_map<DT>(&m->q_pe, p.q_pe, 4, r_dims, r_st, box);
+  });
+}
+
+}  // namespace mla
