@@ -117,9 +117,9 @@ int64_t set_switch(std::atomic<int>& hook, int64_t mode, const char* usage) {
   return hook.exchange(static_cast<int>(mode));
 }
 
-// v7's query tile by TMA where it serves (mla_seesaw_tma_q_serves): on by default; MLA_PATCH_TMA_Q=0 turns it
-// off, the hook mla_patch::_tma_q(0|1|-1) overrides (the benchmark's A/B and the tests); _last_q_tma() says whether
-// the last call's query tile went by TMA.
+// The query tile by TMA where it serves (v7: mla_seesaw_tma_q_serves; the mma.sync kernel on sm_90a:
+// mla_decode_tma_q_serves): on by default; MLA_PATCH_TMA_Q=0 turns it off, the hook mla_patch::_tma_q(0|1|-1)
+// overrides (the benchmark's A/B and the tests); _last_q_tma() says whether the last call's query tile went by TMA.
 std::atomic<int> g_tma_q_mode{-1};
 std::atomic<int> g_last_q_tma{0};
 bool tma_q_enabled() {
@@ -463,11 +463,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
                  : launch_mla_decode_seesaw<MlaDtype::kFP16, 256, 32>(p, stream, &q_tma, &kv_tma);
     }
   } else if (R == 512) {
-    err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 512, 64>(p, stream)
-               : launch_mla_decode<MlaDtype::kFP16, 512, 64>(p, stream);
+    err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 512, 64>(p, stream, &q_tma)
+               : launch_mla_decode<MlaDtype::kFP16, 512, 64>(p, stream, &q_tma);
   } else {
-    err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 256, 32>(p, stream)
-               : launch_mla_decode<MlaDtype::kFP16, 256, 32>(p, stream);
+    err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 256, 32>(p, stream, &q_tma)
+               : launch_mla_decode<MlaDtype::kFP16, 256, 32>(p, stream, &q_tma);
   }
   g_last_q_tma.store(q_tma ? 1 : 0);
   g_last_kv_tma.store(kv_tma ? 1 : 0);

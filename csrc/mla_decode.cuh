@@ -16,7 +16,9 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "mla_cluster_ops.cuh"
 #include "mla_params.h"
+#include "mla_tensor_maps.h"
 
 namespace mla {
 
@@ -222,8 +224,14 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Shared memory: STAGES cache tiles [32][R+P+8] (cp.async, zero-filled outside [cb, ce); the Q
 // tile is staged in the last one before the first prefetch reaches it), partial scores
 // [4][M][40] fp32, P [M][40], per-row alpha/m/l.
-template <MlaDtype DT, int R, int P, int M, int STAGES>
-__global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParams p) {
+// TMAQ (sm_90a, R = 512, mla_decode_tma_q_serves): the Q tile comes instead by TMA, issued by one thread (the
+// query maps' box: M heads of one token a 64-column block), into its own region after those ([9][M][128 B],
+// 128-byte swizzle, 1 KB aligned; OOB heads read as zeros) onto an mbarrier. The cp.async copy kept every thread
+// issuing its 16-byte copies for ~1.7 us before it could issue the first cache tile's (kernel_timeline.py at
+// H = 128, batch 1: pdl_wait -> lengths 2.45 us here against v7's 0.76 with its query by TMA).
+template <MlaDtype DT, int R, int P, int M, int STAGES, bool TMAQ = false>
+__global__ void __launch_bounds__(256, 1)
+    mla_decode_kernel(const MlaDecodeParams p, const __grid_constant__ std::conditional_t<TMAQ, QMaps, NoMaps> maps) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
@@ -251,6 +259,15 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   float* s_alpha = reinterpret_cast<float*>(s_p + M * SP);
   float* s_m = s_alpha + M;
   float* s_l = s_m + M;
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr bool kTmaQ = TMAQ;
+#else
+  constexpr bool kTmaQ = false;
+  if constexpr (TMAQ) __trap();  // never launched without the sm_90a body (mla_decode_tma_q_built)
+#endif
+  constexpr int QB = D / 64;  // 64-column blocks of a query row (TMAQ: R = 512, P = 64)
+  const uint32_t q_bar = smem_addr(s_l + M);               // TMAQ: the mbarrier the Q tile lands on
+  const uint32_t q_tma = (q_bar + 16 + 1023) & ~1023u;     // TMAQ: the Q tile, [QB][M][128 B] swizzled
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int gq = lane >> 2, tq = lane & 3;  // mma fragment row / column-pair of this lane
@@ -267,15 +284,30 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   // flight fill up (4.5 us for v7's 73 KB a CTA at batch 1, kernel_timeline.py on the H200), and the lengths'
   // latency now hides under that stall instead of following it.
   const int start_raw = p.kv_start[b], end_raw = p.kv_end[b];
-  // Q tile -> the last stage (rows past S*H are zero-filled). Every split of a sequence copies the same Q
-  // tile at the same moment; each starts at its own offset, so they do not all ask for the same lines at once.
-  const int q_rot = (split * NTHREADS) % (M * CHUNKS);
-  for (int c0 = tid; c0 < M * CHUNKS; c0 += NTHREADS) {
-    const int c = c0 + q_rot < M * CHUNKS ? c0 + q_rot : c0 + q_rot - M * CHUNKS;
-    const int r = c / CHUNKS, cc = c % CHUNKS;
-    cp_async_16(smem_addr(s_q + r * ROW + cc * 8), query_chunk_src<T, R>(p, b, row0 + r, cc), row0 + r < MT);
+  if constexpr (kTmaQ) {
+    static_assert(!TMAQ || (R == 512 && P == 64), "128-byte rows in every block, one swizzle");
+    if (tid == 0) {
+      mbar_init(q_bar, 1);
+      fence_mbarrier_init();  // visible to the copy engine before its bytes arrive on it
+      mbar_arrive_expect_tx(q_bar, QB * M * 128);
+      const int s = row0 / p.H, h0 = row0 % p.H;  // the tile is M heads of token s (mla_decode_tma_q_serves)
+#pragma unroll
+      for (int blk = 0; blk < QB; ++blk) {
+        tma_load_4d(q_tma + blk * M * 128, blk < R / 64 ? &maps.q_latent : &maps.q_pe, blk < R / 64 ? blk * 64 : 0, h0, s,
+                    b, q_bar);
+      }
+    }
+  } else {
+    // Q tile -> the last stage (rows past S*H are zero-filled). Every split of a sequence copies the same Q
+    // tile at the same moment; each starts at its own offset, so they do not all ask for the same lines at once.
+    const int q_rot = (split * NTHREADS) % (M * CHUNKS);
+    for (int c0 = tid; c0 < M * CHUNKS; c0 += NTHREADS) {
+      const int c = c0 + q_rot < M * CHUNKS ? c0 + q_rot : c0 + q_rot - M * CHUNKS;
+      const int r = c / CHUNKS, cc = c % CHUNKS;
+      cp_async_16(smem_addr(s_q + r * ROW + cc * 8), query_chunk_src<T, R>(p, b, row0 + r, cc), row0 + r < MT);
+    }
   }
-  cp_async_commit();
+  cp_async_commit();  // TMAQ: an empty group, so the group counts below are the same on both paths
 
   // This CTA's cache rows. Clamping to [0, T) keeps bad lengths from ever addressing out of range.
   const int start = max(start_raw, 0);
@@ -297,6 +329,9 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   if (n_tiles == 0) {
     // Nothing visible in this chunk: out = 0, lse = -inf (or only lse = -inf for a split partial).
     cp_async_wait<0>();  // the Q copy lands before the CTA exits
+    if constexpr (kTmaQ) {
+      if (tid == 0) mbar_wait(q_bar, 0);  // (thread 0 initialized the mbarrier)
+    }
     if (nsplit == 1) {
       T* out = static_cast<T*>(p.out_latent);
       for (int c = tid; c < M * (R / 8); c += NTHREADS) {
@@ -357,16 +392,23 @@ __global__ void __launch_bounds__(256, 1) mla_decode_kernel(const MlaDecodeParam
   // Groups so far: Q, tiles 0..STAGES-2. Q and tile 0 must have landed.
   cp_async_wait<STAGES - 2>();
   __syncthreads();
-  // Q fragments of this warp's QK column slice, into registers for the whole loop.
+  if constexpr (kTmaQ) mbar_wait(q_bar, 0);  // after the barrier: thread 0's initialization is visible
+  // Q fragments of this warp's QK column slice, into registers for the whole loop. TMAQ: column col of row r in
+  // block col / 64, its 16-byte chunk (col % 64) / 8 at chunk ^ (r % 8) (the rows of one ldmatrix hit 8 banks).
+  auto q_elem = [&](int r, int col) {
+    if constexpr (kTmaQ) {
+      return q_tma + static_cast<uint32_t>((col >> 6) * M * 128 + r * 128 + ((((col & 63) >> 3) ^ (r & 7)) << 4));
+    } else {
+      return smem_addr(s_q + r * ROW + col);
+    }
+  };
   uint32_t qa[MF][KL + 1][4];
 #pragma unroll
   for (int i = 0; i < MF; ++i) {
     const int r = i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
-    for (int kk = 0; kk < KL; ++kk) {
-      ldsm_x4(qa[i][kk], smem_addr(s_q + r * ROW + qd * (R / 4) + kk * 16 + (lane >> 4) * 8));
-    }
-    if (qd < KR) ldsm_x4(qa[i][KL], smem_addr(s_q + r * ROW + R + qd * 16 + (lane >> 4) * 8));
+    for (int kk = 0; kk < KL; ++kk) ldsm_x4(qa[i][kk], q_elem(r, qd * (R / 4) + kk * 16 + (lane >> 4) * 8));
+    if (qd < KR) ldsm_x4(qa[i][KL], q_elem(r, R + qd * 16 + (lane >> 4) * 8));
   }
 
   // Partial scores of this warp's slice for the tile in `kv`, stored to s_part when `store`.
@@ -824,16 +866,43 @@ template <MlaDtype DT, int R, int P, int M, int STAGES>
 cudaError_t launch_variant(const MlaDecodeParams& params, cudaStream_t stream, int dev) {
   static bool smem_set[64] = {};
   return launch_main_kernel(mla_decode_kernel<DT, R, P, M, STAGES>, M, mla_decode_smem_bytes(R, P, M, STAGES),
-                            smem_set, dev, params, stream);
+                            smem_set, dev, params, stream, NoMaps{});
+}
+
+// The TMAQ variant (the deep pipeline only: sm_90a parts have the shared memory) with its query maps; false in
+// *launched where they do not encode.
+template <MlaDtype DT, int R, int P, int M>
+cudaError_t launch_variant_tma_q(const MlaDecodeParams& params, cudaStream_t stream, int dev, bool* launched) {
+  static bool smem_set[64] = {};
+  QMaps maps;
+  *launched = false;
+  if (!query_maps<DT, M>(params, R, P, &maps)) return cudaSuccess;
+  *launched = true;
+  return launch_main_kernel(mla_decode_kernel<DT, R, P, M, kMlaMaxStages, true>, M,
+                            mla_decode_smem_bytes(R, P, M, kMlaMaxStages, true), smem_set, dev, params, stream, maps);
+}
+
+// Whether the binary holds the TMAQ variant's sm_90a body (so the device is an sm_90 part), once per device.
+template <MlaDtype DT, int R, int P>
+bool mla_decode_tma_q_built(int dev) {
+  static int8_t cache[64] = {};  // 0 unknown, 1 yes, 2 no
+  if (dev >= 0 && dev < 64 && cache[dev] != 0) return cache[dev] == 1;
+  cudaFuncAttributes attr{};
+  bool ok = cudaFuncGetAttributes(&attr, mla_decode_kernel<DT, R, P, 32, kMlaMaxStages, true>) == cudaSuccess;
+  if (!ok) cudaGetLastError();
+  ok = ok && attr.binaryVersion == 90;
+  if (dev >= 0 && dev < 64) cache[dev] = ok ? 1 : 2;
+  return ok;
 }
 
 }  // namespace mla
 
 template <MlaDtype DT, int R, int P>
-cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream) {
+cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream, bool* q_by_tma) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
+  if (q_by_tma != nullptr) *q_by_tma = false;
   static int smem_optin[64] = {};
   int optin = dev >= 0 && dev < 64 ? smem_optin[dev] : 0;
   if (optin == 0) {
@@ -843,12 +912,27 @@ cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream
   }
   const bool deep = static_cast<size_t>(optin) >= mla_decode_smem_bytes(R, P, 32, kMlaMaxStages);
   const bool small_m = mla_decode_m_tile(params.S, params.H) == 16;
-  if (small_m) {
-    err = deep ? mla::launch_variant<DT, R, P, 16, kMlaMaxStages>(params, stream, dev)
-               : mla::launch_variant<DT, R, P, 16, kMlaMinStages>(params, stream, dev);
-  } else {
-    err = deep ? mla::launch_variant<DT, R, P, 32, kMlaMaxStages>(params, stream, dev)
-               : mla::launch_variant<DT, R, P, 32, kMlaMinStages>(params, stream, dev);
+  bool launched = false;
+  if constexpr (R == 512 && P == 64) {
+    // The query tile by TMA where it serves (params.tma_q: the switch), the binary has the sm_90a body and the
+    // maps encode; else by cp.async.
+    const int m = small_m ? 16 : 32;
+    if (params.tma_q && mla_decode_tma_q_serves(R, P, params.S, params.H, m) &&
+        static_cast<size_t>(optin) >= mla_decode_smem_bytes(R, P, m, kMlaMaxStages, true) &&
+        mla::mla_decode_tma_q_built<DT, R, P>(dev)) {
+      err = small_m ? mla::launch_variant_tma_q<DT, R, P, 16>(params, stream, dev, &launched)
+                    : mla::launch_variant_tma_q<DT, R, P, 32>(params, stream, dev, &launched);
+      if (q_by_tma != nullptr) *q_by_tma = launched;
+    }
+  }
+  if (!launched) {
+    if (small_m) {
+      err = deep ? mla::launch_variant<DT, R, P, 16, kMlaMaxStages>(params, stream, dev)
+                 : mla::launch_variant<DT, R, P, 16, kMlaMinStages>(params, stream, dev);
+    } else {
+      err = deep ? mla::launch_variant<DT, R, P, 32, kMlaMaxStages>(params, stream, dev)
+                 : mla::launch_variant<DT, R, P, 32, kMlaMinStages>(params, stream, dev);
+    }
   }
   if (err != cudaSuccess || params.num_splits == 1) return err;
   return mla::launch_mla_combine<DT, R>(params, stream);

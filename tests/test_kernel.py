@@ -384,6 +384,33 @@ def test_v7_query_by_tma_same_bits(H, S):
             assert torch.ops.mla_patch._last_q_tma() == 0
 
 
+@pytest.mark.parametrize("H, S, serves", [(128, 1, True), (16, 1, True), (40, 1, True), (1, 1, True), (32, 2, True),
+                                          (16, 3, False)])
+def test_mma_query_by_tma_same_bits(H, S, serves):
+    """The mma.sync kernel's query tile by TMA (sm_90a: M heads of one token a box, heads past H read as zeros)
+    feeds the same fragments as its cp.async copy into padded rows: outputs bit-identical either way, for contiguous
+    and strided queries, with empty and ragged sequences (split partials and the combine); _last_q_tma() says which
+    ran, and where it does not serve (an M tile across tokens: S > 1 and H not a multiple of M; R = 256) the copy
+    stays cp.async."""
+    if not IS_SM90:
+        pytest.skip("the query tile by TMA needs compute capability 9.0")
+    seed = _seed("mma-tma-q", H, S)
+    dtype = torch.float16 if H == 40 else torch.bfloat16
+    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(3, S, H, 512, 64, 2000, [2000, 0, 777], dtype, "packed", seed)
+    qbuf = torch.cat([q_latent, q_pe], dim=-1)  # queries as views of one [B, S, H, R + P] buffer
+    for q in ((q_latent, q_pe), (qbuf[..., :512], qbuf[..., 512:])):
+        got = {}
+        for tma_q in (0, 1):
+            with ops.kernel_settings(wgmma_mode=MODES["mma"], tma_q=tma_q):
+                got[tma_q] = run_kernel(*q, c_kv, k_pe, kv_start, kv_end)
+                assert torch.ops.mla_patch._last_path() == MODES["mma"]
+                assert torch.ops.mla_patch._last_q_tma() == (tma_q and serves), f"H={H} S={S} tma_q={tma_q}"
+        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), f"H={H} S={S} seed={seed}"
+    with ops.kernel_settings(wgmma_mode=MODES["mma"], tma_q=1):  # R = 256: 64-byte rope rows, cp.async
+        run_kernel(*make_case(1, 1, H, 256, 32, 300, [300], dtype, "packed", seed))
+        assert torch.ops.mla_patch._last_q_tma() == 0
+
+
 @pytest.mark.parametrize("splits", [0, 1, 3, 7, 64])
 @pytest.mark.parametrize("H, S, layout", [(128, 1, "packed"), (128, 2, "separate"), (64, 1, "separate"),
                                           (192, 1, "packed"), (16, 1, "packed"), (16, 3, "separate"),
