@@ -76,10 +76,11 @@ enum KernelPath : int { kPathMma = 0, kPathSeesaw = 1, kPathPair = 2, kPathNarro
 // B = 64 at 4K 92.9 vs 95.2 us; below, B = 128 at 1K 48.9 vs 49.1 is a tie and B = 64 at 1K 34.6 vs 30.6 us), and
 // with R = 512 from 128K rows (session 9, after session 8's block-by-block tiles: B = 128 at 1K 46.5 vs 49.2 us,
 // B = 64 at 1K 31.9 vs 31.1, B = 16 at 4K 31.9 vs 30.3). Where the narrow kernel serves (S*H <= 16, R = 512) it
-// replaces v7 and starts at 16K rows (session 10, 180a08a, H = 16: B = 1 at 16K 14.2 vs 14.9 us (mma.sync), B = 16 at
-// 1K 13.2 vs 13.3, B = 64 at 1K 30.1 vs 30.5; below, B = 1 at 4K 9.7 vs 9.0 and at 1K 9.4 vs 7.2; v7 is 1-6 %
-// slower than it in every H = 16 cell with batch), unless its switch is off (narrow_enabled).
-constexpr int64_t kNarrowMinRows = 16384;
+// replaces v7 and starts at 128K rows (session 11, once mma.sync's query tile went by TMA, H = 16: B = 128 at 1K
+// 45.9 vs 47.8 us (mma.sync), B = 64 at 4K 86.2 vs 95.6, B = 16 at 16K 85.4 vs 94.6; below, mma.sync is 2-4 % faster:
+// B = 64 at 1K 29.9 vs 30.5, B = 16 at 4K 29.1 vs 29.8, B = 1 at 64K 30.1 vs 31.0; v7 is 1-6 % slower than v9 in
+// every H = 16 cell with batch, session 10), unless its switch is off (narrow_enabled).
+constexpr int64_t kNarrowMinRows = 128 * 1024;
 constexpr int64_t kSeesawMinRowsWide = 16384;
 constexpr int64_t kSeesawMinRowsWideTmaQ = 4096;
 constexpr int64_t kSeesawMinRowsNarrow = 256 * 1024;

@@ -607,15 +607,14 @@ def test_v9_only_where_it_serves():
 
 @pytest.mark.parametrize("narrow", [-1, 0])
 def test_v9_default_dispatch(narrow):
-    """The default dispatch runs the narrow kernel where it serves from 16K cached rows a call (B x capacity) and
+    """The default dispatch runs the narrow kernel where it serves from 128K cached rows a call (B x capacity) and
     mma.sync below; with its switch off (_narrow_mode(0), MLA_PATCH_NARROW=0) v7's thresholds apply (S*H < 64 at
-    R = 512: mma.sync below 128K rows). More than 16 query rows never take it."""
+    R = 512: mma.sync below 128K rows too, v7 from there). More than 16 query rows never take it."""
     _skip_unless_sm90("v9")
-    narrow_default = MODES["v9"] if narrow == -1 else MODES["mma"]
+    above = MODES["v9"] if narrow == -1 else MODES["v7"]
     # (B, S, H, T): the kernel the default dispatch runs
-    cases = [((2, 1, 16, 8192), narrow_default), ((1, 1, 16, 4096), MODES["mma"]),
-             ((4, 2, 8, 4096), narrow_default), ((2, 2, 16, 8192), MODES["mma"]),
-             ((1, 1, 16, 131072), MODES["v9"] if narrow == -1 else MODES["v7"])]
+    cases = [((4, 1, 16, 16384), MODES["mma"]), ((1, 1, 16, 4096), MODES["mma"]), ((4, 2, 8, 8192), MODES["mma"]),
+             ((2, 2, 16, 8192), MODES["mma"]), ((1, 1, 16, 131072), above), ((8, 2, 8, 16384), above)]
     for (B, S, H, T), want in cases:
         seed = _seed("v9-default", B, S, H, T, narrow)
         tag = f"default narrow={narrow} B={B} S={S} H={H} T={T} seed={seed}"
