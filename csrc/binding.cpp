@@ -135,7 +135,8 @@ int64_t last_q_tma_op() { return g_last_q_tma.load(); }
 // v7's cache tiles by TMA (TMAK in mla_decode_seesaw.cuh) where R = 512 and the grid is the regular one: on by
 // default (H200, session 9, same-run A/Bs: H = 128 with batch 4-9 % faster than the cp.async tiles, batch 1 at 64K
 // 5 %; H = 16 (the late order) 1-5 % faster once the maps stopped promoting L2 fills to 256 bytes, 1-4 % slower
-// with that promotion); MLA_PATCH_TMA_KV=0 turns it off (read once per process), the hook
+// with that promotion); the mma.sync kernel's too where its query tile goes by TMA (session 11); MLA_PATCH_TMA_KV=0
+// turns them off (read once per process), the hook
 // mla_patch::_tma_kv(0|1|-1) overrides (the benchmark's A/B and the tests); _last_kv_tma() says whether the last
 // call's tiles went by TMA.
 std::atomic<int> g_tma_kv_mode{-1};
@@ -464,11 +465,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
                  : launch_mla_decode_seesaw<MlaDtype::kFP16, 256, 32>(p, stream, &q_tma, &kv_tma);
     }
   } else if (R == 512) {
-    err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 512, 64>(p, stream, &q_tma)
-               : launch_mla_decode<MlaDtype::kFP16, 512, 64>(p, stream, &q_tma);
+    err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 512, 64>(p, stream, &q_tma, &kv_tma)
+               : launch_mla_decode<MlaDtype::kFP16, 512, 64>(p, stream, &q_tma, &kv_tma);
   } else {
-    err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 256, 32>(p, stream, &q_tma)
-               : launch_mla_decode<MlaDtype::kFP16, 256, 32>(p, stream, &q_tma);
+    err = bf16 ? launch_mla_decode<MlaDtype::kBF16, 256, 32>(p, stream, &q_tma, &kv_tma)
+               : launch_mla_decode<MlaDtype::kFP16, 256, 32>(p, stream, &q_tma, &kv_tma);
   }
   g_last_q_tma.store(q_tma ? 1 : 0);
   g_last_kv_tma.store(kv_tma ? 1 : 0);

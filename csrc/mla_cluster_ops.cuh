@@ -50,6 +50,13 @@ __device__ __forceinline__ void mbar_wait(uint32_t addr, uint32_t parity) {
     if (polls == (1u << 26)) __trap();
   }
 }
+// Generic-proxy shared writes (cp.async, stores) ordered before async-proxy accesses to them (wgmma's reads, bulk
+// copies into the same bytes).
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
 __device__ __forceinline__ uint32_t cluster_ctarank() {
   uint32_t r = 0;
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)

@@ -229,9 +229,12 @@ constexpr float kLog2e = 1.4426950408889634f;
 // 128-byte swizzle, 1 KB aligned; OOB heads read as zeros) onto an mbarrier. The cp.async copy kept every thread
 // issuing its 16-byte copies for ~1.7 us before it could issue the first cache tile's (kernel_timeline.py at
 // H = 128, batch 1: pdl_wait -> lengths 2.45 us here against v7's 0.76 with its query by TMA).
-template <MlaDtype DT, int R, int P, int M, int STAGES, bool TMAQ = false>
+// TMAK (with TMAQ): the cache tiles by TMA too, one thread issuing nine {64 columns, 32 rows} boxes a tile onto the
+// stage's mbarrier, the stages in the same 128-byte-swizzled block layout inside the region of the padded ones;
+// TMA reads rows past T as zeros, and the rows in [ce, T) of a split's last tile are zeroed after it lands.
+template <MlaDtype DT, int R, int P, int M, int STAGES, bool TMAQ = false, bool TMAK = false>
 __global__ void __launch_bounds__(256, 1)
-    mla_decode_kernel(const MlaDecodeParams p, const __grid_constant__ std::conditional_t<TMAQ, QMaps, NoMaps> maps) {
+    mla_decode_kernel(const MlaDecodeParams p, const __grid_constant__ KernelMaps<false, TMAQ, TMAK> maps) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
   using T2 = typename Tr::T2;
@@ -259,15 +262,20 @@ __global__ void __launch_bounds__(256, 1)
   float* s_alpha = reinterpret_cast<float*>(s_p + M * SP);
   float* s_m = s_alpha + M;
   float* s_l = s_m + M;
+  static_assert(TMAQ || !TMAK, "the TMA cache tiles come with the TMA query tile");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr bool kTmaQ = TMAQ;
+  constexpr bool kTmaQ = TMAQ, kTmaK = TMAK;
 #else
-  constexpr bool kTmaQ = false;
+  constexpr bool kTmaQ = false, kTmaK = false;
   if constexpr (TMAQ) __trap();  // never launched without the sm_90a body (mla_decode_tma_q_built)
 #endif
-  constexpr int QB = D / 64;  // 64-column blocks of a query row (TMAQ: R = 512, P = 64)
+  constexpr int QB = D / 64;             // 64-column blocks of a query or cache row (TMAQ / TMAK: R = 512, P = 64)
+  constexpr int STAGE_B = QB * N * 128;  // TMAK: a stage's bytes
   const uint32_t q_bar = smem_addr(s_l + M);               // TMAQ: the mbarrier the Q tile lands on
-  const uint32_t q_tma = (q_bar + 16 + 1023) & ~1023u;     // TMAQ: the Q tile, [QB][M][128 B] swizzled
+  const uint32_t q_tma = (q_bar + 48 + 1023) & ~1023u;     // TMAQ: the Q tile, [QB][M][128 B] swizzled
+  const uint32_t kv_tma = (smem_addr(smem) + 1023) & ~1023u;  // TMAK: stage st at kv_tma + st STAGE_B
+  auto stage_bar = [&](int st) { return q_bar + 8 + 8 * st; };  // TMAK: the mbarrier stage st lands on
+  static_assert(!TMAK || 1024 + STAGES * STAGE_B <= STAGES * N * ROW * 2, "TMAK stages fit the padded ones");
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int gq = lane >> 2, tq = lane & 3;  // mma fragment row / column-pair of this lane
@@ -288,13 +296,17 @@ __global__ void __launch_bounds__(256, 1)
     static_assert(!TMAQ || (R == 512 && P == 64), "128-byte rows in every block, one swizzle");
     if (tid == 0) {
       mbar_init(q_bar, 1);
+      if constexpr (kTmaK) {
+#pragma unroll
+        for (int st = 0; st < STAGES; ++st) mbar_init(stage_bar(st), 1);
+      }
       fence_mbarrier_init();  // visible to the copy engine before its bytes arrive on it
       mbar_arrive_expect_tx(q_bar, QB * M * 128);
       const int s = row0 / p.H, h0 = row0 % p.H;  // the tile is M heads of token s (mla_decode_tma_q_serves)
 #pragma unroll
       for (int blk = 0; blk < QB; ++blk) {
-        tma_load_4d(q_tma + blk * M * 128, blk < R / 64 ? &maps.q_latent : &maps.q_pe, blk < R / 64 ? blk * 64 : 0, h0, s,
-                    b, q_bar);
+        const CUtensorMap* map = blk < R / 64 ? &maps.q_latent : &maps.q_pe;
+        tma_load_4d(q_tma + blk * M * 128, map, blk < R / 64 ? blk * 64 : 0, h0, s, b, q_bar);
       }
     }
   } else {
@@ -366,6 +378,18 @@ __global__ void __launch_bounds__(256, 1)
   const T* rope_src = k_pe + static_cast<long long>(cb + r_row) * p.k_pe_st + r_col;
   const long long lat_pass = static_cast<long long>(LROWS) * p.c_kv_st;
   auto load_tile = [&](int tile, int stage) {
+    if constexpr (kTmaK) {  // thread 0: nine boxes onto the stage's mbarrier
+      if (tid == 0) {
+        const uint32_t bar = stage_bar(stage), dst = kv_tma + stage * STAGE_B;
+        mbar_arrive_expect_tx(bar, STAGE_B);
+#pragma unroll
+        for (int blk = 0; blk < QB; ++blk) {
+          tma_load_3d(dst + blk * N * 128, blk < R / 64 ? &maps.c_kv : &maps.k_pe, blk < R / 64 ? blk * 64 : 0,
+                      cb + tile * N, b, bar);
+        }
+      }
+      return;
+    }
     const int base = cb + tile * N;
     T* dst = s_kv + stage * N * ROW;
     const T* src = lat_src + static_cast<long long>(tile) * N * p.c_kv_st;
@@ -393,6 +417,7 @@ __global__ void __launch_bounds__(256, 1)
   cp_async_wait<STAGES - 2>();
   __syncthreads();
   if constexpr (kTmaQ) mbar_wait(q_bar, 0);  // after the barrier: thread 0's initialization is visible
+  if constexpr (kTmaK) mbar_wait(stage_bar(0), 0);
   // Q fragments of this warp's QK column slice, into registers for the whole loop. TMAQ: column col of row r in
   // block col / 64, its 16-byte chunk (col % 64) / 8 at chunk ^ (r % 8) (the rows of one ldmatrix hit 8 banks).
   auto q_elem = [&](int r, int col) {
@@ -411,8 +436,18 @@ __global__ void __launch_bounds__(256, 1)
     if (qd < KR) ldsm_x4(qa[i][KL], q_elem(r, R + qd * 16 + (lane >> 4) * 8));
   }
 
-  // Partial scores of this warp's slice for the tile in `kv`, stored to s_part when `store`.
-  auto qk_partial = [&](const T* kv, bool store) {
+  // Shared address of element (row r, column col) of the cache tile in stage st. TMAK: column col in block
+  // col / 64, its 16-byte chunk (col % 64) / 8 at chunk ^ (r % 8), as for the Q tile.
+  auto kv_elem = [&](int st, int r, int col) {
+    if constexpr (kTmaK) {
+      const int chunk = ((col & 63) >> 3) ^ (r & 7);
+      return kv_tma + static_cast<uint32_t>(st * STAGE_B + (col >> 6) * N * 128 + r * 128 + (chunk << 4));
+    } else {
+      return smem_addr(s_kv + st * N * ROW + r * ROW + col);
+    }
+  };
+  // Partial scores of this warp's slice for the tile in stage st, stored to s_part when `store`.
+  auto qk_partial = [&](int st, bool store) {
     float sacc[MF][2][4];
 #pragma unroll
     for (int i = 0; i < MF; ++i)
@@ -420,11 +455,11 @@ __global__ void __launch_bounds__(256, 1)
       for (int j = 0; j < 2; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) sacc[i][j][e] = 0.f;
-    const T* krow = kv + (nh * 16 + (lane & 7) + (lane >> 4) * 8) * ROW + ((lane >> 3) & 1) * 8;
+    const int kr = nh * 16 + (lane & 7) + (lane >> 4) * 8, kc = ((lane >> 3) & 1) * 8;
 #pragma unroll
     for (int kk = 0; kk < KL; ++kk) {
       uint32_t bk[4];
-      ldsm_x4(bk, smem_addr(krow + qd * (R / 4) + kk * 16));
+      ldsm_x4(bk, kv_elem(st, kr, kc + qd * (R / 4) + kk * 16));
 #pragma unroll
       for (int i = 0; i < MF; ++i) {
         mma_16816<DT>(sacc[i][0], qa[i][kk], bk[0], bk[1]);
@@ -433,7 +468,7 @@ __global__ void __launch_bounds__(256, 1)
     }
     if (qd < KR) {
       uint32_t bk[4];
-      ldsm_x4(bk, smem_addr(krow + R + qd * 16));
+      ldsm_x4(bk, kv_elem(st, kr, kc + R + qd * 16));
 #pragma unroll
       for (int i = 0; i < MF; ++i) {
         mma_16816<DT>(sacc[i][0], qa[i][KL], bk[0], bk[1]);
@@ -452,7 +487,7 @@ __global__ void __launch_bounds__(256, 1)
     }
   };
 
-  qk_partial(s_kv, true);  // tile 0, stage 0
+  qk_partial(0, true);  // tile 0, stage 0
 
   float o[MF][NF][4];
 #pragma unroll
@@ -470,12 +505,29 @@ __global__ void __launch_bounds__(256, 1)
   for (int it = 0; it < n_tiles; ++it) {
     // [X] Groups so far: Q, tiles 0..it+STAGES-2; tile it+1 must have landed.
     cp_async_wait<STAGES - 3>();
+    if constexpr (kTmaK) {
+      if (it + 1 < n_tiles) mbar_wait(stage_bar((it + 1) % STAGES), static_cast<uint32_t>(((it + 1) / STAGES) & 1));
+    }
     __syncthreads();
     if (it == 0 && tid == 0) timeline_stamp(p, kTlDecode, kTlFirst);
     {
       const int nt = it + STAGES - 1;
       if (nt < n_tiles) load_tile(nt, nt % STAGES);
       cp_async_commit();
+    }
+
+    if constexpr (kTmaK) {
+      // The split's last tile: its rows past ce hold cache rows of the next split (TMA zero-fills only past T) and
+      // reach PV(it) after [Y] (their scores are masked): zeroed here, after the tile landed (no copy writes this
+      // stage again).
+      const int tail = ce - (cb + it * N), st = it % STAGES;
+      if (it == n_tiles - 1 && tail < N) {
+        for (int c = tid; c < (N - tail) * QB * 8; c += NTHREADS) {
+          const int r = tail + c / (QB * 8), k = c % (QB * 8);  // 16-byte chunk k % 8 of row r in block k / 8
+          const uint32_t off = (kv_tma - smem_addr(smem)) + st * STAGE_B + (k >> 3) * N * 128 + r * 128 + (k & 7) * 16;
+          *reinterpret_cast<uint4*>(smem + off) = make_uint4(0, 0, 0, 0);
+        }
+      }
     }
 
     // ---- online softmax of row sr, columns sc..sc+CPT-1
@@ -547,8 +599,8 @@ __global__ void __launch_bounds__(256, 1)
       }
     }
     const bool has_next = it + 1 < n_tiles;
-    const T* kv = s_kv + (it % STAGES) * N * ROW;
-    qk_partial(has_next ? s_kv + ((it + 1) % STAGES) * N * ROW : kv, has_next);
+    const int st = it % STAGES;
+    qk_partial(has_next ? (it + 1) % STAGES : st, has_next);
 #pragma unroll
     for (int ks = 0; ks < N / 16; ++ks) {
       uint32_t pa[MF][4];
@@ -557,11 +609,11 @@ __global__ void __launch_bounds__(256, 1)
         ldsm_x4(pa[i], smem_addr(s_p + (i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SP + ks * 16 +
                                  (lane >> 4) * 8));
       }
-      const T* vrow = kv + (ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * ROW + warp * DW + (lane >> 4) * 8;
+      const int vr = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, vc = warp * DW + (lane >> 4) * 8;
 #pragma unroll
       for (int jp = 0; jp < NF / 2; ++jp) {
         uint32_t bv[4];
-        ldsm_x4_trans(bv, smem_addr(vrow + jp * 16));
+        ldsm_x4_trans(bv, kv_elem(st, vr, vc + jp * 16));
 #pragma unroll
         for (int i = 0; i < MF; ++i) {
           mma_16816<DT>(o[i][2 * jp], pa[i], bv[0], bv[1]);
@@ -869,16 +921,24 @@ cudaError_t launch_variant(const MlaDecodeParams& params, cudaStream_t stream, i
                             smem_set, dev, params, stream, NoMaps{});
 }
 
-// The TMAQ variant (the deep pipeline only: sm_90a parts have the shared memory) with its query maps; false in
-// *launched where they do not encode.
-template <MlaDtype DT, int R, int P, int M>
-cudaError_t launch_variant_tma_q(const MlaDecodeParams& params, cudaStream_t stream, int dev, bool* launched) {
+// The TMAQ variant (the deep pipeline only: sm_90a parts have the shared memory) with its query maps, and with the
+// cache's maps where TMAK; false in *launched where they do not encode.
+template <MlaDtype DT, int R, int P, int M, bool TMAK>
+cudaError_t launch_variant_tma(const MlaDecodeParams& params, cudaStream_t stream, int dev, bool* launched) {
   static bool smem_set[64] = {};
-  QMaps maps;
   *launched = false;
-  if (!query_maps<DT, M>(params, R, P, &maps)) return cudaSuccess;
+  QMaps q;
+  KernelMaps<false, true, TMAK> maps;
+  if (!query_maps<DT, M>(params, R, P, &q)) return cudaSuccess;
+  if constexpr (TMAK) {
+    PairMaps kv;
+    if (!cache_maps<DT, kMlaNTile>(params, R, P, &kv)) return cudaSuccess;
+    maps = TileMaps{q.q_latent, q.q_pe, kv.c_kv, kv.k_pe};
+  } else {
+    maps = q;
+  }
   *launched = true;
-  return launch_main_kernel(mla_decode_kernel<DT, R, P, M, kMlaMaxStages, true>, M,
+  return launch_main_kernel(mla_decode_kernel<DT, R, P, M, kMlaMaxStages, true, TMAK>, M,
                             mla_decode_smem_bytes(R, P, M, kMlaMaxStages, true), smem_set, dev, params, stream, maps);
 }
 
@@ -888,7 +948,7 @@ bool mla_decode_tma_q_built(int dev) {
   static int8_t cache[64] = {};  // 0 unknown, 1 yes, 2 no
   if (dev >= 0 && dev < 64 && cache[dev] != 0) return cache[dev] == 1;
   cudaFuncAttributes attr{};
-  bool ok = cudaFuncGetAttributes(&attr, mla_decode_kernel<DT, R, P, 32, kMlaMaxStages, true>) == cudaSuccess;
+  bool ok = cudaFuncGetAttributes(&attr, mla_decode_kernel<DT, R, P, 32, kMlaMaxStages, true, false>) == cudaSuccess;
   if (!ok) cudaGetLastError();
   ok = ok && attr.binaryVersion == 90;
   if (dev >= 0 && dev < 64) cache[dev] = ok ? 1 : 2;
@@ -898,11 +958,12 @@ bool mla_decode_tma_q_built(int dev) {
 }  // namespace mla
 
 template <MlaDtype DT, int R, int P>
-cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream, bool* q_by_tma) {
+cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream, bool* q_by_tma, bool* kv_by_tma) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   if (q_by_tma != nullptr) *q_by_tma = false;
+  if (kv_by_tma != nullptr) *kv_by_tma = false;
   static int smem_optin[64] = {};
   int optin = dev >= 0 && dev < 64 ? smem_optin[dev] : 0;
   if (optin == 0) {
@@ -915,13 +976,20 @@ cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream
   bool launched = false;
   if constexpr (R == 512 && P == 64) {
     // The query tile by TMA where it serves (params.tma_q: the switch), the binary has the sm_90a body and the
-    // maps encode; else by cp.async.
+    // maps encode, and the cache tiles too where params.tma_kv (the switch); else all by cp.async.
     const int m = small_m ? 16 : 32;
     if (params.tma_q && mla_decode_tma_q_serves(R, P, params.S, params.H, m) &&
         static_cast<size_t>(optin) >= mla_decode_smem_bytes(R, P, m, kMlaMaxStages, true) &&
         mla::mla_decode_tma_q_built<DT, R, P>(dev)) {
-      err = small_m ? mla::launch_variant_tma_q<DT, R, P, 16>(params, stream, dev, &launched)
-                    : mla::launch_variant_tma_q<DT, R, P, 32>(params, stream, dev, &launched);
+      if (params.tma_kv) {
+        err = small_m ? mla::launch_variant_tma<DT, R, P, 16, true>(params, stream, dev, &launched)
+                      : mla::launch_variant_tma<DT, R, P, 32, true>(params, stream, dev, &launched);
+        if (kv_by_tma != nullptr) *kv_by_tma = launched;
+      }
+      if (!launched && err == cudaSuccess) {
+        err = small_m ? mla::launch_variant_tma<DT, R, P, 16, false>(params, stream, dev, &launched)
+                      : mla::launch_variant_tma<DT, R, P, 32, false>(params, stream, dev, &launched);
+      }
       if (q_by_tma != nullptr) *q_by_tma = launched;
     }
   }

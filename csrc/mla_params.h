@@ -89,27 +89,30 @@ inline int mla_decode_num_splits(int B, int S, int H, int T, int num_sms) {
 // Dynamic shared memory of the main kernel, 2-byte inputs (see mla_decode.cuh): `stages` cache
 // tiles [32][R+P+8] (the Q tile is staged in the last one before the loop starts), the partial
 // scores [4][m_tile][40] fp32, the probabilities [m_tile][40], per-row alpha/m/l.
-// tma_q: the variant that loads its query tile by TMA (mla_decode_tma_q_serves) adds an mbarrier (16 B), 1 KB of
-// alignment slack and the tile in 64-column blocks of 128-byte rows.
+// tma_q: the variant that loads its query tile by TMA (mla_decode_tma_q_serves) adds 48 B of mbarriers (the query
+// tile's and, with its cache tiles by TMA, one a stage), 1 KB of alignment slack and the tile in 64-column blocks of
+// 128-byte rows. (Its TMA cache stages fit in the padded stages' bytes.)
 constexpr size_t mla_decode_smem_bytes(int R, int P, int m_tile, int stages, bool tma_q = false) {
   const size_t row = static_cast<size_t>(R + P + 8) * 2;  // +8 elements: conflict-free ldmatrix
   const size_t kv = static_cast<size_t>(stages) * kMlaNTile * row;
   const size_t s_part = static_cast<size_t>(4) * m_tile * (kMlaNTile + 8) * 4;
   const size_t probs = static_cast<size_t>(m_tile) * (kMlaNTile + 8) * 2;
   const size_t stats = static_cast<size_t>(3) * m_tile * 4;
-  const size_t q_tile = tma_q ? 16 + 1024 + static_cast<size_t>((R + P) / 64) * m_tile * 128 : 0;
+  const size_t q_tile = tma_q ? 48 + 1024 + static_cast<size_t>((R + P) / 64) * m_tile * 128 : 0;
   return kv + s_part + probs + stats + q_tile;
 }
 // The mma.sync kernel loads its query tile by TMA (sm_90a) where every block is 128-byte rows (R = 512, P = 64) and
-// each M tile is m_tile heads of one token (the maps' box; heads past H read as zeros).
+// each M tile is m_tile heads of one token (the maps' box; heads past H read as zeros); its cache tiles too there
+// (TMAK, the tma_kv switch).
 inline bool mla_decode_tma_q_serves(int R, int P, int S, int H, int m_tile) {
   return R == 512 && P == 64 && (S == 1 || H % m_tile == 0);
 }
 
-// Host launcher: main kernel, then the LSE combine when num_splits > 1. *q_by_tma (if given) says whether the
-// query tile went by TMA. Instantiated in mla_decode_<dtype>_r<R>.cu for the supported (dtype, R, P).
+// Host launcher: main kernel, then the LSE combine when num_splits > 1. *q_by_tma / *kv_by_tma (if given) say
+// whether the query tile / the cache tiles went by TMA. Instantiated in mla_decode_<dtype>_r<R>.cu for the
+// supported (dtype, R, P).
 template <MlaDtype DT, int R, int P>
-cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream, bool* q_by_tma);
+cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream, bool* q_by_tma, bool* kv_by_tma);
 
 // 64-column blocks of a cache row in the sm_90a kernel's shared-memory layout (R latent + one rope block).
 constexpr int mla_wgmma_col_blocks(int R, int P) { return (R + P + 63) / 64; }

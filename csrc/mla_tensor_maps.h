@@ -94,4 +94,18 @@ bool query_maps(const MlaDecodeParams& p, int R, int P, QMaps* maps) {
   });
 }
 
+// c_kv and k_pe as {cols, T, B}, box {64, ROWS, 1}: v8 (ROWS 32: each CTA of the pair fetches half the rows of a
+// tile), v7's TMAK and v9 (ROWS 64, a whole tile), the mma.sync kernel's TMAK (ROWS 32, its tile).
+template <MlaDtype DT, int ROWS>
+bool cache_maps(const MlaDecodeParams& p, int R, int P, PairMaps* maps) {
+  thread_local MapCache<PairMaps, 8> cache;
+  const std::array<int64_t, 8> key{ptr_key(p.c_kv), ptr_key(p.k_pe), p.T, p.B, p.c_kv_st, p.c_kv_sb, p.k_pe_st, p.k_pe_sb};
+  return cache.get(key, maps, [&](PairMaps* m) {
+    const uint32_t box[3] = {64, ROWS, 1};
+    const int64_t c_dims[3] = {R, p.T, p.B}, k_dims[3] = {P, p.T, p.B};
+    const int64_t c_st[2] = {p.c_kv_st, p.c_kv_sb}, k_st[2] = {p.k_pe_st, p.k_pe_sb};
+    return encode_map<DT>(&m->c_kv, p.c_kv, 3, c_dims, c_st, box) && encode_map<DT>(&m->k_pe, p.k_pe, 3, k_dims, k_st, box);
+  });
+}
+
 }  // namespace mla

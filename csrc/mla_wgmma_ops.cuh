@@ -98,12 +98,6 @@ __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
 #endif
 }
-// cp.async writes (generic proxy) must be ordered before wgmma's reads (async proxy).
-__device__ __forceinline__ void fence_proxy_async() {
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
 // Pins registers an in-flight wgmma reads or writes, so the compiler neither moves their uses
 // across the wait nor reuses them before it.
 template <int N>

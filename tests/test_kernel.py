@@ -237,11 +237,21 @@ def _path_settings(path, **extra):
     return settings
 
 
+def _mma_tma_serves(S, H, R):
+    """The mma.sync kernel's query (and, by default, cache) tiles go by TMA on compute capability 9.0 where R = 512
+    and each M tile is heads of one token (mla_decode_tma_q_serves, csrc/mla_params.h)."""
+    m = 16 if S * H <= 16 else 32
+    return IS_SM90 and R == 512 and (S == 1 or H % m == 0)
+
+
 def _kv_by_tma_expected(path, q_latent, ran):
     """Whether `path`, having launched kernel `ran`, copied these queries' cache tiles by TMA: v7 with the switch on
     (v7tmakv; v8's fallback, by default) where R = 512 (128-byte rows in every block: the TMA boxes' 128-byte swizzle
-    is the kernel's layout); v9 always."""
-    return ran == MODES["v9"] or (ran == MODES["v7"] and TMA_KV_MODES.get(path, 1) == 1 and q_latent.shape[-1] == 512)
+    is the kernel's layout); v9 always; mma.sync (its switches on by default) where _mma_tma_serves."""
+    _, S, H, R = q_latent.shape
+    if ran == MODES["mma"]:
+        return _mma_tma_serves(S, H, R)
+    return ran == MODES["v9"] or (ran == MODES["v7"] and TMA_KV_MODES.get(path, 1) == 1 and R == 512)
 
 
 def _splits_forced() -> bool:
@@ -384,31 +394,36 @@ def test_v7_query_by_tma_same_bits(H, S):
             assert torch.ops.mla_patch._last_q_tma() == 0
 
 
-@pytest.mark.parametrize("H, S, serves", [(128, 1, True), (16, 1, True), (40, 1, True), (1, 1, True), (32, 2, True),
-                                          (16, 3, False)])
-def test_mma_query_by_tma_same_bits(H, S, serves):
-    """The mma.sync kernel's query tile by TMA (sm_90a: M heads of one token a box, heads past H read as zeros)
-    feeds the same fragments as its cp.async copy into padded rows: outputs bit-identical either way, for contiguous
-    and strided queries, with empty and ragged sequences (split partials and the combine); _last_q_tma() says which
-    ran, and where it does not serve (an M tile across tokens: S > 1 and H not a multiple of M; R = 256) the copy
-    stays cp.async."""
+@pytest.mark.parametrize("H, S", [(128, 1), (16, 1), (40, 1), (1, 1), (32, 2), (16, 3)])
+def test_mma_tiles_by_tma_same_bits(H, S):
+    """The mma.sync kernel's query tile by TMA (sm_90a: M heads of one token a box, heads past H read as zeros) and its
+    cache tiles by TMA (32-row boxes, rows past T read as zeros, a split's last tile zeroed past its end in shared
+    memory; the cache past each length is NaN here) feed the same fragments as its cp.async copies into padded rows:
+    outputs bit-identical all three ways, for contiguous and strided queries, with empty and ragged sequences (split
+    partials and the combine); _last_q_tma() / _last_kv_tma() say which ran. Where it does not serve (an M tile across
+    tokens: S > 1 and H not a multiple of M; R = 256) the copies stay cp.async."""
     if not IS_SM90:
-        pytest.skip("the query tile by TMA needs compute capability 9.0")
-    seed = _seed("mma-tma-q", H, S)
+        pytest.skip("the TMA copies need compute capability 9.0")
+    serves = _mma_tma_serves(S, H, 512)
+    seed = _seed("mma-tma", H, S)
     dtype = torch.float16 if H == 40 else torch.bfloat16
     q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(3, S, H, 512, 64, 2000, [2000, 0, 777], dtype, "packed", seed)
     qbuf = torch.cat([q_latent, q_pe], dim=-1)  # queries as views of one [B, S, H, R + P] buffer
     for q in ((q_latent, q_pe), (qbuf[..., :512], qbuf[..., 512:])):
         got = {}
-        for tma_q in (0, 1):
-            with ops.kernel_settings(wgmma_mode=MODES["mma"], tma_q=tma_q):
-                got[tma_q] = run_kernel(*q, c_kv, k_pe, kv_start, kv_end)
+        for tma_q, tma_kv in ((0, 0), (1, 0), (1, 1)):
+            with ops.kernel_settings(wgmma_mode=MODES["mma"], tma_q=tma_q, tma_kv=tma_kv):
+                got[tma_q, tma_kv] = run_kernel(*q, c_kv, k_pe, kv_start, kv_end)
                 assert torch.ops.mla_patch._last_path() == MODES["mma"]
-                assert torch.ops.mla_patch._last_q_tma() == (tma_q and serves), f"H={H} S={S} tma_q={tma_q}"
-        assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), f"H={H} S={S} seed={seed}"
-    with ops.kernel_settings(wgmma_mode=MODES["mma"], tma_q=1):  # R = 256: 64-byte rope rows, cp.async
+                ran = (torch.ops.mla_patch._last_q_tma(), torch.ops.mla_patch._last_kv_tma())
+                want = (int(tma_q and serves), int(tma_q and tma_kv and serves))
+                assert ran == want, f"H={H} S={S} tma_q={tma_q} tma_kv={tma_kv}: ran {ran}"
+        ref = got[0, 0]
+        for key, (out, lse) in got.items():
+            assert torch.equal(out, ref[0]) and torch.equal(lse, ref[1]), f"H={H} S={S} {key} seed={seed}"
+    with ops.kernel_settings(wgmma_mode=MODES["mma"], tma_q=1, tma_kv=1):  # R = 256: 64-byte rope rows, cp.async
         run_kernel(*make_case(1, 1, H, 256, 32, 300, [300], dtype, "packed", seed))
-        assert torch.ops.mla_patch._last_q_tma() == 0
+        assert (torch.ops.mla_patch._last_q_tma(), torch.ops.mla_patch._last_kv_tma()) == (0, 0)
 
 
 @pytest.mark.parametrize("splits", [0, 1, 3, 7, 64])
