@@ -370,6 +370,14 @@ def test_paths_agree():
     torch.testing.assert_close(lse1, lse0, rtol=0, atol=1e-3)
 
 
+def _query_layouts_case(S, H, dtype, seed):
+    """Three sequences (full, empty and ragged) over a 2000-row cache, and their queries two ways: two tensors, and
+    views of one [B, S, H, R + P] buffer (strided). Returns (the query pairs, (c_kv, k_pe, kv_start, kv_end))."""
+    q_latent, q_pe, *cache = make_case(3, S, H, 512, 64, 2000, [2000, 0, 777], dtype, "packed", seed)
+    qbuf = torch.cat([q_latent, q_pe], dim=-1)
+    return ((q_latent, q_pe), (qbuf[..., :512], qbuf[..., 512:])), tuple(cache)
+
+
 @pytest.mark.parametrize("H, S", [(128, 1), (128, 2), (64, 1), (64, 3)])
 def test_v7_query_by_tma_same_bits(H, S):
     """v7's query tile by TMA (H a multiple of 64) lands the same bytes in the same layout as its cp.async copy:
@@ -378,13 +386,12 @@ def test_v7_query_by_tma_same_bits(H, S):
     _skip_unless_sm90("v7")
     seed = _seed("v7-tma-q", H, S)
     dtype = torch.float16 if S == 3 else torch.bfloat16
-    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(3, S, H, 512, 64, 2000, [2000, 0, 777], dtype, "packed", seed)
-    qbuf = torch.cat([q_latent, q_pe], dim=-1)  # queries as views of one [B, S, H, R + P] buffer
-    for q in ((q_latent, q_pe), (qbuf[..., :512], qbuf[..., 512:])):
+    queries, cache = _query_layouts_case(S, H, dtype, seed)
+    for q in queries:
         got = {}
         for tma_q in (0, 1):
             with ops.kernel_settings(wgmma_mode=MODES["v7"], tma_q=tma_q):
-                got[tma_q] = run_kernel(*q, c_kv, k_pe, kv_start, kv_end)
+                got[tma_q] = run_kernel(*q, *cache)
                 assert torch.ops.mla_patch._last_path() == MODES["v7"]
                 assert torch.ops.mla_patch._last_q_tma() == tma_q, f"H={H} S={S}: query by TMA {tma_q} not honoured"
         assert torch.equal(got[0][0], got[1][0]) and torch.equal(got[0][1], got[1][1]), f"H={H} S={S} seed={seed}"
@@ -407,13 +414,12 @@ def test_mma_tiles_by_tma_same_bits(H, S):
     serves = _mma_tma_serves(S, H, 512)
     seed = _seed("mma-tma", H, S)
     dtype = torch.float16 if H == 40 else torch.bfloat16
-    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(3, S, H, 512, 64, 2000, [2000, 0, 777], dtype, "packed", seed)
-    qbuf = torch.cat([q_latent, q_pe], dim=-1)  # queries as views of one [B, S, H, R + P] buffer
-    for q in ((q_latent, q_pe), (qbuf[..., :512], qbuf[..., 512:])):
+    queries, cache = _query_layouts_case(S, H, dtype, seed)
+    for q in queries:
         got = {}
         for tma_q, tma_kv in ((0, 0), (1, 0), (1, 1)):
             with ops.kernel_settings(wgmma_mode=MODES["mma"], tma_q=tma_q, tma_kv=tma_kv):
-                got[tma_q, tma_kv] = run_kernel(*q, c_kv, k_pe, kv_start, kv_end)
+                got[tma_q, tma_kv] = run_kernel(*q, *cache)
                 assert torch.ops.mla_patch._last_path() == MODES["mma"]
                 ran = (torch.ops.mla_patch._last_q_tma(), torch.ops.mla_patch._last_kv_tma())
                 want = (int(tma_q and serves), int(tma_q and tma_kv and serves))
