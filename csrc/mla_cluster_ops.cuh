@@ -1,6 +1,7 @@
 // mbarrier, thread-block-cluster and bulk-tensor-copy (TMA) wrappers for the sm_90a code (mla_decode_seesaw.cuh:
 // v7's query and cache tiles by TMA, v8's cache tiles by TMA multicast; mla_decode.cuh: the mma.sync kernel's query
-// tile by TMA). The cluster, expect-tx and copy wrappers have empty bodies outside sm_90a (never reached there).
+// and cache tiles by TMA). The cluster, expect-tx, fence and copy wrappers have empty bodies outside sm_90a (never
+// reached there).
 #pragma once
 #include <cstdint>
 #include <type_traits>

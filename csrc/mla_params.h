@@ -42,7 +42,8 @@ struct MlaDecodeParams {
   int timeline_blocks;
   int tma_q;  // 1: v7 and the mma.sync kernel may load their query tile by TMA (mla_seesaw_tma_q_serves,
               // mla_decode_tma_q_serves); host-side only
-  int tma_kv; // 1: v7 may load its cache tiles by TMA (R = 512, the regular grid); host-side only
+  int tma_kv; // 1: v7 (R = 512, the regular grid) and the mma.sync kernel (with its query by TMA) may load their
+              // cache tiles by TMA; host-side only
 
   // v7's balanced ("planned") grid: plan_ctas CTAs (0: the regular grid) share the work evenly (mla_plan_start);
   // a CTA's cut items go to its two partial slots ([2 plan_ctas][64] rows of o_partial / lse_partial), and

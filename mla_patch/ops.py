@@ -65,7 +65,7 @@ KERNEL_HOOKS = {
     "force_splits": "_force_splits",  # 0 the split-KV heuristic, n > 0 that many splits
     "fp32_partials": "_fp32_partials",  # -1 default (input dtype), 0 input dtype, 1 fp32
     "tma_q": "_tma_q",  # -1 default (on), 0 the query tile by cp.async (v7, mma.sync), 1 by TMA where it serves
-    "tma_kv": "_tma_kv",  # -1 default (on), 0 v7's cache tiles by cp.async, 1 by TMA where they can be
+    "tma_kv": "_tma_kv",  # -1 default (on), 0 the cache tiles by cp.async (v7, mma.sync), 1 by TMA where they can be
     "plan_mode": "_plan_mode",  # -1 default (off), 0 v7's regular grid, 1 its balanced grid where it serves
     "narrow_mode": "_narrow_mode",  # -1 default (on), 0 no narrow kernel (v9) in the default dispatch, 1 on
 }

@@ -20,8 +20,9 @@ imports (not on the device image: carry the wheels and AOT modules of scripts/fe
 --peer-only-check runs only a small FlashInfer check (for a quick smoke on the GPU).
 Each row also times the default dispatch with each --ab switch flipped (same sets, same run): `nopdl`
 (programmatic dependent launch off, nopdl_us), `f32part` (fp32 split partials, f32part_us), `cpq` (the query
-tile by cp.async instead of TMA, in v7 and the mma.sync kernel, cpq_us), `plan` / `noplan` (v7's balanced grid wherever it serves / never),
-`tmakv` / `cpkv` (v7's cache tiles by TMA wherever they can be / by cp.async), `nonarrow` (the default dispatch
+tile by cp.async instead of TMA, in v7 and the mma.sync kernel, cpq_us), `plan` / `noplan` (v7's balanced grid
+wherever it serves / never), `tmakv` / `cpkv` (the cache tiles by TMA wherever they can be / by cp.async, v7 and
+the mma.sync kernel), `nonarrow` (the default dispatch
 without the narrow kernel, v9), and
 --sweep-splits N,N,... times every kernel with those split-KV factors forced on the --sweep-batches
 cells (the data behind the split heuristics in csrc/mla_params.h).
