@@ -428,7 +428,9 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.sm_scale = static_cast<float>(sm_scale);
   p.pdl = pdl_enabled(info) ? 1 : 0;
   p.partial_f32 = partial_f32 ? 1 : 0;
-  p.tma_q = tma_q_on ? 1 : 0;
+  // The query tile by TMA (v7, and mma.sync's TMAQ variant) needs the sm_90a bodies loaded: a 9.0 device and a
+  // binary built with them (the same arch flags build every TU, so v7's check answers for mma.sync's too).
+  p.tma_q = tma_q_on && info.cc_major == 9 && info.cc_minor == 0 && seesaw_built(device.index(), bf16, R) ? 1 : 0;
   p.tma_kv = tma_kv_enabled() ? 1 : 0;
   const at::Tensor& timeline = timeline_buffer();
   if (timeline.defined() && timeline.device() == device) {

@@ -267,7 +267,7 @@ __global__ void __launch_bounds__(256, 1)
   constexpr bool kTmaQ = TMAQ, kTmaK = TMAK;
 #else
   constexpr bool kTmaQ = false, kTmaK = false;
-  if constexpr (TMAQ) __trap();  // never launched without the sm_90a body (mla_decode_tma_q_built)
+  if constexpr (TMAQ) __trap();  // never launched without the sm_90a body (binding.cpp sets params.tma_q)
 #endif
   constexpr int QB = D / 64;             // 64-column blocks of a query or cache row (TMAQ / TMAK: R = 512, P = 64)
   constexpr int STAGE_B = QB * N * 128;  // TMAK: a stage's bytes
@@ -518,12 +518,13 @@ __global__ void __launch_bounds__(256, 1)
 
     if constexpr (kTmaK) {
       // The split's last tile: its rows past ce hold cache rows of the next split (TMA zero-fills only past T) and
-      // reach PV(it) after [Y] (their scores are masked): zeroed here, after the tile landed (no copy writes this
-      // stage again).
+      // reach PV(it) after [Y] (their scores are masked): their latent blocks (PV reads no others) are zeroed here,
+      // after the tile landed (no copy writes this stage again).
       const int tail = ce - (cb + it * N), st = it % STAGES;
       if (it == n_tiles - 1 && tail < N) {
-        for (int c = tid; c < (N - tail) * QB * 8; c += NTHREADS) {
-          const int r = tail + c / (QB * 8), k = c % (QB * 8);  // 16-byte chunk k % 8 of row r in block k / 8
+        constexpr int LB = R / 64;
+        for (int c = tid; c < (N - tail) * LB * 8; c += NTHREADS) {
+          const int r = tail + c / (LB * 8), k = c % (LB * 8);  // 16-byte chunk k % 8 of row r in block k / 8
           const uint32_t off = (kv_tma - smem_addr(smem)) + st * STAGE_B + (k >> 3) * N * 128 + r * 128 + (k & 7) * 16;
           *reinterpret_cast<uint4*>(smem + off) = make_uint4(0, 0, 0, 0);
         }
@@ -942,19 +943,6 @@ cudaError_t launch_variant_tma(const MlaDecodeParams& params, cudaStream_t strea
                             mla_decode_smem_bytes(R, P, M, kMlaMaxStages, true), smem_set, dev, params, stream, maps);
 }
 
-// Whether the binary holds the TMAQ variant's sm_90a body (so the device is an sm_90 part), once per device.
-template <MlaDtype DT, int R, int P>
-bool mla_decode_tma_q_built(int dev) {
-  static int8_t cache[64] = {};  // 0 unknown, 1 yes, 2 no
-  if (dev >= 0 && dev < 64 && cache[dev] != 0) return cache[dev] == 1;
-  cudaFuncAttributes attr{};
-  bool ok = cudaFuncGetAttributes(&attr, mla_decode_kernel<DT, R, P, 32, kMlaMaxStages, true, false>) == cudaSuccess;
-  if (!ok) cudaGetLastError();
-  ok = ok && attr.binaryVersion == 90;
-  if (dev >= 0 && dev < 64) cache[dev] = ok ? 1 : 2;
-  return ok;
-}
-
 }  // namespace mla
 
 template <MlaDtype DT, int R, int P>
@@ -975,12 +963,11 @@ cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream
   const bool small_m = mla_decode_m_tile(params.S, params.H) == 16;
   bool launched = false;
   if constexpr (R == 512 && P == 64) {
-    // The query tile by TMA where it serves (params.tma_q: the switch), the binary has the sm_90a body and the
-    // maps encode, and the cache tiles too where params.tma_kv (the switch); else all by cp.async.
+    // The query tile by TMA where it serves (params.tma_q: the switch, set only where the sm_90a body is loaded)
+    // and the maps encode, and the cache tiles too where params.tma_kv (the switch); else all by cp.async.
     const int m = small_m ? 16 : 32;
     if (params.tma_q && mla_decode_tma_q_serves(R, P, params.S, params.H, m) &&
-        static_cast<size_t>(optin) >= mla_decode_smem_bytes(R, P, m, kMlaMaxStages, true) &&
-        mla::mla_decode_tma_q_built<DT, R, P>(dev)) {
+        static_cast<size_t>(optin) >= mla_decode_smem_bytes(R, P, m, kMlaMaxStages, true)) {
       if (params.tma_kv) {
         err = small_m ? mla::launch_variant_tma<DT, R, P, 16, true>(params, stream, dev, &launched)
                       : mla::launch_variant_tma<DT, R, P, 32, true>(params, stream, dev, &launched);
