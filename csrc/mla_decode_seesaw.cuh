@@ -413,18 +413,10 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
   uint32_t pa[4][4], pb[4][4];
   constexpr int kBarMine = W == 0 ? kBarWg0 : kBarWg1;
 
-  // Prologue loads, in flight with the Q tile (its cp.async group was committed by the kernel; these are in no
-  // group): the self part of this warpgroup's first tile and the cross part of the other one's, tile 0's parts
-  // issued first by both warpgroups, so tile 0 lands first and wg0's QK_a runs on it while tile 1 still lands
-  // (issued part by part, the two tiles landed together at the end of the first fetch and both QKs then shared
-  // the tensor cores).
-  if constexpr (W == 0) {
-    load_part(0, 0, false);
-    load_part(1, 1, true);
-  } else {
-    load_part(0, 0, true);
-    load_part(1, 1, false);
-  }
+  // Prologue loads: the self part of this warpgroup's first tile, the cross part of the other one's, in
+  // flight with the Q tile (its cp.async group was committed by the kernel; these are in no group).
+  load_part(W, W, false);
+  load_part(OTHER, OTHER, true);
   if constexpr (TMAQ) {
     mbar_wait(c.s_qbar, 0);
   } else {
