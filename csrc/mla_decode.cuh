@@ -384,11 +384,8 @@ __global__ void __launch_bounds__(256, 1)
       if (tid == 0) {
         const uint32_t bar = stage_bar(stage), dst = kv_tma + stage * STAGE_B;
         mbar_arrive_expect_tx(bar, STAGE_B);
-        // The m-tiles of a sequence read the same tile at once (one mbarrier for the whole tile): each starts at a
-        // block of its own.
 #pragma unroll
-        for (int i = 0; i < QB; ++i) {
-          const int blk = (i + static_cast<int>(blockIdx.x)) % QB;
+        for (int blk = 0; blk < QB; ++blk) {
           tma_load_3d(dst + blk * N * 128, blk < R / 64 ? &maps.c_kv : &maps.k_pe, blk < R / 64 ? blk * 64 : 0,
                       cb + tile * N, b, bar);
         }
