@@ -303,10 +303,8 @@ __global__ void __launch_bounds__(256, 1)
       fence_mbarrier_init();  // visible to the copy engine before its bytes arrive on it
       mbar_arrive_expect_tx(q_bar, QB * M * 128);
       const int s = row0 / p.H, h0 = row0 % p.H;  // the tile is M heads of token s (mla_decode_tma_q_serves)
-      // Each split starts at a block of its own (as the cp.async path's offset below).
 #pragma unroll
-      for (int i = 0; i < QB; ++i) {
-        const int blk = (i + split) % QB;
+      for (int blk = 0; blk < QB; ++blk) {
         const CUtensorMap* map = blk < R / 64 ? &maps.q_latent : &maps.q_pe;
         tma_load_4d(q_tma + blk * M * 128, map, blk < R / 64 ? blk * 64 : 0, h0, s, b, q_bar);
       }

@@ -880,11 +880,8 @@ __global__ void __launch_bounds__(256, 1) mla_decode_seesaw_kernel(const MlaDeco
       mbar_init(c.s_qbar, 1);
       fence_mbarrier_init();  // visible to the copy engine before its bytes arrive on it
       mbar_arrive_expect_tx(c.s_qbar, NB * BLK);
-      // Every split of a sequence copies the same query tile at the same moment: each starts at a block of its own,
-      // so they do not all ask for the same lines first (as the cp.async path's offset).
 #pragma unroll
-      for (int i = 0; i < NB; ++i) {
-        const int blk = (i + c.split) % NB;
+      for (int blk = 0; blk < NB; ++blk) {
         tma_load_4d(c.s_q + blk * BLK, blk < R / 64 ? &maps.q_latent : &maps.q_pe, blk < R / 64 ? blk * 64 : 0,
                     row0 % p.H, row0 / p.H, b, c.s_qbar);
       }
