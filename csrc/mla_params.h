@@ -41,7 +41,7 @@ struct MlaDecodeParams {
   unsigned long long* timeline;
   int timeline_blocks;
   int tma_q;  // 1: v7 and the mma.sync kernel may load their query tile by TMA (mla_seesaw_tma_q_serves,
-              // mla_decode_tma_q_serves); host-side only
+              // mla_decode_tma_q_serves); set only where the sm_90a bodies are loaded; host-side only
   int tma_kv; // 1: v7 (R = 512, the regular grid) and the mma.sync kernel (with its query by TMA) may load their
               // cache tiles by TMA; host-side only
 
