@@ -2,7 +2,9 @@
 
 Copy: a 2 GiB buffer copied into another, bytes read plus written over the median time.
 Matmul: 8192^3 bf16 on random data (never zeros), 2*n^3 FLOPs over the median time.
-Other scripts import `measure()`; run alone it prints and writes JSON (--out DIR).
+Other scripts import `measure()`; run alone it prints and writes JSON (--out DIR). With --reads it also measures the
+read-only rates the decode kernels live under (`measure_reads`, Triton): every SM sweeping an L2-resident buffer, and
+one sweep of a 2 GiB one (HBM).
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ import json
 import os
 
 import torch
+
+try:  # the read sweeps only (--reads); the device image's torch ships it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU machines
+    triton = None
 
 
 def _median_ms(fn, iters: int = 20, warmup: int = 3) -> float:
@@ -51,11 +59,47 @@ def measure(copy_bytes: int = 2 << 30, n: int = 8192) -> dict:
     )
 
 
+if triton is not None:
+
+    @triton.jit
+    def _sweep_kernel(x_ptr, out_ptr, n_words, sweeps, BLOCK: tl.constexpr):
+        # Each program reads every grid-th block of the buffer, `sweeps` times, past L1 (a program's share of an
+        # L2-sized buffer would fit in it), XOR-folding the words so that no load can be dropped; one store at the end.
+        pid = tl.program_id(0)
+        step = tl.num_programs(0) * BLOCK
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for _ in range(sweeps):
+            for start in range(pid * BLOCK, n_words, step):
+                acc ^= tl.load(x_ptr + start + tl.arange(0, BLOCK), cache_modifier=".cg")  # L2, not L1
+        tl.store(out_ptr + pid * BLOCK + tl.arange(0, BLOCK), acc)
+
+
+def measure_reads(l2_bytes: int = 16 << 20, l2_sweeps: int = 256, hbm_bytes: int = 2 << 30) -> dict:
+    """Read-only GB/s: 4 programs an SM sweeping an L2-resident buffer (the L2-to-SM rate the decode loop's tile
+    reads draw on) and one sweep of a buffer far larger than L2 (HBM)."""
+    if triton is None:
+        return {}
+    block = 4096  # int32 words a program a step: 16 KB, four 16-byte loads a thread at 8 warps
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    out = torch.empty(4 * sms * block, dtype=torch.int32, device="cuda")
+    res = {}
+    for name, nbytes, sweeps in (("l2_read_gbs", l2_bytes, l2_sweeps), ("hbm_read_gbs", hbm_bytes, 1)):
+        x = torch.randint(-(2**31), 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
+        run = lambda: _sweep_kernel[(4 * sms,)](x, out, x.numel(), sweeps, BLOCK=block, num_warps=8)  # noqa: E731
+        ms = _median_ms(run)
+        res[name] = nbytes * sweeps / (ms * 1e-3) / 1e9
+        del x
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--reads", action="store_true", help="also the read-only L2 and HBM rates (Triton)")
     args = ap.parse_args()
     res = measure()
+    if args.reads:
+        res.update(measure_reads())
     print(json.dumps(res, indent=1))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "ceilings.json"), "w") as f:
