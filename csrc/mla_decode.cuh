@@ -928,15 +928,11 @@ template <MlaDtype DT, int R, int P, int M, bool TMAK>
 cudaError_t launch_variant_tma(const MlaDecodeParams& params, cudaStream_t stream, int dev, bool* launched) {
   static bool smem_set[64] = {};
   *launched = false;
-  QMaps q;
   KernelMaps<false, true, TMAK> maps;
-  if (!query_maps<DT, M>(params, R, P, &q)) return cudaSuccess;
   if constexpr (TMAK) {
-    PairMaps kv;
-    if (!cache_maps<DT, kMlaNTile>(params, R, P, &kv)) return cudaSuccess;
-    maps = TileMaps{q.q_latent, q.q_pe, kv.c_kv, kv.k_pe};
+    if (!tile_maps<DT, M, kMlaNTile>(params, R, P, true, &maps)) return cudaSuccess;
   } else {
-    maps = q;
+    if (!query_maps<DT, M>(params, R, P, &maps)) return cudaSuccess;
   }
   *launched = true;
   return launch_main_kernel(mla_decode_kernel<DT, R, P, M, kMlaMaxStages, true, TMAK>, M,
@@ -960,12 +956,12 @@ cudaError_t launch_mla_decode(const MlaDecodeParams& params, cudaStream_t stream
     if (dev >= 0 && dev < 64) smem_optin[dev] = optin;
   }
   const bool deep = static_cast<size_t>(optin) >= mla_decode_smem_bytes(R, P, 32, kMlaMaxStages);
-  const bool small_m = mla_decode_m_tile(params.S, params.H) == 16;
+  const int m = mla_decode_m_tile(params.S, params.H);
+  const bool small_m = m == 16;
   bool launched = false;
   if constexpr (R == 512 && P == 64) {
     // The query tile by TMA where it serves (params.tma_q: the switch, set only where the sm_90a body is loaded)
     // and the maps encode, and the cache tiles too where params.tma_kv (the switch); else all by cp.async.
-    const int m = small_m ? 16 : 32;
     if (params.tma_q && mla_decode_tma_q_serves(R, P, params.S, params.H, m) &&
         static_cast<size_t>(optin) >= mla_decode_smem_bytes(R, P, m, kMlaMaxStages, true)) {
       if (params.tma_kv) {

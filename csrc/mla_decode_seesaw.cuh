@@ -1015,21 +1015,8 @@ __global__ void __launch_bounds__(128) mla_plan_combine_kernel(const MlaDecodePa
 
 }  // namespace mla
 
-// ---- Host side of the TMA paths: the cache's tensor maps (v7, v8, v9; mla_tensor_maps.h has the encoder and the
-// query maps) and v8's cluster launch.
+// ---- Host side of v8's cluster launch (the tensor maps of every TMA path: mla_tensor_maps.h).
 namespace mla {
-
-// v7's TMAK: the cache's maps with whole-tile boxes, and the query maps where `with_query`.
-template <MlaDtype DT>
-bool tile_maps(const MlaDecodeParams& p, int R, int P, bool with_query, TileMaps* maps) {
-  QMaps q{};
-  PairMaps kv;
-  if ((with_query && !query_maps<DT, kMlaSeesawMTile>(p, R, P, &q)) || !cache_maps<DT, kMlaSeesawNTile>(p, R, P, &kv)) {
-    return false;
-  }
-  *maps = TileMaps{q.q_latent, q.q_pe, kv.c_kv, kv.k_pe};
-  return true;
-}
 
 // The pair kernel's clusters: its two CTAs of a (sequence, split) along the grid's x.
 constexpr unsigned kPairClusterX = 2;
@@ -1106,7 +1093,7 @@ cudaError_t launch_mla_decode_seesaw(const MlaDecodeParams& params, cudaStream_t
     // cache tiles likewise (params.tma_kv) where the regular grid runs.
     const bool query = params.tma_q && mla_seesaw_tma_q_serves(R, params.H);
     mla::TileMaps tmaps;
-    if (params.tma_kv && params.plan_ctas == 0 && mla::tile_maps<DT>(params, R, P, query, &tmaps)) {
+    if (params.tma_kv && params.plan_ctas == 0 && mla::tile_maps<DT, kMlaSeesawMTile, kMlaSeesawNTile>(params, R, P, query, &tmaps)) {
       if (q_by_tma != nullptr) *q_by_tma = query;
       if (kv_by_tma != nullptr) *kv_by_tma = true;
       return query ? mla::launch_seesaw_order<DT, R, P, true, true>(params, stream, dev, tmaps)

@@ -108,4 +108,15 @@ bool cache_maps(const MlaDecodeParams& p, int R, int P, PairMaps* maps) {
   });
 }
 
+// The query maps (box QBOX heads, where `with_query`) and the cache's (box KROWS rows) together: v7's TMAK (64 / 64)
+// and the mma.sync kernel's (its M tile / 32).
+template <MlaDtype DT, int QBOX, int KROWS>
+bool tile_maps(const MlaDecodeParams& p, int R, int P, bool with_query, TileMaps* maps) {
+  QMaps q{};
+  PairMaps kv;
+  if ((with_query && !query_maps<DT, QBOX>(p, R, P, &q)) || !cache_maps<DT, KROWS>(p, R, P, &kv)) return false;
+  *maps = TileMaps{q.q_latent, q.q_pe, kv.c_kv, kv.k_pe};
+  return true;
+}
+
 }  // namespace mla
