@@ -182,11 +182,16 @@ bool seesaw_built(int dev, bool bf16, int64_t R) {
   return ok;
 }
 
+// The sm_90a bodies can run here: a 9.0 device and a binary built with them (the same arch flags build every TU, so
+// v7's check answers for v8 / v9 and mma.sync's TMA variants too).
+bool sm90a_loaded(const DeviceInfo& info, int dev, bool bf16, int64_t R) {
+  return info.cc_major == 9 && info.cc_minor == 0 && seesaw_built(dev, bf16, R);
+}
+
 // tma_q_on / narrow_on: the TMA-query and narrow-kernel switches (tma_q_enabled, narrow_enabled), read once a call
 // by the caller.
 int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P, int64_t B, int64_t S, int64_t H,
                 int64_t T, bool tma_q_on, bool narrow_on) {
-  if (info.cc_major != 9 || info.cc_minor != 0) return kPathMma;
   const int setting = wgmma_setting();
   if (setting == 0) return kPathMma;
   const int r32 = static_cast<int>(R), p32 = static_cast<int>(P);
@@ -202,8 +207,7 @@ int choose_path(const DeviceInfo& info, int dev, bool bf16, int64_t R, int64_t P
                                                             : kSeesawMinRowsWide;
     if (B * T < min_rows) return kPathMma;
   }
-  // The narrow kernel's binary is built with v7's (the same sm_90a flags): one check serves both.
-  if (static_cast<size_t>(info.smem_optin) < mla_seesaw_smem_bytes(r32, p32) || !seesaw_built(dev, bf16, R)) {
+  if (static_cast<size_t>(info.smem_optin) < mla_seesaw_smem_bytes(r32, p32) || !sm90a_loaded(info, dev, bf16, R)) {
     return kPathMma;
   }
   const bool pair = setting == 2 && mla_pair_serves(r32, static_cast<int>(S), static_cast<int>(H));
@@ -428,9 +432,7 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
   p.sm_scale = static_cast<float>(sm_scale);
   p.pdl = pdl_enabled(info) ? 1 : 0;
   p.partial_f32 = partial_f32 ? 1 : 0;
-  // The query tile by TMA (v7, and mma.sync's TMAQ variant) needs the sm_90a bodies loaded: a 9.0 device and a
-  // binary built with them (the same arch flags build every TU, so v7's check answers for mma.sync's too).
-  p.tma_q = tma_q_on && info.cc_major == 9 && info.cc_minor == 0 && seesaw_built(device.index(), bf16, R) ? 1 : 0;
+  p.tma_q = tma_q_on && sm90a_loaded(info, device.index(), bf16, R) ? 1 : 0;  // v7's and mma.sync's TMAQ bodies
   p.tma_kv = tma_kv_enabled() ? 1 : 0;
   const at::Tensor& timeline = timeline_buffer();
   if (timeline.defined() && timeline.device() == device) {
