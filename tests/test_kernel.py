@@ -171,13 +171,23 @@ def test_growing_scores(dtype):
     check_case(inputs, f"growing {dtype} seed={seed}")
 
 
+def one_buffer_queries(q_latent, q_pe):
+    """q_latent and q_pe as views of one [B, S, H, R + P] buffer (strided, not contiguous)."""
+    qbuf = torch.cat([q_latent, q_pe], dim=-1)
+    R = q_latent.shape[-1]
+    return qbuf[..., :R], qbuf[..., R:]
+
+
+def strided_case(S, H, seed):
+    """Three sequences (700, 3 and 450 rows of a 700-row packed cache), bf16, their queries one_buffer_queries."""
+    q_latent, q_pe, *cache = make_case(3, S, H, 512, 64, 700, [700, 3, 450], torch.bfloat16, "packed", seed)
+    return (*one_buffer_queries(q_latent, q_pe), *cache)
+
+
 def test_strided_queries():
     """q_latent and q_pe as views of one [B, S, H, R+P] buffer (strides, not contiguity)."""
-    B, S, H, R, P, T = 3, 2, 16, 512, 64, 700
     seed = _seed("strided")
-    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(B, S, H, R, P, T, [700, 3, 450], torch.bfloat16, "packed", seed)
-    qbuf = torch.cat([q_latent, q_pe], dim=-1)
-    inputs = (qbuf[..., :R], qbuf[..., R:], c_kv, k_pe, kv_start, kv_end)
+    inputs = strided_case(2, 16, seed)
     assert not inputs[0].is_contiguous()
     check_case(inputs, f"strided seed={seed}")
 
@@ -335,11 +345,8 @@ def test_paths_growing_scores(path, dtype):
 
 def test_paths_strided_queries():
     """Queries as views of one [B, S, H, R+P] buffer through the v7 kernel."""
-    B, S, H, R, P, T = 3, 1, 128, 512, 64, 700
     seed = _seed("paths-strided")
-    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(B, S, H, R, P, T, [700, 3, 450], torch.bfloat16, "packed", seed)
-    qbuf = torch.cat([q_latent, q_pe], dim=-1)
-    _check_path("v7", (qbuf[..., :R], qbuf[..., R:], c_kv, k_pe, kv_start, kv_end), f"strided seed={seed}")
+    _check_path("v7", strided_case(1, 128, seed), f"strided seed={seed}")
 
 
 @pytest.mark.slow
@@ -374,8 +381,7 @@ def _query_layouts_case(S, H, dtype, seed):
     """Three sequences (full, empty and ragged) over a 2000-row cache, and their queries two ways: two tensors, and
     views of one [B, S, H, R + P] buffer (strided). Returns (the query pairs, (c_kv, k_pe, kv_start, kv_end))."""
     q_latent, q_pe, *cache = make_case(3, S, H, 512, 64, 2000, [2000, 0, 777], dtype, "packed", seed)
-    qbuf = torch.cat([q_latent, q_pe], dim=-1)
-    return ((q_latent, q_pe), (qbuf[..., :512], qbuf[..., 512:])), tuple(cache)
+    return ((q_latent, q_pe), one_buffer_queries(q_latent, q_pe)), tuple(cache)
 
 
 @pytest.mark.parametrize("H, S", [(128, 1), (128, 2), (64, 1), (64, 3)])
@@ -567,12 +573,8 @@ def test_v9_tile_edges_and_batch_one(layout):
 
 def test_v9_strided_queries():
     """Queries as views of one [B, S, H, R+P] buffer (strides, not contiguity) through the narrow kernel."""
-    B, S, H, R, P, T = 3, 2, 8, 512, 64, 700
     seed = _seed("v9-strided")
-    q_latent, q_pe, c_kv, k_pe, kv_start, kv_end = make_case(B, S, H, R, P, T, [700, 3, 450], torch.bfloat16,
-                                                             "packed", seed)
-    qbuf = torch.cat([q_latent, q_pe], dim=-1)
-    _check_path("v9", (qbuf[..., :R], qbuf[..., R:], c_kv, k_pe, kv_start, kv_end), f"strided seed={seed}")
+    _check_path("v9", strided_case(2, 8, seed), f"strided seed={seed}")
 
 
 @pytest.mark.parametrize("fp32_partials", [0, 1], ids=["dtype_partials", "fp32_partials"])
