@@ -20,15 +20,19 @@ import torch
 from torch import nn
 
 
+def offloaded_linears(*linears: nn.Module | None) -> list[nn.Module]:
+    """Those of `linears` whose weight accelerate keeps offloaded (meta until the module's own forward)."""
+    return [m for m in linears if m is not None and m.weight.is_meta and hasattr(m, "_hf_hook")]
+
+
 @contextlib.contextmanager
-def weights_loaded(*linears: nn.Module):
-    """Materialize weights that accelerate keeps offloaded (meta until the module's own forward).
+def weights_loaded(hooked: list[nn.Module]):
+    """Materialize the weights of offloaded linears (see `offloaded_linears`) for the block.
 
     Decode reads kv_b_proj.weight directly instead of calling kv_b_proj, so an offload hook
     (device_map with "cpu"/"disk", cpu_offload) never loads it on its own: run the hook's
     pre_forward for the duration and its post_forward after, as the module's forward would.
     """
-    hooked = [m for m in linears if m is not None and m.weight.is_meta and hasattr(m, "_hf_hook")]
     for m in hooked:
         m._hf_hook.pre_forward(m)
     try:

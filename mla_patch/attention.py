@@ -20,7 +20,8 @@ import weakref
 import torch
 
 from . import ops
-from .absorb import absorb_unsupported_reason, local_heads, merged_weights, split_kv_b, weights_loaded
+from .absorb import absorb_unsupported_reason, local_heads, merged_weights, offloaded_linears, split_kv_b, weights_loaded
+from .cache import captured_step
 
 # Few new tokens on a cached prefix run absorbed. Absorbed cost grows with S (each new token
 # reads the whole latent cache for all heads); vanilla re-expands the whole cache through
@@ -31,7 +32,7 @@ from .absorb import absorb_unsupported_reason, local_heads, merged_weights, spli
 DECODE_MAX_NEW_TOKENS = 8
 
 PATCHED_MODULES: "weakref.WeakSet" = weakref.WeakSet()  # live modules of our classes, for unpatch()
-_stats = {"absorbed_calls": 0, "absorbed_tokens": 0, "prefill_calls": 0, "vanilla_fallbacks": 0}
+_stats = {"absorbed_calls": 0, "absorbed_tokens": 0, "prefill_calls": 0, "vanilla_fallbacks": 0, "graph_replays": 0}
 _warned: set[str] = set()
 _first_absorbed_layer: list[int] = []  # lowest layer_idx seen on the absorbed path: tokens count there once
 
@@ -108,14 +109,14 @@ def unmasked_ranges(batch: int, kv_end, device) -> tuple[torch.Tensor, torch.Ten
 def masked_ranges(attention_mask: torch.Tensor, num_new: int):
     """(kv_start, kv_end) int32 [B] from a mask, or None when the mask is not a per-row range."""
     global _range_memo
-    compiling = torch.compiler.is_compiling()
+    if torch.compiler.is_compiling():  # traced: no host values (data_ptr, the check's sync) in the graph
+        kv_start, kv_end, _ = _ranges_from_allowed(_allowed_rows(attention_mask, num_new))
+        return kv_start, kv_end
     key = (num_new, attention_mask.data_ptr(), tuple(attention_mask.shape), attention_mask._version)
-    if not compiling and _range_memo is not None and _range_memo[0]() is attention_mask and _range_memo[1] == key:
+    if _range_memo is not None and _range_memo[0]() is attention_mask and _range_memo[1] == key:
         return _range_memo[2]
     kv_start, kv_end, ok = _ranges_from_allowed(_allowed_rows(attention_mask, num_new))
     result = (kv_start, kv_end)
-    if compiling:
-        return result
     capturing = attention_mask.is_cuda and torch.cuda.is_current_stream_capturing()
     if not capturing and not bool(ok):
         # One host sync per step (memoized across layers): a mask with holes would be silently
@@ -156,7 +157,11 @@ class MlaAttentionMixin:
             _count("vanilla_fallbacks")
             return super().forward(*args, **kwargs)
         read_directly = (self.kv_b_proj, self.q_proj or self.q_b_proj, self.o_proj) if self.mla_absorb == "merged" else (self.kv_b_proj,)
-        with weights_loaded(*read_directly):
+        offloaded = offloaded_linears(*read_directly)
+        if offloaded:
+            with weights_loaded(offloaded):
+                out = self._mla_absorbed_decode(hidden_states, bound["attention_mask"], cache, bound, kwargs)
+        else:  # the usual case, kept free of context managers for torch.compile
             out = self._mla_absorbed_decode(hidden_states, bound["attention_mask"], cache, bound, kwargs)
         if out is None:  # the mask was not a per-row range: the stock path handles any mask
             _warn_once("an attention mask that is not one contiguous range per row; using the stock attention")
@@ -188,7 +193,10 @@ class MlaAttentionMixin:
         batch, num_new, _ = hidden_states.shape
         heads, nope, rope_dim, rank = local_heads(self), self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
         ranges = None
-        if attention_mask is not None:
+        step = captured_step(cache, self.layer_idx)
+        if step is not None:  # a step graphs.py records: its ranges are device tensors it refills each replay
+            ranges = (step.kv_start, step.kv_end)
+        elif attention_mask is not None:
             ranges = masked_ranges(attention_mask, num_new)
             if ranges is None:
                 return None

@@ -9,11 +9,16 @@ Layout (one decision, two readers). Each layer owns one preallocated buffer
     caches latents. So crop, reorder, batch select and the mask-size logic keep their meaning.
 Writes go in place at the current length; when the capacity is reached the buffer grows
 geometrically (one copy of the valid prefix per doubling), so a decode step costs O(new tokens),
-not O(context).
+not O(context). generate() sizes the buffer from its max length (`capacity_for`), so it never grows there.
+
+A decode step captured in a CUDA graph (graphs.py) cannot read the host-side length: while it is
+recorded, each layer carries a `CapturedStep` whose device tensors say where the new row goes and
+which rows each sequence sees; the layer then writes there and hands out the whole buffer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 
 import torch
@@ -29,6 +34,32 @@ def _cache_kwarg() -> str:
 CACHE_KWARG = _cache_kwarg()
 INITIAL_CAPACITY = 256
 GROWTH_FACTOR = 2
+MIN_CAPACITY = 64
+
+
+def capacity_for(tokens: int) -> int:
+    """Rows to preallocate for `tokens`: the next of 64, 80, 96, 112, 128, 160, ... (each power of two in
+    four steps), so a generation wastes under a quarter of its cache while the sizes, which key the
+    captured decode steps, repeat across calls of similar lengths."""
+    tokens = max(int(tokens), MIN_CAPACITY)
+    step = 1 << max(tokens - 1, 1).bit_length() - 3  # an eighth of the next power of two
+    return -(-tokens // step) * step
+
+
+@dataclasses.dataclass
+class CapturedStep:
+    """Device tensors a captured decode step reads instead of host values (set by graphs.py)."""
+
+    write_pos: torch.Tensor  # int64 [1]: the row the new token goes to
+    kv_start: torch.Tensor  # int32 [B]: each sequence's first valid row (left padding)
+    kv_end: torch.Tensor  # int32 [B]: one past its last valid row (write_pos + 1)
+
+
+def captured_step(cache, layer_idx: int) -> CapturedStep | None:
+    layers = getattr(cache, "layers", None)
+    if layers is None or layer_idx >= len(layers):
+        return None
+    return getattr(layers[layer_idx], "step", None)
 
 
 class LatentLayer(DynamicLayer):
@@ -44,6 +75,8 @@ class LatentLayer(DynamicLayer):
         self.buffer: torch.Tensor | None = None  # [B, 1, capacity, R + P]
         self.length = 0
         self.latent_dim = 0  # R = kv_lora_rank
+        self.step: CapturedStep | None = None  # set only while graphs.py records or warms up a step
+        self.allocate = None  # optional (shape, dtype, device) -> buffer, e.g. graphs.py's reusable buffers
 
     # -- storage -------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -59,7 +92,11 @@ class LatentLayer(DynamicLayer):
         self.latent_dim = key_states.shape[-1]
         width = key_states.shape[-1] + value_states.shape[-1]
         capacity = max(self.initial_capacity, key_states.shape[-2])
-        self.buffer = torch.empty(key_states.shape[0], 1, capacity, width, dtype=self.dtype, device=self.device)
+        shape = (key_states.shape[0], 1, capacity, width)
+        if self.allocate is not None:
+            self.buffer = self.allocate(shape, self.dtype, self.device)
+        else:
+            self.buffer = torch.empty(shape, dtype=self.dtype, device=self.device)
         self.length = 0
         self.is_initialized = True
         self._refresh_views()
@@ -81,7 +118,16 @@ class LatentLayer(DynamicLayer):
         grown[:, :, : self.length].copy_(self.buffer[:, :, : self.length])
         self.buffer = grown
 
+    def advance(self, tokens: int) -> None:
+        """Count rows a replayed graph wrote (it cannot run this Python)."""
+        self.length += tokens
+        self._refresh_views()
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.step is not None:  # recording a captured step: the row and the length are device values
+            row = torch.cat([key_states, value_states], dim=-1)
+            self.buffer.index_copy_(2, self.step.write_pos, row)
+            return self.buffer[..., : self.latent_dim], self.buffer[..., self.latent_dim :]
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if key_states.shape[0] != self.buffer.shape[0]:
@@ -158,18 +204,26 @@ class LatentCache(DynamicCache):
     Args:
         config: the model config (its layer count and types size the cache); optional.
         initial_capacity: tokens preallocated per layer at the first write (grown x2 when full).
+        allocate: optional (shape, dtype, device) -> buffer for each layer's first allocation.
     """
 
-    def __init__(self, config=None, initial_capacity: int = INITIAL_CAPACITY, **kwargs):
+    def __init__(self, config=None, initial_capacity: int = INITIAL_CAPACITY, allocate=None, **kwargs):
+        def new_layer() -> LatentLayer:
+            layer = LatentLayer(initial_capacity)
+            layer.allocate = allocate
+            return layer
+
         if config is not None:
             # The layers DynamicCache would make for this config, full-attention ones made latent: hybrid
             # models (Kimi-Linear) keep their linear-attention state layers as transformers builds them.
             stock = DynamicCache(config=config).layers
-            layers = [LatentLayer(initial_capacity) if type(layer) is DynamicLayer else layer for layer in stock]
-            Cache.__init__(self, layers=layers)
+            Cache.__init__(self, layers=[new_layer() if type(layer) is DynamicLayer else layer for layer in stock])
         else:
-            Cache.__init__(self, layer_class_to_replicate=LatentLayer)
+            Cache.__init__(self, layer_class_to_replicate=new_layer)
+
+    def latent_layers(self) -> list[LatentLayer]:
+        return [layer for layer in self.layers if isinstance(layer, LatentLayer)]
 
     def nbytes(self) -> int:
         """Bytes held by all layers' buffers (the whole capacity, not just the valid rows)."""
-        return sum(layer.nbytes() for layer in self.layers if isinstance(layer, LatentLayer))
+        return sum(layer.nbytes() for layer in self.latent_layers())

@@ -23,9 +23,9 @@ import transformers
 from transformers import DynamicCache
 from transformers.generation.utils import GenerationMixin
 
-from . import ops
+from . import graphs, ops
 from .attention import PATCHED_MODULES, MlaAttentionMixin
-from .cache import CACHE_KWARG, LatentCache
+from .cache import CACHE_KWARG, LatentCache, capacity_for
 from .families import FAMILIES, NOT_SERVED
 
 logger = logging.getLogger("mla_patch")
@@ -36,7 +36,7 @@ SUPPORTED_TRANSFORMERS = ((5, 17), (6, 0))  # [min, max)
 
 _patched_classes: dict[str, type] = {}  # model_type -> Mla<Attention> subclass
 _class_patches: dict[str, tuple] = {}  # model_type -> (modeling module, original class)
-_generate_hooks: dict[type, object] = {}  # pretrained class -> previous __dict__ entry (or None)
+_generate_hooks: dict[type, dict] = {}  # pretrained class -> {hook name: previous __dict__ entry (or None)}
 
 
 def _check_transformers() -> None:
@@ -99,15 +99,42 @@ def _original_attention_class(family, modeling) -> type:
 # -- generate(): start with a LatentCache ---------------------------------------------------------
 
 
-def _prepare_cache_with_latent(self, generation_config, model_kwargs, *args, **kwargs):
+def _prepare_cache_with_latent(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
     before = model_kwargs.get(CACHE_KWARG)
-    result = GenerationMixin._prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs)
+    result = GenerationMixin._prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+    )
     made = model_kwargs.get(CACHE_KWARG)
     # Only a DynamicCache that generate() itself just made; a user's cache is left alone.
     if before is None and type(made) is DynamicCache and not getattr(made, "offloading", False):
         if any(isinstance(m, MlaAttentionMixin) for m in self.modules()):
-            model_kwargs[CACHE_KWARG] = LatentCache(config=self.config)
+            # Sized for the whole generation, so it never grows; on CUDA its buffers are lent by the model's
+            # captured decode steps, so the next generate() of the same shape replays them again.
+            cache = LatentCache(config=self.config, initial_capacity=capacity_for(max_cache_length + 1))
+            if graphs.model_unsupported_reason(self) is None:
+                graphs.graphs_of(self).lend_buffers(cache)
+            model_kwargs[CACHE_KWARG] = cache
     return result
+
+
+def _decode_graphs_apply(self, model_kwargs, generation_config):
+    """generate()'s question "may the decode step be swapped for a faster call?": yes for a LatentCache
+    on one CUDA device (our captured steps) unless disable_compile; transformers decides for the rest."""
+    if isinstance(model_kwargs.get(CACHE_KWARG), LatentCache):
+        return not generation_config.disable_compile and graphs.model_unsupported_reason(self) is None
+    return GenerationMixin._valid_auto_compile_criteria(self, model_kwargs, generation_config)
+
+
+def _graphed_decode_call(self, compile_config):
+    return graphs.GraphedDecode(self, compile_config)
+
+
+# What patch() sets on a model class for generate(), and the methods they replace.
+_GENERATE_HOOKS = {
+    "_prepare_cache_for_generation": _prepare_cache_with_latent,
+    "_valid_auto_compile_criteria": _decode_graphs_apply,
+    "get_compiled_call": _graphed_decode_call,
+}
 
 
 def _set_class(module, cls: type) -> None:
@@ -123,16 +150,18 @@ def _set_class(module, cls: type) -> None:
 
 def _install_generate_hook(cls: type) -> None:
     if cls not in _generate_hooks:
-        _generate_hooks[cls] = cls.__dict__.get("_prepare_cache_for_generation")
-        cls._prepare_cache_for_generation = _prepare_cache_with_latent
+        _generate_hooks[cls] = {name: cls.__dict__.get(name) for name in _GENERATE_HOOKS}
+        for name, hook in _GENERATE_HOOKS.items():
+            setattr(cls, name, hook)
 
 
 def _remove_generate_hooks() -> None:
     for cls, previous in _generate_hooks.items():
-        if previous is None:
-            delattr(cls, "_prepare_cache_for_generation")
-        else:
-            cls._prepare_cache_for_generation = previous
+        for name, method in previous.items():
+            if method is None:
+                delattr(cls, name)
+            else:
+                setattr(cls, name, method)
     _generate_hooks.clear()
 
 
@@ -217,4 +246,15 @@ def status(model=None) -> dict:
         layers = [m for m in model.modules() if isinstance(m, MlaAttentionMixin)]
         report["patched_layers"] = len(layers)
         report["layer_options"] = sorted({(m.mla_backend, m.mla_absorb) for m in layers})
+        report["generate_decode"] = _generate_decode_path(model) if layers else "stock (nothing patched)"
     return report
+
+
+def _generate_decode_path(model) -> str:
+    """How generate() runs this model's decode steps by default."""
+    reason = graphs.model_unsupported_reason(model)
+    if reason is not None:
+        return f"eager: {reason}"
+    captured = graphs.graphs_of(model)
+    return (f"CUDA graphs captured by mla_patch, one per batch size and cache capacity ({len(captured.captured)} held, "
+            f"{captured.replays} replays; generate(..., disable_compile=True) runs eagerly)")

@@ -1,32 +1,36 @@
-"""End-to-end decode speed and KV memory: stock transformers vs patched (PyTorch op, CUDA kernel).
+"""The speed users get from model.generate(): stock and patched, eager, static-compiled and by default.
 
-    python scripts/bench_generate.py --out out/ [--quick]
+    python scripts/bench_generate.py --out out/ [--models v2-lite,v3-128h] [--batches 1,16,64]
+                                     [--contexts 2048,8192,32768] [--variants ...] [--smoke]
 
-Models are built from configs with RANDOM bf16 weights on the GPU (meta-device init, then
-materialized): real shapes, not real weights, which is what decode speed depends on.
-  v2-lite : DeepSeek-V2-Lite shape (hidden 2048, 27 layers, 16 heads, kv_lora 512, no q_lora,
-            64 routed experts top-6 + 2 shared, first layer dense).
-  v3-128h : a DeepSeek-V3-shaped 128-head attention stack (hidden 7168, q_lora 1536, kv_lora
-            512), 4 layers with a small dense MLP so it fits and runs quickly.
-The cache is filled with L random latent tokens (the same for every variant) instead of a real
-prefill, so contexts up to 32K cost no prefill time; time to first token is measured separately
-by a real prefill at small sizes. A decode step = one forward of one new token per sequence,
-timed with CUDA events (median of several steps; the cache is cropped back after each).
-Variants: stock (transformers as is: the latent DynamicCache, re-expanded through kv_b_proj
-every step), patched-torch (absorbed, PyTorch op), patched-kernel (absorbed, our CUDA kernel),
-patched-kernel-merged (absorb="merged": W_UQ.W_UK and W_UV.W_O materialized),
-patched-kernel-graph (the kernel step captured once in a CUDA graph on a static cache) and
-stock-graph (stock's step captured the same way: what graph capture alone gives vanilla).
-Writes bench_generate.json and bench_generate.png to --out and prints a table.
+Models are built from configs with RANDOM bf16 weights (real shapes; decode speed depends on shapes):
+  v2-lite : DeepSeek-V2-Lite (hidden 2048, 27 layers, 16 heads, kv_lora 512, no q_lora, 64 routed
+            experts top-6 + 2 shared, first layer dense).
+  v3-128h : a DeepSeek-V3-shaped 128-head attention stack (hidden 7168, q_lora 1536, kv_lora 512), 4 layers
+            with a small dense MLP.
+Variants, each through model.generate() itself:
+  stock           transformers as is (its DynamicCache of latents, re-expanded through kv_b_proj every step)
+  stock-static    transformers with a StaticCache, which transformers compiles (torch.compile, reduce-overhead)
+  patched         mla_patch.patch(), generate(..., disable_compile=True): absorbed decode, eager
+  patched-static  mla_patch.patch() with a StaticCache: transformers compiles our absorbed decode
+  patched-graphs  mla_patch.patch(), plain generate(): the default (decode steps replayed from CUDA graphs)
+Contexts up to 32K would cost minutes of prefill per point, so each generate() gets a cache already holding
+L - 1 random latent rows (the same for every variant) and a prompt of L tokens: generate() runs the last prompt
+token as its prefill, then decodes. Decode ms/step = (t(N new tokens) - t(1 new token)) / (N - 1), which takes
+out the prefill and generate()'s set-up; warmup_s is the first call's extra time (capture or compile). Time to
+first token comes from a real prefill at the small points (--ttft-max-tokens). The floor of a step is the bytes
+it must read (weights it touches, the latent cache) over the copy bandwidth measured in the same run.
+Writes generate.json (docs/results/generate.json is the latest GPU run) and prints a table.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
+import datetime
 import gc
 import json
 import os
+import subprocess
 import time
 
 import torch
@@ -44,6 +48,7 @@ MODELS = {
                     v_head_dim=128, intermediate_size=2048, first_k_dense_replace=4, vocab_size=32000,
                     n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, rope_interleave=True),
 }
+VARIANTS = ("stock", "stock-static", "patched", "patched-static", "patched-graphs")
 
 
 def build(name: str, device):
@@ -71,345 +76,275 @@ def build(name: str, device):
     return model.eval()
 
 
-def _fill(cache, model, batch, context, device):
-    """Append `context` random latent tokens to every layer of `cache`."""
+# -- one point: a cache holding L - 1 rows, a prompt of L tokens, two generate() lengths ----------------
+
+
+def _latents(model, batch, rows, device):
+    """The same random latent rows for every variant of a point: [(c_kv, k_pe)] per layer."""
     cfg = model.config
-    gen = torch.Generator(device=device).manual_seed(context + batch)
-    for layer_idx in range(cfg.num_hidden_layers):
-        c = torch.randn(batch, 1, context, cfg.kv_lora_rank, device=device, dtype=torch.bfloat16, generator=gen)
-        k = torch.randn(batch, 1, context, cfg.qk_rope_head_dim, device=device, dtype=torch.bfloat16, generator=gen)
+    gen = torch.Generator(device=device).manual_seed(rows * 131 + batch)
+    return [(torch.randn(batch, 1, rows, cfg.kv_lora_rank, device=device, dtype=model.dtype, generator=gen),
+             torch.randn(batch, 1, rows, cfg.qk_rope_head_dim, device=device, dtype=model.dtype, generator=gen))
+            for _ in range(cfg.num_hidden_layers)]
+
+
+def _filled_cache(variant, model, latents, capacity):
+    from transformers import DynamicCache, StaticCache
+
+    if variant.endswith("static"):
+        cache = StaticCache(config=model.config, max_cache_len=capacity)
+    elif variant == "stock":
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = mla_patch.LatentCache(config=model.config, initial_capacity=capacity)
+    for layer_idx, (c, k) in enumerate(latents):
         cache.update(c, k, layer_idx)
     return cache
 
 
-def _rewind(cache, tokens=1):
-    """Drop the last `tokens` cached tokens (StaticLayer has no crop() in transformers 5.17)."""
+def _rewind_to(cache, rows):
+    """Back to `rows` cached tokens after a generate() call (StaticLayer has no crop() in transformers 5.17)."""
     for layer in cache.layers:
-        if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor):
-            layer.cumulative_length.sub_(tokens)
+        length = getattr(layer, "cumulative_length", None)
+        if isinstance(length, torch.Tensor):
+            length.fill_(rows)
+        elif hasattr(layer, "crop"):
+            layer.crop(rows)
         else:
-            layer.crop(-tokens)
+            raise RuntimeError(f"cannot rewind a {type(layer).__name__}")
 
 
-def _median_ms(times):
-    return sorted(times)[len(times) // 2]
-
-
-class _Timer:
-    """CUDA events on the GPU; a synchronized wall clock elsewhere (the --smoke run on CPU)."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-
-    def __enter__(self):
-        if self.cuda:
-            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            self.start.record()
-        else:
-            self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            self.end.record()
-            torch.cuda.synchronize()
-            self.ms = self.start.elapsed_time(self.end)
-        else:
-            self.ms = (time.perf_counter() - self.t0) * 1e3
-
-
-def time_decode(model, cache, batch, context, steps, device, graph=False):
-    """Median ms of one decode step; with graph=True also the replay's logits rel err against eager."""
-    ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, 1), device=device)
-    pos = torch.full((batch, 1), context, device=device)
-    with torch.no_grad():
-        if graph:
-            return _time_graph(model, cache, ids, pos, steps)
-        times = []
-        for i in range(steps + 2):
-            with _Timer(device) as timer:
-                model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
-            _rewind(cache)
-            if i >= 2:
-                times.append(timer.ms)
-    return _median_ms(times), None
-
-
-def _time_graph(model, cache, ids, pos, steps):
-    """Capture one decode step on a StaticCache (its length is a device tensor) and replay it.
-
-    Capture records the cache's length increment without running it, so no rewind follows the
-    capture; each replay runs it and is rewound. The first replay is checked against an eager step.
-    """
-    def step():
-        return model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
-
-    eager = step().logits.float()
-    _rewind(cache)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):  # warm-up outside the graph
-            step()
-            _rewind(cache)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured = step().logits
-    graph.replay()
+def _generate(model, variant, cache, ids, new_tokens):
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                  return_dict_in_generate=True, output_logits=True)
+    if variant == "patched":
+        kwargs["disable_compile"] = True
     torch.cuda.synchronize()
-    check = ((captured.float() - eager).norm() / eager.norm()).item()
-    _rewind(cache)
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        _rewind(cache)
-        times.append(start.elapsed_time(end))
-    del graph
-    return _median_ms(times), check
+    start = time.perf_counter()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{CACHE_KWARG: cache}, **kwargs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start, out
 
 
-def variant_cache(variant, model, batch, context):
-    from transformers import DynamicCache, StaticCache
-
-    if variant == "stock":
-        return DynamicCache(config=model.config)
-    if variant.endswith("graph"):
-        return StaticCache(config=model.config, max_cache_len=context + 8)
-    return mla_patch.LatentCache(config=model.config, initial_capacity=context + 8)
-
-
-def _skip_reason(variant, batch, context, args):
-    if variant == "stock" and batch * context > args.stock_max_tokens:
-        return "over --stock-max-tokens (its step re-expands the whole cache)"
-    if variant == "patched-torch" and batch * context > 8 * 16384:
-        return "the PyTorch op is measured up to 128K cached tokens"
-    if variant == "patched-kernel-merged" and context != 4096:
-        return "absorb='merged' is compared with per-head at L=4K only"
-    if variant.endswith("graph") and batch > 16:
-        return "graph capture is measured up to batch 16"
-    if variant == "stock-graph" and batch * context > 65536:
-        return "stock's captured step re-expands the whole cache inside the graph: measured up to 64K cached tokens"
-    return None
-
-
-def run_point(model, name, variant, batch, context, steps, device):
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated() if cuda else 0
-    cache = _fill(variant_cache(variant, model, batch, context), model, batch, context, device)
-    if cuda:
-        cache_bytes = torch.cuda.memory_allocated() - base
-    else:  # the smoke run: count the cache tensors
-        cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers
-                          for t in ((layer.buffer,) if hasattr(layer, "buffer") else (layer.keys, layer.values)))
-        cache_bytes = cache_bytes * context // max(cache.layers[0].keys.shape[-2], context)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    before_step = torch.cuda.memory_allocated() if cuda else 0
-    ms, graph_vs_eager = time_decode(model, cache, batch, context, steps, device, graph=variant.endswith("graph"))
-    transient = torch.cuda.max_memory_allocated() - before_step if cuda else 0
+def run_point(model, name, variant, batch, context, steps, latents):
+    device = latents[0][0].device
+    ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, context), device=device,
+                        generator=torch.Generator(device=device).manual_seed(context))
+    capacity = context + steps + 8
+    torch.cuda.empty_cache()
+    cache = _filled_cache(variant, model, latents, capacity)
+    rows = context - 1
+    first, _ = _generate(model, variant, cache, ids, steps)  # warm-up: capture / compile / autotune
+    _rewind_to(cache, rows)
+    torch.cuda.reset_peak_memory_stats()
+    long_times, short_times, out = [], [], None
+    for _ in range(2):
+        t, out = _generate(model, variant, cache, ids, steps)
+        long_times.append(t)
+        _rewind_to(cache, rows)
+        t, _ = _generate(model, variant, cache, ids, 1)
+        short_times.append(t)
+        _rewind_to(cache, rows)
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    ms = (min(long_times) - min(short_times)) / (steps - 1) * 1e3
+    # Step 0 ran in generate()'s prefill call (eager in every variant); step 1 is the decode loop's first step.
+    logits = torch.stack([out.logits[0], out.logits[1]]).float().cpu()
     del cache
     gc.collect()
-    layers = model.config.num_hidden_layers
     return dict(model=name, variant=variant, batch=batch, context=context, ms_per_step=ms,
-                tokens_per_s=batch * 1e3 / ms, kv_bytes_per_token_per_layer=cache_bytes / (batch * context * layers),
-                step_transient_bytes=transient, graph_vs_eager_rel_err=graph_vs_eager)
+                decode_tok_s=batch * 1e3 / ms, warmup_s=max(0.0, first - min(long_times)), peak_gib=peak,
+                new_tokens=steps), logits, out.sequences[:, context:].cpu()
 
 
-def profile_step(model, name, batch, context, device):
-    """Where a patched decode step's GPU time goes, by kernel family, and how much is launch gaps."""
-    from torch.profiler import ProfilerActivity, profile
-
-    cache = _fill(mla_patch.LatentCache(config=model.config, initial_capacity=context + 8), model, batch, context, device)
-    ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, 1), device=device)
-    pos = torch.full((batch, 1), context, device=device)
+def time_to_first_token(model, batch, prompt):
+    """A real prefill of `prompt` tokens through generate(max_new_tokens=1) (the stock computation)."""
+    ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, prompt), device=model.device)
     with torch.no_grad():
-        for _ in range(2):
-            model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
-            _rewind(cache)
+        model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            with _Timer(device) as timer:
-                model(input_ids=ids, position_ids=pos, **{CACHE_KWARG: cache}, use_cache=True, logits_to_keep=1)
-    buckets = {}
-    for evt in prof.key_averages():
-        gpu_us = getattr(evt, "self_device_time_total", 0) or getattr(evt, "self_cuda_time_total", 0)
-        if gpu_us <= 0:
-            continue
-        key = evt.key.lower()
-        if "mla" in key and "decode" in key or "splitkv" in key or "combine" in key:
-            bucket = "attention kernel (mla_decode)"
-        elif "grouped" in key or "moe" in key or "histc" in key or "sort" in key or "index" in key or "scatter" in key:
-            bucket = "MoE routing / grouped GEMM / gather"
-        elif "gemm" in key or "matmul" in key or "cutlass" in key or "sm90" in key or "nvjet" in key or "bmm" in key:
-            bucket = "GEMMs (projections, absorb, experts)"
-        elif "norm" in key or "rsqrt" in key or "pow" in key or "mean" in key:
-            bucket = "norms"
+        start = time.perf_counter()
+        model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
+# -- the floor: bytes a step must read over the copy bandwidth ---------------------------------------------
+
+
+def copy_bandwidth_gbs(device) -> float:
+    """Bytes read + written per second by a 4 GiB device-to-device copy (median of 10)."""
+    src = torch.empty(2**31, dtype=torch.bfloat16, device=device).normal_()
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    ms = sorted(times[2:])[len(times[2:]) // 2]
+    del src, dst
+    return 2 * 2**32 / (ms * 1e-3) / 1e9
+
+
+def step_bytes(model, batch, context) -> float:
+    """Weights a step touches (routed experts: those the batch's tokens pick, expected for uniform routing;
+    the embedding: one row a token) plus the latent cache it reads."""
+    cfg = model.config
+    total = 0
+    routed = 0
+    for name, p in model.named_parameters():
+        nbytes = p.numel() * p.element_size()
+        if "embed_tokens" in name:
+            total += batch * p.shape[1] * p.element_size()
+        elif ".mlp.experts." in name:
+            routed += nbytes
         else:
-            bucket = "other elementwise / copies"
-        buckets[bucket] = buckets.get(bucket, 0.0) + gpu_us / 1e3
-    busy = sum(buckets.values())
-    print(f"\nprofile {name} patched-kernel B={batch} L={context}: step {timer.ms:.2f} ms wall, "
-          f"{busy:.2f} ms GPU busy ({busy / timer.ms:.0%}); the rest is launch gaps / Python")
-    for bucket, ms in sorted(buckets.items(), key=lambda kv: -kv[1]):
-        print(f"  {bucket:40s} {ms:8.2f} ms  {ms / timer.ms:6.1%} of the step")
-    top = sorted(prof.key_averages(), key=lambda e: -(getattr(e, "self_device_time_total", 0) or 0))[:8]
-    for evt in top:
-        print(f"    {(getattr(evt, 'self_device_time_total', 0) or 0) / 1e3:8.2f} ms  x{evt.count:<4d} {evt.key[:90]}")
-    return dict(step_ms=timer.ms, gpu_busy_ms=busy, buckets=buckets)
+            total += nbytes
+    experts = getattr(cfg, "n_routed_experts", 0) or 0
+    if experts and routed:
+        picked = experts * (1 - (1 - cfg.num_experts_per_tok / experts) ** batch)
+        total += routed * picked / experts
+    cache = cfg.num_hidden_layers * batch * context * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * model.dtype.itemsize
+    return total + cache
 
 
-def time_to_first_token(model, batch, prompt, device):
-    ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, prompt), device=device)
-    with torch.no_grad():
-        model.generate(input_ids=ids, max_new_tokens=1, do_sample=False)
-        with _Timer(device) as timer:
-            model.generate(input_ids=ids, max_new_tokens=1, do_sample=False)
-    return timer.ms
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return float("inf") if torch.isnan(a).any() else ((a - b).norm() / b.norm()).item()
 
 
-def plot(rows, path):
+def write_results(out, bandwidth, rows, ttft, skipped) -> None:
+    """generate.json with each row's speedups against stock at the same point (rewritten after every row)."""
+    index = {(r["model"], r["variant"], r["batch"], r["context"]): r for r in rows}
+    for r in rows:
+        for base in ("stock", "stock-static"):
+            other = index.get((r["model"], base, r["batch"], r["context"]))
+            r[f"x_{base}"] = other["ms_per_step"] / r["ms_per_step"] if other else None
+    result = dict(gpu=torch.cuda.get_device_name(), commit=_commit(), date=datetime.date.today().isoformat(),
+                  torch=torch.__version__, transformers=__import__("transformers").__version__,
+                  copy_bandwidth_gbs=bandwidth, rows=rows, ttft_ms=ttft, skipped=skipped,
+                  note="random bf16 weights, real shapes; decode ms from two generate() lengths")
+    with open(os.path.join(out, "generate.json"), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+def _commit() -> str:
+    if os.environ.get("MLA_PATCH_COMMIT"):  # the device copy of the tree has no .git
+        return os.environ["MLA_PATCH_COMMIT"]
     try:
-        import matplotlib
-    except ImportError:
-        print("matplotlib is not installed: no plot")
-        return
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4.5), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        for (variant, batch) in sorted({(r["variant"], r["batch"]) for r in rows if r["model"] == name}):
-            pts = sorted((r["context"], r["ms_per_step"]) for r in rows
-                         if r["model"] == name and r["variant"] == variant and r["batch"] == batch)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{variant} B={batch}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel("decode ms / step")
-        ax.set_title(name)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="out")
     parser.add_argument("--models", default="v2-lite,v3-128h")
-    parser.add_argument("--batches", default="1,16,32")
-    parser.add_argument("--contexts", default="1024,4096,16384,32768")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--stock-max-tokens", type=int, default=32 * 16384,
-                        help="skip stock points with batch*context above this (its step re-expands the cache)")
-    parser.add_argument("--memory-budget-gib", type=float, default=40.0,
-                        help="KV + per-step transient budget for the largest-context estimate")
-    parser.add_argument("--variants",
-                        default="stock,patched-torch,patched-kernel,patched-kernel-merged,stock-graph,patched-kernel-graph")
-    parser.add_argument("--no-ttft", action="store_true", help="skip the time-to-first-token prefills")
-    parser.add_argument("--profile", action="store_true", help="profile one patched step per model (B=16, L=16K)")
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
+    parser.add_argument("--batches", default="1,16,64")
+    parser.add_argument("--contexts", default="2048,8192,32768")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--static-points", default="1x2048,16x8192",
+                        help="BxL points of the static variants (each shape is a compile of minutes)")
+    parser.add_argument("--steps", type=int, default=33, help="new tokens of the long generate() call")
+    parser.add_argument("--max-cached-gib", type=float, default=40.0,
+                        help="skip points whose latent cache alone is larger (stock holds it twice while it grows)")
+    parser.add_argument("--stock-max-tokens", type=int, default=16 * 32768,
+                        help="skip stock points above this many cached tokens (its step re-expands them all)")
+    parser.add_argument("--ttft-max-tokens", type=int, default=32768, help="real prefills up to B x L tokens")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script, not speed")
     args = parser.parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_generate needs a CUDA device (generate()'s default path differs on CPU)")
+    device = torch.device("cuda")
     if args.smoke:
         for spec in MODELS.values():
-            spec.update(hidden_size=64, num_hidden_layers=2, intermediate_size=64, moe_intermediate_size=32,
-                        vocab_size=128, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-                        num_attention_heads=4, q_lora_rank=None if spec["q_lora_rank"] is None else 16)
+            spec.update(hidden_size=256, num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=64,
+                        vocab_size=512, num_attention_heads=4, q_lora_rank=None if spec["q_lora_rank"] is None else 64)
             if "n_routed_experts" in spec:
-                spec.update(n_routed_experts=4, num_experts_per_tok=2)
-        args.batches, args.contexts, args.steps = "1,2", "16,64", 2
+                spec.update(n_routed_experts=8, num_experts_per_tok=2)
+        args.batches, args.contexts, args.steps, args.static_points = "1,4", "64,300", 5, "1x64"
     os.makedirs(args.out, exist_ok=True)
-    rows, skipped, extra = [], [], {}
+    bandwidth = copy_bandwidth_gbs(device)
+    print(f"copy bandwidth {bandwidth:.0f} GB/s (read + write)", flush=True)
+    static_points = {tuple(int(v) for v in p.split("x")) for p in args.static_points.split(",") if p}
+    rows, skipped, ttft = [], [], {}
     for name in args.models.split(","):
         t0 = time.perf_counter()
         model = build(name, device)
         print(f"built {name} in {time.perf_counter() - t0:.1f} s, "
               f"{sum(p.numel() for p in model.parameters()) / 1e9:.2f} B params", flush=True)
-        if not args.no_ttft:
-            extra[f"{name}_ttft_ms"] = {f"B{b}xL{p}": time_to_first_token(model, b, p, device)
-                                        for b, p in ((1, 1024), (1, 4096), (8, 1024))}
-        if args.profile and device.type == "cuda":
-            mla_patch.patch(model, backend="kernel")
-            try:
-                extra[f"{name}_profile"] = profile_step(model, name, 16, 16384, device)
-            except Exception as err:  # the profile is a diagnosis; never lose the benchmark to it
-                print(f"profile failed: {type(err).__name__}: {err}")
-            mla_patch.unpatch(model)
-        for variant in args.variants.split(","):
-            mla_patch.unpatch(model)  # one set of weights; patched in place per variant
-            if not variant.startswith("stock"):
-                mla_patch.patch(model, backend="torch" if variant == "patched-torch" else "kernel",
-                                absorb="merged" if variant.endswith("merged") else "per_head")
-            for batch in (int(b) for b in args.batches.split(",")):
-                for context in (int(c) for c in args.contexts.split(",")):
-                    why = _skip_reason(variant, batch, context, args)
+        for batch in (int(b) for b in args.batches.split(",")):
+            for context in (int(c) for c in args.contexts.split(",")):
+                cached_gib = step_bytes(model, batch, context) / 2**30 - step_bytes(model, batch, 0) / 2**30
+                if cached_gib > args.max_cached_gib:
+                    skipped.append(f"{name} B={batch} L={context}: latent cache {cached_gib:.0f} GiB > --max-cached-gib")
+                    continue
+                if batch * context <= args.ttft_max_tokens:
+                    mla_patch.patch(model)
+                    ttft[f"{name} B={batch} L={context}"] = time_to_first_token(model, batch, context)
+                    mla_patch.unpatch(model)
+                latents = _latents(model, batch, context - 1, device)
+                logits, tokens = {}, {}
+                for variant in args.variants.split(","):
+                    why = None
+                    if variant.endswith("static") and (batch, context) not in static_points:
+                        why = "static variants only at --static-points (a compile per shape)"
+                    elif variant == "stock" and batch * context > args.stock_max_tokens:
+                        why = "over --stock-max-tokens (its step re-expands the whole cache)"
                     if why:
                         skipped.append(f"{name} {variant} B={batch} L={context}: {why}")
                         continue
+                    mla_patch.unpatch(model)
+                    if variant.startswith("patched"):
+                        mla_patch.patch(model)
+                    torch._dynamo.reset()
+                    model.__dict__.pop("_compiled_call", None)
                     try:
-                        row = run_point(model, name, variant, batch, context, args.steps, device)
-                    except torch.OutOfMemoryError:
-                        skipped.append(f"{name} {variant} B={batch} L={context}: out of memory")
-                        torch.cuda.empty_cache()
-                        continue
+                        row, logits[variant], tokens[variant] = run_point(model, name, variant, batch, context,
+                                                                           args.steps, latents)
                     except Exception as err:  # report and go on: one failing variant must not hide the rest
                         skipped.append(f"{name} {variant} B={batch} L={context}: {type(err).__name__}: {err}"[:300])
                         torch.cuda.empty_cache()
                         continue
+                    # A read stream moves bytes at about the copy's read + write rate (HBM's total throughput).
+                    floor = step_bytes(model, batch, context) / (bandwidth * 1e9) * 1e3
+                    row["floor_ms"] = floor
+                    row["step_gb"] = step_bytes(model, batch, context) / 1e9
+                    if "stock" in logits:
+                        # Step 1's input is step 0's greedy token: compared only where every row picked stock's.
+                        same_input = torch.equal(tokens[variant][:, 0], tokens["stock"][:, 0])
+                        row["logits_rel_err_vs_stock"] = [_rel(logits[variant][0], logits["stock"][0]),
+                                                          _rel(logits[variant][1], logits["stock"][1]) if same_input else None]
+                        row["tokens_equal_stock"] = float((tokens[variant] == tokens["stock"]).float().mean())
                     rows.append(row)
-                    print(f"{name:8s} {variant:22s} B={batch:3d} L={context:6d} {row['ms_per_step']:9.2f} ms/step "
-                          f"{row['tokens_per_s']:9.1f} tok/s  KV {row['kv_bytes_per_token_per_layer']:7.0f} B/tok/layer "
-                          f"step transient {row['step_transient_bytes'] / 2**20:9.1f} MiB"
-                          + (f"  graph vs eager rel err {row['graph_vs_eager_rel_err']:.1e}"
-                             if row["graph_vs_eager_rel_err"] is not None else ""), flush=True)
-        mla_patch.unpatch(model)
+                    write_results(args.out, bandwidth, rows, ttft, skipped)
+                    print(f"{name:8s} {variant:15s} B={batch:3d} L={context:6d} {row['ms_per_step']:8.2f} ms/step "
+                          f"{row['decode_tok_s']:9.1f} tok/s  warm-up {row['warmup_s']:6.1f} s  peak {row['peak_gib']:6.1f} GiB"
+                          f"  floor {floor:6.2f} ms"
+                          + (f"  logits vs stock {row['logits_rel_err_vs_stock']}" if "logits_rel_err_vs_stock" in row else ""),
+                          flush=True)
+                mla_patch.unpatch(model)
+                del latents
+                gc.collect()
         del model
         gc.collect()
         torch.cuda.empty_cache()
 
-    # Speedups against stock at the same point.
-    index = {(r["model"], r["variant"], r["batch"], r["context"]): r for r in rows}
+    write_results(args.out, bandwidth, rows, ttft, skipped)
+    print("\n| model | variant | B | L | ms/step | tok/s | x stock | x stock-static | floor ms | warm-up s | peak GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        base = index.get((r["model"], "stock", r["batch"], r["context"]))
-        r["speedup_vs_stock"] = base["ms_per_step"] / r["ms_per_step"] if base else None
-    # Largest context one sequence can decode in a fixed budget: KV bytes plus the step's transient.
-    budget = args.memory_budget_gib * 2**30
-    largest = {}
-    for (name, variant) in sorted({(r["model"], r["variant"]) for r in rows}):
-        pts = [r for r in rows if r["model"] == name and r["variant"] == variant]
-        big = max(pts, key=lambda r: r["batch"] * r["context"])
-        layers = MODELS[name]["num_hidden_layers"]
-        per_token = big["kv_bytes_per_token_per_layer"] * layers + big["step_transient_bytes"] / (big["batch"] * big["context"])
-        largest[f"{name}/{variant}"] = int(budget / per_token)
-    extra["largest_context_in_budget"] = largest
-    extra["memory_budget_gib"] = args.memory_budget_gib
-    result = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                  transformers=__import__("transformers").__version__, rows=rows, skipped=skipped, **extra,
-                  note="random bf16 weights; real shapes")
-    with open(os.path.join(args.out, "bench_generate.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    plot(rows, os.path.join(args.out, "bench_generate.png"))
-    print("\n| model | variant | B | L | ms/step | tok/s | x stock | KV B/tok/layer | step transient MiB | graph vs eager |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        sp = f"{r['speedup_vs_stock']:.1f}" if r["speedup_vs_stock"] else "-"
+        def fmt(v, spec=".2f"):
+            return "-" if v is None else format(v, spec)
         print(f"| {r['model']} | {r['variant']} | {r['batch']} | {r['context']} | {r['ms_per_step']:.2f} | "
-              f"{r['tokens_per_s']:.1f} | {sp} | {r['kv_bytes_per_token_per_layer']:.0f} | "
-              f"{r['step_transient_bytes'] / 2**20:.1f} | "
-              f"{'-' if r['graph_vs_eager_rel_err'] is None else format(r['graph_vs_eager_rel_err'], '.1e')} |")
+              f"{r['decode_tok_s']:.0f} | {fmt(r['x_stock'])} | {fmt(r['x_stock-static'])} | {r['floor_ms']:.2f} | "
+              f"{r['warmup_s']:.1f} | {r['peak_gib']:.1f} |")
     for s in skipped:
         print("skipped:", s)
-    print("ttft:", {k: v for k, v in extra.items()})
+    print("ttft ms:", {k: round(v, 1) for k, v in ttft.items()})
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def test_memory_after_generate_is_the_latent_size():
     capacity = cache.layers[0].capacity
     expected = config.num_hidden_layers * 3 * capacity * (config.kv_lora_rank + config.qk_rope_head_dim) * 4
     assert cache.nbytes() == expected
-    assert capacity == 256  # the default initial capacity holds 9 + 29 rows without growing
+    # Sized from generate()'s max length (9 + 30 tokens): the smallest bucket, never grown.
+    assert capacity == mla_patch.cache.capacity_for(9 + 30) == 64
     assert cache.get_seq_length() == 9 + 29
 
 
@@ -91,3 +92,37 @@ def test_generate_twice_reuses_nothing_stale():
         want = stock.generate(input_ids=ids, max_new_tokens=10, do_sample=False)
         got = patched.generate(input_ids=ids, max_new_tokens=10, do_sample=False)
         assert torch.equal(want, got)
+
+
+def test_a_recorded_step_writes_at_its_device_position_and_reads_its_ranges():
+    """What a captured decode step runs (graphs.py): the row goes to write_pos, each sequence sees
+    [kv_start, kv_end), no host length and no mask, and the logits equal the ordinary eager step's."""
+    from mla_patch.cache import CapturedStep
+
+    config = tiny_config("deepseek_v3", first_k_dense_replace=2)
+    model = build_model(config, dtype=torch.float64)
+    mla_patch.patch(model, backend="torch")
+    g = torch.Generator().manual_seed(case_seed("recorded-step"))
+    ids = torch.randint(3, 97, (3, 11), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    mask[2, :7] = 0
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    kwarg = mla_patch.CACHE_KWARG
+    cache = mla_patch.LatentCache(config=config, initial_capacity=32)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, **{kwarg: cache}, use_cache=True)
+        recorded = copy.deepcopy(cache)
+        token = torch.randint(3, 97, (3, 1), generator=g)
+        step_mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        step_pos = positions[:, -1:] + 1
+        want = model(input_ids=token, attention_mask=step_mask, position_ids=step_pos, **{kwarg: cache}, use_cache=True)
+        step = CapturedStep(write_pos=torch.tensor([11]), kv_start=torch.tensor([0, 4, 7], dtype=torch.int32),
+                            kv_end=torch.full((3,), 12, dtype=torch.int32))
+        for layer in recorded.latent_layers():
+            layer.step = step
+        got = model(input_ids=token, position_ids=step_pos, **{kwarg: recorded}, use_cache=True)
+    assert torch.allclose(got.logits, want.logits, rtol=1e-10, atol=1e-10)
+    for mine, theirs in zip(recorded.latent_layers(), cache.latent_layers()):
+        assert mine.length == 11  # the host length is advanced by the replaying code, not by the step
+        assert torch.equal(mine.buffer[:, :, :12], theirs.buffer[:, :, :12])
