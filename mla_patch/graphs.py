@@ -20,6 +20,7 @@ are refilled before each replay; the host-side length is advanced after it.
 from __future__ import annotations
 
 import collections
+import contextlib
 import weakref
 
 import torch
@@ -72,6 +73,8 @@ class _Captured:
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.graph = None
         self.output = None
+        self.experts = None  # the experts implementation captured (MoE models), and each one's replay ms
+        self.experts_ms: dict = {}
 
     def load(self, input_ids, position_ids, kv_start, length: int) -> None:
         """Fill the static inputs for the step that writes row `length` (no host sync)."""
@@ -204,7 +207,11 @@ class DecodeGraphs:
         return None
 
     def _capture(self, model, cache, inputs, binding, length):
-        """Warm up one step eagerly on a side stream, then capture it; None (and eager from then on) on failure."""
+        """Warm up one step eagerly on a side stream, then capture it; None (and eager from then on) on failure.
+
+        A MoE model's step is captured with each of transformers' two graph-safe experts implementations
+        and the faster kept: generate() decodes with batched_mm (it copies each picked expert's weights per
+        token: best for a few tokens), while grouped_mm reads each picked expert once (best for a batch)."""
         import time
 
         start = time.perf_counter()
@@ -219,16 +226,13 @@ class DecodeGraphs:
         for layer in layers:
             layer.step = captured.step
         try:
-            side = torch.cuda.Stream(device=ids.device)
-            side.wait_stream(torch.cuda.current_stream(ids.device))
-            with torch.cuda.stream(side):
-                model(**call)  # warm-up: writes row `length`, which the replay writes again
-            torch.cuda.current_stream(ids.device).wait_stream(side)
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                output = model(**call)
+            timings, choices = [], _experts_choices(model)
+            for experts in choices:
+                with _experts_as(model, experts):
+                    graph, output = self._record(model, call, ids.device)
+                timings.append((_replay_ms(graph) if len(choices) > 1 else 0.0, graph, output, experts))
+            _, captured.graph, captured.output, captured.experts = min(timings, key=lambda t: t[0])
+            captured.experts_ms = {str(t[3]): t[0] for t in timings}
         except Exception as err:  # e.g. a host sync in a module we do not own (an eager MoE loop)
             self.failed = f"capturing the decode step failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
             ops.logger.warning("mla_patch: %s; decode runs eagerly for this model", self.failed)
@@ -236,12 +240,24 @@ class DecodeGraphs:
         finally:
             for layer in layers:
                 layer.step = None
-        captured.graph, captured.output = graph, output
         if len(self.captured) >= MAX_SHAPES:
             self._forget_oldest()
         self.captured[binding.key] = captured
         self.warmup_s += time.perf_counter() - start
         return captured
+
+    def _record(self, model, call, device):
+        side = torch.cuda.Stream(device=device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            model(**call)  # warm-up: writes row `length`, which the replay writes again
+        torch.cuda.current_stream(device).wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            output = model(**call)
+        return graph, output
 
     @staticmethod
     def _output(captured, cache):
@@ -252,6 +268,43 @@ class DecodeGraphs:
         fields = getattr(type(template), "__dataclass_fields__", {})
         out["cache" if "cache" in fields else "past_key_values"] = cache
         return out
+
+
+def _experts_choices(model) -> list:
+    """None (as the model is) and, for a MoE model decoding with one of transformers' graph-safe experts
+    implementations, the mapping with the other one."""
+    current = model.get_experts_implementation() if hasattr(model, "get_experts_implementation") else {}
+    other = {"batched_mm": "grouped_mm", "grouped_mm": "batched_mm"}
+    if not any(value in other for value in current.values()):
+        return [None]
+    return [None, {key: other.get(value, value) for key, value in current.items()}]
+
+
+@contextlib.contextmanager
+def _experts_as(model, experts):
+    if experts is None:
+        yield
+        return
+    previous = model.get_experts_implementation()
+    model.set_experts_implementation(experts)
+    try:
+        yield
+    finally:
+        model.set_experts_implementation(previous)
+
+
+def _replay_ms(graph, repeats: int = 3) -> float:
+    """The best of a few replays (each a whole decode step; it rewrites the same cache row)."""
+    graph.replay()
+    best = float("inf")
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
 
 
 def _move_rows_out(cache: LatentCache | None, buffer: torch.Tensor) -> None:

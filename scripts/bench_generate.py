@@ -312,6 +312,9 @@ def main(argv=None):
                     # A read stream moves bytes at about the copy's read + write rate (HBM's total throughput).
                     floor = step_bytes(model, batch, context) / (bandwidth * 1e9) * 1e3
                     row["floor_ms"] = floor
+                    if variant == "patched-graphs":  # which experts implementation the capture kept, and why
+                        held = list(mla_patch.graphs.graphs_of(model).captured.values())
+                        row["graph_experts_ms"] = held[-1].experts_ms if held else None
                     row["step_gb"] = step_bytes(model, batch, context) / 1e9
                     if "stock" in logits:
                         # Step 1's input is step 0's greedy token: compared only where every row picked stock's.

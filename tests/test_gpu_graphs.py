@@ -66,9 +66,22 @@ def test_graph_decode_equals_eager_decode(family, heads, moe):
     stats = mla_patch.decode_stats()
     assert stats["graph_replays"] == 19 and stats["vanilla_fallbacks"] == 0, stats
     assert "CUDA graphs" in mla_patch.status(model)["generate_decode"]
-    # The same kernel on the same inputs: the replay computes what the eager step computes.
-    assert torch.equal(graphed.sequences, eager.sequences)
-    assert rel_err(torch.stack(graphed.logits).float(), torch.stack(eager.logits).float()) < 1e-2
+    captured = list(graphs.graphs_of(model).captured.values())[-1]
+    assert len(captured.experts_ms) == (2 if moe else 1)  # a MoE step is captured with both experts kernels
+    _assert_same_tokens(graphed, eager)
+
+
+def _assert_same_tokens(got, want):
+    """Equal step logits within bf16 rounding while the tokens agree; a differing greedy token must be a
+    near-tie in `want`'s logits (the graph may run the other experts kernel: another bf16 rounding)."""
+    for row in range(got.sequences.shape[0]):
+        for step, (a, b) in enumerate(zip(got.logits, want.logits)):
+            assert rel_err(a[row].float(), b[row].float()) < 2e-2, f"row {row} step {step}"
+            token, ref_token = a[row].argmax(), b[row].argmax()
+            if token != ref_token:
+                ref = b[row].float()
+                assert ref[ref_token] - ref[token] < 2e-2 * ref.abs().max(), f"row {row} step {step}: not a near-tie"
+                break
 
 
 def test_graphs_are_reused_across_calls_and_follow_new_shapes():
@@ -86,7 +99,8 @@ def test_graphs_are_reused_across_calls_and_follow_new_shapes():
     ids2, mask2 = ids[:2], mask[:2]
     graphed = _generate(model, ids2, mask2)
     eager = _generate(model, ids2, mask2, disable_compile=True)
-    assert len(held.captured) == 2 and torch.equal(graphed.sequences, eager.sequences)
+    assert len(held.captured) == 2
+    _assert_same_tokens(graphed, eager)
 
 
 def test_a_returned_cache_keeps_its_rows_when_the_next_call_reuses_the_shape():
@@ -106,15 +120,17 @@ def test_beam_search_and_sampling_replay():
     model = _model(moe=True)
     mla_patch.patch(model, backend="kernel")
     ids, mask = _prompt(case_seed("beams"), batch=2)
-    beams = dict(num_beams=3, max_new_tokens=8, min_new_tokens=8, output_logits=False)
-    assert torch.equal(_generate(model, ids, mask, **beams).sequences,
-                       _generate(model, ids, mask, disable_compile=True, **beams).sequences)
+    beams = dict(num_beams=3, max_new_tokens=8, min_new_tokens=8, output_logits=False, output_scores=True)
+    got = _generate(model, ids, mask, **beams)
+    want = _generate(model, ids, mask, disable_compile=True, **beams)
+    assert got.sequences.shape == want.sequences.shape and graphs.graphs_of(model).replays > 0
+    assert rel_err(got.sequences_scores.float(), want.sequences_scores.float()) < 2e-2
     sample = dict(do_sample=True, top_k=20, max_new_tokens=8, min_new_tokens=8)
     torch.manual_seed(0)
-    a = _generate(model, ids, mask, **sample).sequences
+    a = _generate(model, ids, mask, **sample)
     torch.manual_seed(0)
-    b = _generate(model, ids, mask, disable_compile=True, **sample).sequences
-    assert torch.equal(a, b)
+    b = _generate(model, ids, mask, disable_compile=True, **sample)
+    assert rel_err(a.logits[1].float(), b.logits[1].float()) < 2e-2  # the first replayed step
 
 
 def test_an_eager_moe_loop_falls_back_to_eager_decode_with_the_reason(caplog):
