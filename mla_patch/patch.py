@@ -132,9 +132,10 @@ def _graphed_decode_call(self, compile_config):
 
 
 # transformers decodes MoE layers with batched_mm, which copies each picked expert's weights per token; from
-# this many sequences, grouped_mm (each picked expert read once) was faster in every captured step measured
-# (DeepSeek-V2-Lite shape on an H200: 0.96x at batch 1, 2.2x at 16, 6.1x at 64; docs/BENCHMARKS.md).
-GROUPED_MM_FROM_BATCH = 4
+# this many sequences grouped_mm (each picked expert read once) was the faster in every captured step measured
+# (DeepSeek-V2-Lite shape on an H200, its step time with batched_mm over grouped_mm: 0.96 at batch 1, 1.10 at 2,
+# 1.29 at 4, 1.64 at 8, 2.2 at 16, 6.1 at 64; docs/BENCHMARKS.md).
+GROUPED_MM_FROM_BATCH = 2
 
 
 @contextlib.contextmanager

@@ -85,7 +85,7 @@ def test_missing_assets_train_once_into_the_cache(tmp_path, monkeypatch):
 def test_demo_parity_passes(dtype, capsys):
     from mla_patch import demo
 
-    rc = demo.main(["--device", "cpu", "--dtype", dtype, "--max-new-tokens", "12"])
+    rc = demo.main(["--device", "cpu", "--dtype", dtype, "--max-new-tokens", "12", "--no-shape"])
     out = capsys.readouterr().out
     assert rc == 0 and "parity: PASS" in out, out[-600:]
 
@@ -95,6 +95,18 @@ def test_demo_parity_fails_on_wrong_decode_scale(dtype, capsys, wrong_decode_sca
     """A decode that attends with 1.5x the softmax scale must fail the demo in either dtype's bar."""
     from mla_patch import demo
 
-    rc = demo.main(["--device", "cpu", "--dtype", dtype, "--max-new-tokens", "12"])
+    rc = demo.main(["--device", "cpu", "--dtype", dtype, "--max-new-tokens", "12", "--no-shape"])
     out = capsys.readouterr().out
     assert rc == 1 and "parity: FAIL" in out, out[-600:]
+
+
+def test_demo_shape_comparison_shows_what_absorption_saves():
+    """At a DeepSeek-V3-like shape a patched decode step allocates a fraction of stock's (which re-expands
+    the cache every step), and both keep the same latent bytes per cached token."""
+    from mla_patch.demo_shape import compare_at_shape
+
+    results = compare_at_shape("cpu", torch.float32, prompt=256, steps=3)
+    stock, patched = results["stock"], results["patched"]
+    assert patched["step_alloc_bytes"] < stock["step_alloc_bytes"] / 2
+    assert patched["cache_bytes_per_token_layer"] == stock["cache_bytes_per_token_layer"] == (512 + 64) * 4
+    assert stock["decode_tok_s"] > 0 and patched["decode_tok_s"] > 0
