@@ -128,6 +128,9 @@ class DecodeGraphs:
         for layer in cache.latent_layers():
             layer.allocate = allocate
 
+    def buffer_bytes(self) -> int:
+        return sum(slot[0].numel() * slot[0].element_size() for slots in self.buffers.values() for slot in slots)
+
     def _forget_oldest(self) -> None:
         key, _ = self.captured.popitem(last=False)
         kept = {ptr for other in self.captured for ptr in other[0][0]}  # key: ((pointers, shape, dtype), weights)

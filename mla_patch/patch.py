@@ -240,7 +240,8 @@ def patch(model=None, *, backend: str = "auto", absorb: str = "per_head", famili
 def unpatch(model=None) -> None:
     """Restore the stock classes, generate(), and every module patch(model) changed.
 
-    With a model, also turn any of its layers that were built as our class back into the stock class.
+    With a model, also turn any of its layers that were built as our class back into the stock class, and
+    free its captured decode steps and the cache buffers they kept.
     """
     for modeling, original in _class_patches.values():
         setattr(modeling, original.__name__, original)
@@ -253,6 +254,9 @@ def unpatch(model=None) -> None:
             for attr in ("mla_backend", "mla_absorb", "_mla_merged"):
                 module.__dict__.pop(attr, None)
     PATCHED_MODULES.clear()
+    if model is not None:
+        for attr in ("_mla_decode_graphs", "_mla_decode_batch"):
+            model.__dict__.pop(attr, None)
 
 
 def status(model=None) -> dict:
@@ -282,6 +286,7 @@ def _generate_decode_path(model) -> str:
     reason = graphs.model_unsupported_reason(model)
     if reason is not None:
         return f"eager: {reason}"
-    captured = graphs.graphs_of(model)
-    return (f"CUDA graphs captured by mla_patch, one per batch size and cache capacity ({len(captured.captured)} held, "
-            f"{captured.replays} replays; generate(..., disable_compile=True) runs eagerly)")
+    held = graphs.graphs_of(model)
+    return (f"CUDA graphs captured by mla_patch, one per batch size and cache capacity ({len(held.captured)} held "
+            f"with {held.buffer_bytes() / 2**30:.2f} GiB of cache buffers, freed by unpatch(model); {held.replays} "
+            "replays; generate(..., disable_compile=True) runs eagerly)")

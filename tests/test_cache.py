@@ -126,3 +126,12 @@ def test_a_recorded_step_writes_at_its_device_position_and_reads_its_ranges():
     for mine, theirs in zip(recorded.latent_layers(), cache.latent_layers()):
         assert mine.length == 11  # the host length is advanced by the replaying code, not by the step
         assert torch.equal(mine.buffer[:, :, :12], theirs.buffer[:, :, :12])
+
+
+def test_capacity_buckets_hold_the_tokens_with_little_waste_and_repeat():
+    from mla_patch.cache import capacity_for
+
+    sizes = [capacity_for(t) for t in range(1, 40000, 7)]
+    for tokens, size in zip(range(1, 40000, 7), sizes):
+        assert size >= tokens and (size <= 64 or size < 1.26 * tokens)
+    assert sizes == sorted(sizes) and len(set(sizes)) < 70  # few distinct sizes: captured steps are reused

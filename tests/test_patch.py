@@ -292,3 +292,13 @@ def test_compiled_fullgraph_decode_on_a_static_cache():
         return torch.stack(logits)
 
     assert rel_err(run(patched, compiled=True), run(stock, compiled=False)) < 1e-4
+
+
+def test_status_says_how_generate_decodes_and_unpatch_frees_it():
+    model = build_model(tiny_config("deepseek_v2"), dtype=torch.float32)
+    mla_patch.patch(model)
+    assert mla_patch.status(model)["generate_decode"] == "eager: the model is on cpu, CUDA graphs need CUDA"
+    mla_patch.graphs.graphs_of(model)
+    mla_patch.unpatch(model)
+    assert "_mla_decode_graphs" not in model.__dict__
+    assert mla_patch.status(model)["generate_decode"] == "stock (nothing patched)"
