@@ -29,6 +29,15 @@ def _counting_compile(graphs: list) -> CompileConfig:
     return config
 
 
+def generate_counting_graphs(model, ids, mask):
+    """generate() on a static cache compiled through a counting backend: (output, graph breaks, graphs)."""
+    graphs: list = []
+    counters = torch._dynamo.utils.counters["graph_break"]
+    before = sum(counters.values())
+    out = _generate_static(model, ids, mask, _counting_compile(graphs))
+    return out, sum(counters.values()) - before, len(graphs)
+
+
 def _generate_static(model, ids, mask, compile_config, new_tokens=6):
     config = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                               cache_implementation="static", compile_config=compile_config,
@@ -48,12 +57,9 @@ def test_static_generate_compiles_to_one_graph(family):
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # left padding: the ranges come from the mask inside the graph
 
-    graphs: list = []
-    breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
-    out = _generate_static(patched, ids, mask, _counting_compile(graphs))
-    breaks = sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks_before
+    out, breaks, graphs = generate_counting_graphs(patched, ids, mask)
     assert breaks == 0, dict(torch._dynamo.utils.counters["graph_break"])
-    assert len(graphs) == 1, f"the decode step compiled into {len(graphs)} graphs (a break or a recompile)"
+    assert graphs == 1, f"the decode step compiled into {graphs} graphs (a break or a recompile)"
     assert mla_patch.decode_stats()["vanilla_fallbacks"] == 0
 
     want = _generate_static(stock, ids, mask, _counting_compile([]))

@@ -16,7 +16,7 @@ import torch
 import mla_patch
 from mla_patch import graphs
 from conftest import build_model, case_seed, rel_err, tiny_config
-from test_compile import _counting_compile, _generate_static
+from test_compile import _counting_compile, _generate_static, generate_counting_graphs
 
 pytestmark = pytest.mark.cuda
 
@@ -156,11 +156,8 @@ def test_static_cache_compiles_to_one_graph_with_the_kernel(family):
     mla_patch.patch(model, backend="kernel")
     mla_patch.patch(reference, backend="torch")
     ids, mask = _prompt(case_seed("static-one-graph", family), batch=2)
-    compiled: list = []
-    breaks_before = sum(torch._dynamo.utils.counters["graph_break"].values())
-    got = _generate_static(model, ids, mask, _counting_compile(compiled))
-    breaks = sum(torch._dynamo.utils.counters["graph_break"].values()) - breaks_before
+    got, breaks, compiled = generate_counting_graphs(model, ids, mask)
     assert breaks == 0, dict(torch._dynamo.utils.counters["graph_break"])
-    assert len(compiled) == 1, f"the decode step compiled into {len(compiled)} graphs"
+    assert compiled == 1, f"the decode step compiled into {compiled} graphs"
     want = _generate_static(reference, ids, mask, _counting_compile([]))
     assert rel_err(torch.stack(got.logits)[:1].float(), torch.stack(want.logits)[:1].float()) < 2e-2
