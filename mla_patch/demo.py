@@ -107,11 +107,18 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="auto", choices=["auto", "kernel", "torch"])
     parser.add_argument("--no-shape", action="store_true", help="skip the comparison at a DeepSeek-V3-like shape")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device is visible here (torch {torch.__version__}, "
+                     f"CUDA build: {torch.version.cuda or 'no'}); run with --device cpu")
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
 
     stock, tokenizer = load_default_model(dtype=dtype, device=args.device, path=args.model)
     patched = copy.deepcopy(stock)
-    mla_patch.patch(patched, backend=args.backend)
+    report = mla_patch.patch(patched, backend=args.backend)
+    if report["patched_layers"] == 0:
+        print(f"{args.model}: {type(stock).__name__} ({stock.config.model_type}) has no MLA attention layer of a "
+              f"family mla_patch serves, so there is nothing to compare; served: {', '.join(mla_patch.families.FAMILIES)}")
+        return 2
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -57,6 +57,18 @@ def _check_options(backend: str, absorb: str) -> None:
         raise ValueError(f"mla_patch.patch: absorb must be one of {ABSORB_MODES}, got {absorb!r}")
 
 
+def _check_kernel_backend(model, backend: str) -> None:
+    """backend="kernel" promises the CUDA kernel: say now, not at the first decode step, when it cannot be."""
+    if backend != "kernel":
+        return
+    if ops.extension_error() is not None:
+        raise RuntimeError(f"mla_patch.patch: backend='kernel' needs the CUDA extension: {ops.extension_error()}")
+    devices = {p.device.type for p in model.parameters()} if model is not None else set()
+    if devices - {"cuda", "meta"}:
+        raise ValueError(f"mla_patch.patch: backend='kernel' needs the model on CUDA; its parameters are on "
+                         f"{sorted(devices)} (use backend='auto' or 'torch', or move the model first)")
+
+
 def _patched_class(family, original: type) -> type:
     """The Mla<Attention> subclass for this family, built once and importable (for pickling)."""
     cls = _patched_classes.get(family.model_type)
@@ -81,7 +93,7 @@ def _patched_class(family, original: type) -> type:
 
 
 def _available_families(families):
-    wanted = FAMILIES.keys() if families is None else families
+    wanted = FAMILIES.keys() if families is None else [families] if isinstance(families, str) else families
     for model_type in wanted:
         if model_type in NOT_SERVED:
             raise ValueError(f"mla_patch: {model_type!r} is not served: {NOT_SERVED[model_type]}")
@@ -209,6 +221,9 @@ def patch(model=None, *, backend: str = "auto", absorb: str = "per_head", famili
     """
     _check_transformers()
     _check_options(backend, absorb)
+    if model is not None and not isinstance(model, torch.nn.Module):
+        raise TypeError(f"mla_patch.patch: model must be a loaded model (torch.nn.Module) or None, got {type(model).__name__}")
+    _check_kernel_backend(model, backend)
     if model is None:
         for family, modeling in _available_families(families):
             original = _original_attention_class(family, modeling)
@@ -275,6 +290,8 @@ def status(model=None) -> dict:
     }
     if model is not None:
         layers = [m for m in model.modules() if isinstance(m, MlaAttentionMixin)]
+        classes = {f"{m._mla_original_class.__module__}.{m._mla_original_class.__name__}" for m in layers}
+        report["patched_classes"] = sorted(set(report["patched_classes"]) | classes)
         report["patched_layers"] = len(layers)
         report["layer_options"] = sorted({(m.mla_backend, m.mla_absorb) for m in layers})
         report["generate_decode"] = _generate_decode_path(model) if layers else "stock (nothing patched)"

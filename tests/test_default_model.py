@@ -110,3 +110,35 @@ def test_demo_shape_comparison_shows_what_absorption_saves():
     assert patched["step_alloc_bytes"] < stock["step_alloc_bytes"] / 2
     assert patched["cache_bytes_per_token_layer"] == stock["cache_bytes_per_token_layer"] == (512 + 64) * 4
     assert stock["decode_tok_s"] > 0 and patched["decode_tok_s"] > 0
+
+
+def test_demo_on_a_model_without_mla_says_so(tmp_path, capsys):
+    """A checkpoint of another architecture: a plain message and exit status 2, no generation, no traceback."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mla_patch import demo
+    from mla_patch.default_model import default_model_path
+
+    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)
+    LlamaForCausalLM(config).save_pretrained(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (default_model_path() / name).exists():
+            shutil.copy(default_model_path() / name, tmp_path / name)
+    rc = demo.main(["--device", "cpu", "--model", str(tmp_path), "--no-shape"])
+    out = capsys.readouterr().out
+    assert rc == 2 and "has no MLA attention layer" in out and "llama" in out
+
+
+def test_demo_on_cuda_without_a_gpu_names_the_problem(capsys):
+    import pytest
+
+    from mla_patch import demo
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--device", "cuda"])
+    assert exit_info.value.code == 2 and "no CUDA device is visible" in capsys.readouterr().err

@@ -302,3 +302,20 @@ def test_status_says_how_generate_decodes_and_unpatch_frees_it():
     mla_patch.unpatch(model)
     assert "_mla_decode_graphs" not in model.__dict__
     assert mla_patch.status(model)["generate_decode"] == "stock (nothing patched)"
+
+
+def test_patch_arguments_a_new_user_gets_wrong_are_named():
+    # One family as a string is that family, not its letters.
+    report = mla_patch.patch(families="deepseek_v2")
+    assert report["patched_classes"] == ["transformers.models.deepseek_v2.modeling_deepseek_v2.DeepseekV2Attention"]
+    mla_patch.unpatch()
+    with pytest.raises(TypeError, match="model must be a loaded model"):
+        mla_patch.patch("not a model")
+    model = build_model(tiny_config("deepseek_v3"), dtype=torch.float32)
+    # backend="kernel" on a CPU model is refused at patch time, not at the first decode step.
+    with pytest.raises((ValueError, RuntimeError), match="backend='kernel' needs"):
+        mla_patch.patch(model, backend="kernel")
+    # status() after patch(model) names the classes of the layers it patched.
+    report = mla_patch.patch(model)
+    assert report["patched_classes"] == ["transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3Attention"]
+    assert report["patched_layers"] == 2
