@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 
 import torch
 
@@ -91,7 +92,7 @@ def kernel_settings(**settings: int):
             getattr(ops, KERNEL_HOOKS[name])(value)
 
 
-def check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end) -> None:
+def check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale: float = 1.0) -> None:
     """Raise a ValueError naming the argument when shapes, dtypes or devices disagree."""
     tensors = dict(q_latent=q_latent, q_pe=q_pe, c_kv=c_kv, k_pe=k_pe, kv_start=kv_start, kv_end=kv_end)
     for name, t in tensors.items():
@@ -117,6 +118,8 @@ def check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end) -> None:
             raise ValueError(f"mla_decode: {name} must be an int32/int64 tensor of shape [{B}], got {t.dtype} {tuple(t.shape)}")
     if not q_latent.is_floating_point():
         raise ValueError(f"mla_decode: q_latent must be floating point, got {q_latent.dtype}")
+    if not math.isfinite(sm_scale):
+        raise ValueError(f"mla_decode: sm_scale must be a finite number, got {sm_scale}")
     for name in ("q_pe", "c_kv", "k_pe"):  # name the argument that disagrees with q_latent
         if tensors[name].dtype != q_latent.dtype:
             raise ValueError(
@@ -161,7 +164,7 @@ def mla_decode(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale: float, ba
     "kernel" (raise if it cannot serve) or "torch" (always the reference).
     Returns (out_latent [B, S, H, R] in the input dtype, lse [B, S, H] float32).
     """
-    check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end)
+    check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale)
     if backend == "torch":
         return mla_decode_ref(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale)
     if backend not in ("auto", "kernel"):

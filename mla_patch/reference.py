@@ -30,7 +30,10 @@ def mla_decode_ref(
         kv_start: [B] int, first valid cache row of each sequence (left padding before it).
         kv_end:   [B] int, one past the last row visible to the LAST new token. New token s of S
                   sees rows [kv_start, kv_end - (S - 1 - s)): causal among the new tokens.
-        sm_scale: softmax scale of the un-absorbed head dim (the module's own `scaling`).
+                  Ranges are clamped to the T rows there are (a start below 0 reads from row 0, an
+                  end past T stops at T); a range left empty (start >= end, or T = 0) gives a zero
+                  output and lse -inf. The CUDA kernel keeps the same contract.
+        sm_scale: softmax scale of the un-absorbed head dim (the module's own `scaling`); finite.
         return_probs: also return the probabilities [B, H, S, T] (for output_attentions).
 
     Returns:
@@ -41,6 +44,11 @@ def mla_decode_ref(
     T = c_kv.shape[1]
     # Accumulate in float32 at least; float64 inputs stay float64 (the test oracle).
     acc = torch.float64 if q_latent.dtype == torch.float64 else torch.float32
+    if T == 0:  # no rows: every range is empty
+        lse = torch.full((B, S, H), float("-inf"), dtype=torch.float32 if acc == torch.float32 else acc,
+                         device=q_latent.device)
+        out = torch.zeros_like(q_latent)
+        return (out, lse, torch.zeros(B, H, S, 0, dtype=acc, device=q_latent.device)) if return_probs else (out, lse)
     ql, qp = q_latent.to(acc), q_pe.to(acc)
     ck, kp = c_kv.to(acc), k_pe.to(acc)
 

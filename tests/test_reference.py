@@ -129,3 +129,35 @@ def test_bad_arguments_name_the_problem(change, message):
     change(args)
     with pytest.raises((ValueError, TypeError), match=message):
         mla_decode(*args, 1.0)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_one_contract_for_empty_clamped_and_bad_inputs(device):
+    """The same answers from the reference (CPU) and the kernel (CUDA): ranges clamped to the rows there
+    are, an empty range or cache gives zeros and lse -inf, a non-finite scale is refused."""
+    import mla_patch
+
+    if device == "cuda" and not (torch.cuda.is_available() and mla_patch.ops.has_kernel()):
+        pytest.skip("needs CUDA and the built extension")
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    g = torch.Generator().manual_seed(7)
+    B, S, H, R, P, T = 3, 1, 16, 512, 64, 40
+    q, qp = torch.randn(B, S, H, R, generator=g), torch.randn(B, S, H, P, generator=g)
+    c, k = torch.randn(B, T, R, generator=g), torch.randn(B, T, P, generator=g)
+    to = dict(device=device, dtype=dtype)
+    q, qp, c, k = q.to(**to), qp.to(**to), c.to(**to), k.to(**to)
+    ints = dict(dtype=torch.int32, device=device)
+    starts, ends = torch.tensor([-5, 10, 30], **ints), torch.tensor([25, 99, 12], **ints)
+    out, lse = mla_patch.mla_decode(q, qp, c, k, starts, ends, 0.1)
+    want, want_lse = mla_patch.mla_decode(q, qp, c, k, torch.tensor([0, 10, 30], **ints),
+                                          torch.tensor([25, 40, 30], **ints), 0.1)
+    # Clamped: the in-range call's answer (to the last bit on the CPU; a kernel may split the work otherwise).
+    assert torch.allclose(out.float(), want.float(), rtol=1e-2 if device == "cuda" else 0, atol=0)
+    assert torch.allclose(lse[:2], want_lse[:2], rtol=1e-4 if device == "cuda" else 0, atol=0)
+    assert torch.all(out[2] == 0) and torch.all(lse[2] == float("-inf"))  # start past end: empty
+    empty_out, empty_lse = mla_patch.mla_decode(q, qp, c[:, :0], k[:, :0], torch.zeros(B, **ints),
+                                                torch.zeros(B, **ints), 0.1)
+    assert torch.all(empty_out == 0) and torch.all(empty_lse == float("-inf"))
+    for scale in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="sm_scale must be a finite number"):
+            mla_patch.mla_decode(q, qp, c, k, starts, ends, scale)
