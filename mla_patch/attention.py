@@ -68,11 +68,15 @@ class MlaAttentionMixin:
 
     _mla_family = None  # MlaFamily, set on the generated subclass
     _mla_original_class = None
-    mla_backend = "auto"  # "auto" | "kernel" | "torch"; per instance via patch(..., backend=)
+    mla_backend = "auto"  # "auto" | "kernel" | "torch"; each instance holds its own (patch.py)
     mla_absorb = "per_head"  # "per_head" | "merged"
+    # The options patch() was last called with (class-level): taken by each layer when it is built, so a later
+    # patch() with other options changes the models built after it, never a live one.
+    _mla_new_options = ("auto", "per_head")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.mla_backend, self.mla_absorb = type(self)._mla_new_options
         PATCHED_MODULES.add(self)
 
     def forward(self, *args, **kwargs):

@@ -228,7 +228,7 @@ def patch(model=None, *, backend: str = "auto", absorb: str = "per_head", famili
         for family, modeling in _available_families(families):
             original = _original_attention_class(family, modeling)
             cls = _patched_class(family, original)
-            cls.mla_backend, cls.mla_absorb = backend, absorb
+            cls._mla_new_options = (backend, absorb)  # for layers built from now on; live ones keep theirs
             setattr(modeling, family.attention_class, cls)
             _class_patches[family.model_type] = (modeling, original)
             _install_generate_hook(getattr(modeling, family.pretrained_class))

@@ -319,3 +319,17 @@ def test_patch_arguments_a_new_user_gets_wrong_are_named():
     report = mla_patch.patch(model)
     assert report["patched_classes"] == ["transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3Attention"]
     assert report["patched_layers"] == 2
+
+
+def test_options_belong_to_each_layer_not_to_the_class():
+    """A second patch() with other options changes the models built after it, never a live one; patch(model)
+    changes only that model."""
+    mla_patch.patch(backend="torch")
+    first = build_model(tiny_config("deepseek_v2"), dtype=torch.float32)
+    mla_patch.patch(backend="auto", absorb="merged")
+    second = build_model(tiny_config("deepseek_v2"), dtype=torch.float32)
+    assert mla_patch.status(first)["layer_options"] == [("torch", "per_head")]
+    assert mla_patch.status(second)["layer_options"] == [("auto", "merged")]
+    mla_patch.patch(second, backend="torch")
+    assert mla_patch.status(first)["layer_options"] == [("torch", "per_head")]
+    assert mla_patch.status(second)["layer_options"] == [("torch", "per_head")]
