@@ -23,14 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import mla_patch.default_model as dm
-from mla_patch.default_model import (
-    DEFAULT_MODEL_DIR,
-    EVAL_SEED,
-    load_default_model,
-    make_documents,
-    train_default_model,
-)
+import scripts.default_model_training as dm
+from mla_patch.default_model import DEFAULT_MODEL_DIR, load_default_model
+from scripts.default_model_training import EVAL_SEED, make_documents, train_default_model
 
 EVAL_DATA = ROOT / "evals" / "data" / "mla_tiny_eval.jsonl"
 N_EVAL_DOCS = 64

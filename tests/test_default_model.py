@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mla_patch import default_model as dm
+from scripts import default_model_training as training
 
 
 @pytest.fixture(scope="module")
@@ -47,38 +48,30 @@ def test_learned_far_below_uniform_and_copies(default_model):
 
 
 def test_documents_deterministic_and_eval_data_reproducible():
-    assert dm.make_documents(5, 3) == dm.make_documents(5, 3)
-    assert dm.make_documents(5, 3) != dm.make_documents(5, 4)
+    assert training.make_documents(5, 3) == training.make_documents(5, 3)
+    assert training.make_documents(5, 3) != training.make_documents(5, 4)
     from evals import DATA_DIR
 
     rows = [json.loads(line)["text"] for line in (DATA_DIR / "mla_tiny_eval.jsonl").read_text().splitlines()]
-    assert rows == dm.make_documents(len(rows), dm.EVAL_SEED)
+    assert rows == training.make_documents(len(rows), training.EVAL_SEED)
 
 
 def test_training_is_deterministic(tmp_path):
-    a = dm.train_default_model(tmp_path / "a", steps=2, batch_size=2, log=lambda *_: None)
-    b = dm.train_default_model(tmp_path / "b", steps=2, batch_size=2, log=lambda *_: None)
+    a = training.train_default_model(tmp_path / "a", steps=2, batch_size=2, log=lambda *_: None)
+    b = training.train_default_model(tmp_path / "b", steps=2, batch_size=2, log=lambda *_: None)
     assert a["final_loss_avg20"] == b["final_loss_avg20"]
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (
         tmp_path / "b" / "model.safetensors"
     ).read_bytes()
 
 
-def test_missing_assets_train_once_into_the_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(dm, "DEFAULT_MODEL_DIR", tmp_path / "absent")
-    monkeypatch.setenv("MLA_PATCH_CACHE", str(tmp_path / "cache"))
-    calls, real_train = [], dm.train_default_model
+def test_missing_assets_are_an_error_that_says_how_to_get_them(tmp_path, monkeypatch):
+    """The package only loads the shipped model; it never trains at run time."""
+    from mla_patch import default_model
 
-    def quick_train(out_dir, log=print, **kw):
-        calls.append(out_dir)
-        return real_train(out_dir, steps=1, batch_size=2, log=log)
-
-    monkeypatch.setattr(dm, "train_default_model", quick_train)
-    with pytest.raises(FileNotFoundError):
-        dm.default_model_path(train_if_missing=False)
-    path = dm.default_model_path()
-    assert path == tmp_path / "cache" / dm.DEFAULT_MODEL_NAME and (path / "model.safetensors").exists()
-    assert dm.default_model_path() == path and len(calls) == 1  # cached: trained once
+    monkeypatch.setattr(default_model, "DEFAULT_MODEL_DIR", tmp_path / "absent")
+    with pytest.raises(FileNotFoundError, match="scripts/train_default_model.py"):
+        default_model.load_default_model()
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
