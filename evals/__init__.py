@@ -9,4 +9,4 @@ from pathlib import Path
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 DATA_DIR = Path(__file__).resolve().parent / "data"
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the recorded runs docs/PARITY.md cites

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from . import RESULTS_DIR, TASKS_DIR
+from . import TASKS_DIR
 from . import scoring as _scoring
 
 THRESHOLDS = {"float64": 1e-9, "float32": 1e-5, "bfloat16": 1e-3, "float16": 5e-4}
@@ -70,7 +70,8 @@ def _args(argv):
     ap.add_argument(
         "--gen-tokens", type=int, default=32, help="greedy tokens per prompt in the agreement check"
     )
-    ap.add_argument("--out", default=str(RESULTS_DIR))
+    ap.add_argument("--out", default="out/parity", help="where results go (default: out/parity, ignored by git; "
+                    "the recorded runs are under evals/results/)")
     return ap.parse_args(argv)
 
 
