@@ -72,7 +72,8 @@ setup(
     long_description=open("README.md").read() if os.path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["mla_patch", "mla_patch.*"]),
-    package_data={"mla_patch": ["assets/*", "assets/*/*"]},
+    package_data={"mla_patch": ["assets/*", "assets/*/*", "evals/README.md", "evals/data/*", "evals/tasks/*"]},
+    entry_points={"console_scripts": ["mla-lm-eval = mla_patch.evals.cli:main"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.5", "transformers>=5.17,<6", "accelerate>=1.0"],
     extras_require={

@@ -70,17 +70,24 @@ def load_default_model(
     dtype: torch dtype or its name ("float32", "bfloat16", ...); device: where the weights go.
     Works offline: only local files are read.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
     path = Path(path) if path is not None else default_model_path()
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+    return model.to(device).eval(), load_tokenizer(path)
+
+
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """The tokenizer of the embedded model (or of the checkpoint dir at `path`), from local files only."""
+    from transformers import AutoTokenizer
+
+    path = Path(path) if path is not None else default_model_path()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (ValueError, KeyError):  # a release that does not know the saved tokenizer_class name
         from transformers import PreTrainedTokenizerFast
 
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)
-    return model.to(device).eval(), tokenizer
+        return PreTrainedTokenizerFast.from_pretrained(path, local_files_only=True)

@@ -153,7 +153,7 @@ def default_config(vocab_size: int):
 # Training
 # ---------------------------------------------------------------------------------------------------
 TRAIN_SEED = 1234
-EVAL_SEED = 777  # the held-out documents under evals/data use this seed
+EVAL_SEED = 777  # the held-out documents under mla_patch/evals/data use this seed
 SEQ_LEN = 128  # a copy document (EOS + 125 tokens) fills one row
 COPY_FIRST = 0.45  # share of the steps, at the start, that train on copy rows only
 DECAY_FROM = 0.8  # constant learning rate until this fraction of the steps, then cosine decay

@@ -56,7 +56,7 @@ for stage in $stages; do
       if ! python3 -c "import lm_eval, datasets" 2>/dev/null && ls .carry/wheels/*.whl >/dev/null 2>&1; then
         python3 -m pip install -q --no-index --no-deps .carry/wheels/*.whl  # from scripts/fetch_gpu_wheels.sh
       fi
-      timeout 60 python3 -m evals.parity --device cuda --dtype bfloat16 --backend kernel --out "$OUT" 2>&1 | tail -25 ;;
+      timeout 60 python3 -m mla_patch.evals.parity --device cuda --dtype bfloat16 --backend kernel --out "$OUT" 2>&1 | tail -25 ;;
     demo)
       log demo
       timeout 40 python3 -m mla_patch.demo --device cuda 2>&1 | tail -14 ;;

@@ -27,7 +27,7 @@ import scripts.default_model_training as dm
 from mla_patch.default_model import DEFAULT_MODEL_DIR, load_default_model
 from scripts.default_model_training import EVAL_SEED, make_documents, train_default_model
 
-EVAL_DATA = ROOT / "evals" / "data" / "mla_tiny_eval.jsonl"
+EVAL_DATA = ROOT / "mla_patch" / "evals" / "data" / "mla_tiny_eval.jsonl"
 N_EVAL_DOCS = 64
 
 

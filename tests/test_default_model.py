@@ -50,7 +50,7 @@ def test_learned_far_below_uniform_and_copies(default_model):
 def test_documents_deterministic_and_eval_data_reproducible():
     assert training.make_documents(5, 3) == training.make_documents(5, 3)
     assert training.make_documents(5, 3) != training.make_documents(5, 4)
-    from evals import DATA_DIR
+    from mla_patch.evals import DATA_DIR
 
     rows = [json.loads(line)["text"] for line in (DATA_DIR / "mla_tiny_eval.jsonl").read_text().splitlines()]
     assert rows == training.make_documents(len(rows), training.EVAL_SEED)

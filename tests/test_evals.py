@@ -1,4 +1,4 @@
-"""evals/: decode-path scoring equals vanilla prefill scoring, really runs the absorbed path, and the
+"""mla_patch/evals/: decode-path scoring equals vanilla prefill scoring, really runs the absorbed path, and the
 parity command fails on a broken decode. CPU, fp32, the embedded default model."""
 
 import json
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import mla_patch
-from evals import DATA_DIR, parity
-from evals import scoring as sc
+from mla_patch.evals import DATA_DIR, parity
+from mla_patch.evals import scoring as sc
 from mla_patch.default_model import load_default_model
 
 FP32_REL = parity.THRESHOLDS["float32"]
@@ -77,7 +77,7 @@ def test_mla_hf_prefill_scoring_equals_stock_hflm(model_tok):
     from lm_eval.api.registry import get_model
     from lm_eval.models.huggingface import HFLM
 
-    from evals.lm_model import MlaHFLM
+    from mla_patch.evals.lm_model import MlaHFLM
 
     assert get_model("mla-hf") is MlaHFLM
     model, tok = model_tok
@@ -127,3 +127,13 @@ def test_parity_command_fails_on_wrong_decode_scale(tmp_path, capsys, wrong_deco
     rc = parity.main(["--limit", "4", "--tasks", "mla_tiny_ppl", "--gen-tokens", "4", "--out", str(tmp_path)])
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert rc == 1 and last.endswith("FAIL"), last
+
+
+def test_the_lm_eval_command_runs_from_any_directory(tmp_path, monkeypatch, capsys):
+    """`mla-lm-eval` (lm-eval's CLI with `mla-hf` registered and our tasks on its path) from outside the repo."""
+    from mla_patch.evals import cli
+
+    monkeypatch.chdir(tmp_path)
+    rc = cli.main(["--model", "mla-hf", "--model_args", "pretrained=default,scoring=decode", "--tasks", "mla_tiny_ppl",
+                   "--device", "cpu", "--batch_size", "4", "--limit", "2"])
+    assert rc == 0 and "word_perplexity" in capsys.readouterr().out

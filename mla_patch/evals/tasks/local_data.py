@@ -1,4 +1,4 @@
-"""Local data for the offline tasks: json lines under evals/data, read through `datasets`.
+"""Local data for the offline tasks: json lines under mla_patch/evals/data, read through `datasets`.
 
 Paths are resolved from this file, so the tasks work from any working directory.
 """

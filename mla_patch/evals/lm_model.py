@@ -3,10 +3,10 @@
 lm-eval's own HF model scores every request with one full forward, which is prefill, which the patch
 leaves vanilla. Here `loglikelihood` and `loglikelihood_rolling` (both funnel into
 `_loglikelihood_tokens`) prefill the first `prefill_len` tokens and score the rest by teacher-forced
-decode steps on the cache (`evals.scoring`), batched across requests with left padding.
+decode steps on the cache (`mla_patch.evals.scoring`), batched across requests with left padding.
 `generate_until` is HFLM's, i.e. `model.generate()`, which decodes through the patch as well.
 
-    lm_eval --model mla-hf --model_args pretrained=default,scoring=decode ...  (after `import evals.lm_model`)
+    mla-lm-eval --model mla-hf --model_args pretrained=default,scoring=decode ...   (lm-eval's CLI, model registered)
 
 Model args: pretrained ("default" = the embedded model, or a local checkpoint dir), scoring
 ("decode" | "prefill": one full forward, the vanilla numbers), patch (apply mla_patch; default: true
@@ -44,9 +44,11 @@ class MlaHFLM(HFLM):
         if scoring not in ("decode", "prefill"):
             raise ValueError(f"mla-hf: scoring must be 'decode' or 'prefill', got {scoring!r}")
         if isinstance(pretrained, str) and pretrained in ("default", ""):
-            from mla_patch.default_model import load_default_model
+            # HFLM loads the embedded model from its directory (a path, not an object: no warnings); the
+            # tokenizer comes loaded, as some transformers releases do not know its saved class name.
+            from mla_patch.default_model import default_model_path, load_tokenizer
 
-            pretrained, tokenizer = load_default_model(dtype=dtype, device=device)
+            pretrained, tokenizer = str(default_model_path()), tokenizer or load_tokenizer()
         super().__init__(
             pretrained=pretrained,
             tokenizer=tokenizer,

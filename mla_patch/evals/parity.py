@@ -1,8 +1,8 @@
 """Accuracy parity of the absorbed MLA decode path: vanilla prefill scoring vs patched decode scoring.
 
-    python -m evals.parity                                   # embedded default model, fp32, CPU
-    python -m evals.parity --dtype bfloat16 --device cuda --backend kernel
-    python -m evals.parity --model /path/to/checkpoint --wikitext --limit 20
+    python -m mla_patch.evals.parity                                   # embedded default model, fp32, CPU
+    python -m mla_patch.evals.parity --dtype bfloat16 --device cuda --backend kernel
+    python -m mla_patch.evals.parity --model /path/to/checkpoint --wikitext --limit 20
 
 Runs the lm-eval tasks twice through the `mla-hf` model on the same weights: vanilla (unpatched, one
 prefill forward per request) and patched (prefill of the first --prefill-len tokens, then teacher-forced
@@ -53,7 +53,7 @@ GENERIC_PROMPTS = [
 
 def _args(argv):
     ap = argparse.ArgumentParser(
-        prog="python -m evals.parity",
+        prog="python -m mla_patch.evals.parity",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -71,7 +71,7 @@ def _args(argv):
         "--gen-tokens", type=int, default=32, help="greedy tokens per prompt in the agreement check"
     )
     ap.add_argument("--out", default="out/parity", help="where results go (default: out/parity, ignored by git; "
-                    "the recorded runs are under evals/results/)")
+                    "the recorded runs are under docs/results/parity/)")
     return ap.parse_args(argv)
 
 
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
             if worst is None or diff > worst[3] or math.isnan(diff):
                 worst = (task, rows["word_perplexity"]["vanilla"], rows["word_perplexity"]["patched"], diff)
     if worst is None:
-        raise SystemExit("evals.parity: no perplexity task among --tasks")
+        raise SystemExit("mla_patch.evals.parity: no perplexity task among --tasks")
 
     # Every token scored after the first chunk must have gone through the absorbed path.
     # (A first chunk of at most DECODE_MAX_NEW_TOKENS tokens may run absorbed as well, on the empty cache.)
