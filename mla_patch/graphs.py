@@ -72,7 +72,8 @@ class _Captured:
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.graph = None
-        self.output = None
+        self.output: dict = {}  # the captured output's fields (logits: the graph's buffer), without the cache
+        self.output_type = None
         self.experts = None  # the experts implementation captured (MoE models), and each one's replay ms
         self.experts_ms: dict = {}
 
@@ -111,12 +112,12 @@ class DecodeGraphs:
         """Give `cache` this model's buffers of its shape. A cache still held from an earlier call (e.g.
         returned by return_dict_in_generate) first gets a copy of its rows: it stays valid, and this call
         still replays the graphs captured on those buffers."""
-        owner = weakref.ref(cache)
+        owner = weakref.ref(cache)  # weak: the layers hold this function, and the cache must die with its call
 
         def allocate(shape, dtype, device):
             slots = self.buffers.setdefault((tuple(shape), dtype, torch.device(device)), [])
             free = [slot for slot in slots if slot[1]() is None]
-            taken = [slot for slot in slots if slot[1]() is not None and slot[1]() is not cache]
+            taken = [slot for slot in slots if slot[1]() is not None and slot[1]() is not owner()]
             for slot in free + taken:
                 _move_rows_out(slot[1](), slot[0])
                 slot[1] = owner
@@ -231,10 +232,18 @@ class DecodeGraphs:
         try:
             timings, choices = [], _experts_choices(model)
             for experts in choices:
-                with _experts_as(model, experts):
-                    graph, output = self._record(model, call, ids.device)
+                try:
+                    with _experts_as(model, experts):
+                        graph, output = self._record(model, call, ids.device)
+                except Exception:
+                    if experts is None:  # the model as it is cannot be captured
+                        raise
+                    continue  # the other experts kernel cannot (here): keep the model's own
                 timings.append((_replay_ms(graph) if len(choices) > 1 else 0.0, graph, output, experts))
-            _, captured.graph, captured.output, captured.experts = min(timings, key=lambda t: t[0])
+            _, captured.graph, output, captured.experts = min(timings, key=lambda t: t[0])
+            # The output's fields but the cache (held here it would keep that cache and its rows alive).
+            captured.output_type = type(output)
+            captured.output = {k: v for k, v in output.items() if k not in ("cache", "past_key_values")}
             captured.experts_ms = {str(t[3]): t[0] for t in timings}
         except Exception as err:  # e.g. a host sync in a module we do not own (an eager MoE loop)
             self.failed = f"capturing the decode step failed ({type(err).__name__}: {str(err).splitlines()[0][:200]})"
@@ -265,10 +274,9 @@ class DecodeGraphs:
     @staticmethod
     def _output(captured, cache):
         """A fresh output object: logits copied out of the graph's buffer, the caller's cache."""
-        template = captured.output
-        out = type(template)(**{k: v for k, v in template.items() if k not in ("cache", "past_key_values")})
-        out["logits"] = template["logits"].clone()
-        fields = getattr(type(template), "__dataclass_fields__", {})
+        out = captured.output_type(**captured.output)
+        out["logits"] = captured.output["logits"].clone()
+        fields = getattr(captured.output_type, "__dataclass_fields__", {})
         out["cache" if "cache" in fields else "past_key_values"] = cache
         return out
 
