@@ -204,14 +204,11 @@ class LatentCache(DynamicCache):
     Args:
         config: the model config (its layer count and types size the cache); optional.
         initial_capacity: tokens preallocated per layer at the first write (grown x2 when full).
-        allocate: optional (shape, dtype, device) -> buffer for each layer's first allocation.
     """
 
-    def __init__(self, config=None, initial_capacity: int = INITIAL_CAPACITY, allocate=None, **kwargs):
-        def new_layer() -> LatentLayer:
-            layer = LatentLayer(initial_capacity)
-            layer.allocate = allocate
-            return layer
+    def __init__(self, config=None, initial_capacity: int = INITIAL_CAPACITY, **kwargs):
+        def new_layer() -> LatentLayer:  # config-less layers are made on first use: with this capacity too
+            return LatentLayer(initial_capacity)
 
         if config is not None:
             # The layers DynamicCache would make for this config, full-attention ones made latent: hybrid

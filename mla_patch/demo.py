@@ -23,7 +23,7 @@ import torch
 import mla_patch
 from mla_patch.cache import CACHE_KWARG
 from mla_patch.default_model import DEMO_PROMPTS, load_default_model
-from mla_patch.demo_shape import print_comparison
+from mla_patch.demo_shape import cache_bytes, print_comparison
 
 
 def _timed_generate(model, inputs, max_new_tokens):
@@ -83,21 +83,6 @@ def _output_cache(out):
     return out["cache"] if "cache" in out.keys() else out.get("past_key_values")
 
 
-def _cache_bytes(cache) -> tuple[int, int]:
-    """(bytes allocated, bytes holding cached tokens) over all layers."""
-    allocated = used = 0
-    for layer in getattr(cache, "layers", []):
-        if getattr(layer, "buffer", None) is not None:  # LatentCache: preallocated, grown x2
-            allocated += layer.nbytes()
-            used += layer.nbytes() * layer.get_seq_length() // max(layer.capacity, 1)
-        else:
-            for t in (layer.keys, layer.values):
-                if isinstance(t, torch.Tensor):
-                    allocated += t.numel() * t.element_size()
-                    used += t.numel() * t.element_size()
-    return allocated, used
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="a local checkpoint dir (default: the embedded model)")
@@ -146,7 +131,7 @@ def main(argv=None) -> int:
     for name, (out, seconds) in results.items():
         tokens = batch * args.max_new_tokens
         cache = _output_cache(out)
-        allocated, used = _cache_bytes(cache)
+        allocated, used = cache_bytes(cache)
         print(f"{name:>8}: {tokens / seconds:9.1f} tokens/s  ({seconds * 1e3:.1f} ms for {args.max_new_tokens} steps)"
               f"  KV cache {type(cache).__name__}: {used / 1024:.1f} KiB of tokens, {allocated / 1024:.1f} KiB allocated")
     print(f"greedy tokens identical: {same}" + ("" if same else f" (first difference at step {differ[0].item()})"))

@@ -84,15 +84,24 @@ def _step_allocations(model, ids, cache) -> int:
     return counter.bytes
 
 
+def cache_bytes(cache) -> tuple[int, int]:
+    """(bytes allocated, bytes holding cached tokens) over all layers."""
+    allocated = used = 0
+    for layer in getattr(cache, "layers", []):
+        if getattr(layer, "buffer", None) is not None:  # LatentCache: preallocated, grown x2
+            allocated += layer.nbytes()
+            used += layer.nbytes() * layer.get_seq_length() // max(layer.capacity, 1)
+        else:
+            for t in (layer.keys, layer.values):
+                if isinstance(t, torch.Tensor):
+                    allocated += t.numel() * t.element_size()
+                    used += t.numel() * t.element_size()
+    return allocated, used
+
+
 def _bytes_per_cached_token(cache, tokens: int) -> float:
     """Cache bytes per token and layer that the cache keeps (its rows, not its spare capacity)."""
-    total = 0
-    for layer in cache.layers:
-        if getattr(layer, "buffer", None) is not None:
-            total += layer.buffer[:, :, : layer.get_seq_length()].numel() * layer.buffer.element_size()
-        else:
-            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-    return total / (tokens * len(cache.layers))
+    return cache_bytes(cache)[1] / (tokens * len(cache.layers))
 
 
 def compare_at_shape(device: str, dtype: torch.dtype, prompt: int = 2048, steps: int = 12) -> dict:

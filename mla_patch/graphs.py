@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import time
 import weakref
 
 import torch
@@ -49,8 +50,8 @@ def model_unsupported_reason(model) -> str | None:
         return "the model is quantized"
     if model.training:
         return "the model is in training mode"
-    failed = graphs_of(model).failed
-    return failed
+    held = model.__dict__.get("_mla_decode_graphs")
+    return held.failed if held is not None else None
 
 
 def graphs_of(model) -> "DecodeGraphs":
@@ -142,31 +143,31 @@ class DecodeGraphs:
     def run(self, model, inputs: dict):
         """The step's output, from a replay where the step allows one, else from the eager forward."""
         cache = inputs.get(CACHE_KWARG)
-        binding = self._binding(model, cache, inputs)
+        layers = cache.latent_layers() if isinstance(cache, LatentCache) else []
+        binding = self._binding(model, cache, layers, inputs)
         if binding.reason is not None:
             return model(**inputs)
         captured = self.captured.get(binding.key)
-        length = cache.latent_layers()[0].length
+        length = layers[0].length
         if captured is None:
-            captured = self._capture(model, cache, inputs, binding, length)
+            captured = self._capture(model, cache, layers, inputs, binding, length)
             if captured is None:
                 return model(**inputs)
         else:
             self.captured.move_to_end(binding.key)
             captured.load(inputs["input_ids"], inputs.get("position_ids"), binding.kv_start, length)
         captured.graph.replay()
-        for layer in cache.latent_layers():
+        for layer in layers:
             layer.advance(1)
         self.replays += 1
         _stats["graph_replays"] += 1
         _stats["absorbed_tokens"] += captured.ids.shape[0]
         return self._output(captured, cache)
 
-    def _binding(self, model, cache, inputs) -> _Binding:
-        reason = self._step_unsupported_reason(cache, inputs)
+    def _binding(self, model, cache, layers, inputs) -> _Binding:
+        reason = self._step_unsupported_reason(cache, layers, inputs)
         if reason is not None:
             return _Binding(None, None, reason)
-        layers = cache.latent_layers()
         key = (tuple(layer.buffer.data_ptr() for layer in layers), layers[0].buffer.shape, layers[0].buffer.dtype)
         binding = cache.__dict__.get("_mla_binding")
         if binding is None or binding.key[0] != key:
@@ -188,10 +189,10 @@ class DecodeGraphs:
         return _Binding((buffers_key, weights), kv_start)
 
     @staticmethod
-    def _step_unsupported_reason(cache, inputs) -> str | None:
+    def _step_unsupported_reason(cache, layers, inputs) -> str | None:
+        """Why this step cannot be replayed; `layers` are the cache's latent layers."""
         if not isinstance(cache, LatentCache):
             return "not a LatentCache"
-        layers = cache.latent_layers()
         if not layers or len(layers) != len(cache.layers) or not all(layer.is_initialized for layer in layers):
             return "a cache with non-latent layers, or before its prefill"
         ids = inputs.get("input_ids")
@@ -210,14 +211,12 @@ class DecodeGraphs:
             return "an attention mask that is not [batch, length]"
         return None
 
-    def _capture(self, model, cache, inputs, binding, length):
+    def _capture(self, model, cache, layers, inputs, binding, length):
         """Warm up one step eagerly on a side stream, then capture it; None (and eager from then on) on failure.
 
         A MoE model's step is captured with each of transformers' two graph-safe experts implementations
         and the faster kept: generate() decodes with batched_mm (it copies each picked expert's weights per
         token: best for a few tokens), while grouped_mm reads each picked expert once (best for a batch)."""
-        import time
-
         start = time.perf_counter()
         ids = inputs["input_ids"]
         captured = _Captured(ids.shape[0], ids.device)
@@ -226,14 +225,13 @@ class DecodeGraphs:
                 "use_cache": True, "return_dict": True}
         if inputs.get("logits_to_keep") is not None:
             call["logits_to_keep"] = inputs["logits_to_keep"]
-        layers = cache.latent_layers()
         for layer in layers:
             layer.step = captured.step
         try:
             timings, choices = [], _experts_choices(model)
             for experts in choices:
                 try:
-                    with _experts_as(model, experts):
+                    with experts_as(model, experts):
                         graph, output = self._record(model, call, ids.device)
                 except Exception:
                     if experts is None:  # the model as it is cannot be captured
@@ -292,7 +290,8 @@ def _experts_choices(model) -> list:
 
 
 @contextlib.contextmanager
-def _experts_as(model, experts):
+def experts_as(model, experts):
+    """The model's experts implementation set to `experts` (a mapping; None leaves it) for the block."""
     if experts is None:
         yield
         return

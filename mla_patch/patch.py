@@ -156,15 +156,11 @@ def _decode_experts(self):
     and more (the batch is generate()'s, noted when its cache was prepared)."""
     with GenerationMixin._optimize_model_for_decode(self):
         current = self.get_experts_implementation() if hasattr(self, "get_experts_implementation") else {}
-        batched = {key for key, value in current.items() if value == "batched_mm"}
-        if not batched or self.__dict__.get("_mla_decode_batch", 1) < GROUPED_MM_FROM_BATCH:
+        grouped = None
+        if "batched_mm" in current.values() and self.__dict__.get("_mla_decode_batch", 1) >= GROUPED_MM_FROM_BATCH:
+            grouped = {key: "grouped_mm" if value == "batched_mm" else value for key, value in current.items()}
+        with graphs.experts_as(self, grouped):
             yield
-            return
-        self.set_experts_implementation({key: "grouped_mm" if key in batched else v for key, v in current.items()})
-        try:
-            yield
-        finally:
-            self.set_experts_implementation(current)
 
 
 # What patch() sets on a model class for generate(), and the methods they replace.

@@ -45,8 +45,7 @@ def mla_decode_ref(
     # Accumulate in float32 at least; float64 inputs stay float64 (the test oracle).
     acc = torch.float64 if q_latent.dtype == torch.float64 else torch.float32
     if T == 0:  # no rows: every range is empty
-        lse = torch.full((B, S, H), float("-inf"), dtype=torch.float32 if acc == torch.float32 else acc,
-                         device=q_latent.device)
+        lse = torch.full((B, S, H), float("-inf"), dtype=acc, device=q_latent.device)
         out = torch.zeros_like(q_latent)
         return (out, lse, torch.zeros(B, H, S, 0, dtype=acc, device=q_latent.device)) if return_probs else (out, lse)
     ql, qp = q_latent.to(acc), q_pe.to(acc)

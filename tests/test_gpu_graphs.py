@@ -15,6 +15,7 @@ import torch
 
 import mla_patch
 from mla_patch import graphs
+from mla_patch.demo import _output_cache
 from conftest import build_model, case_seed, rel_err, tiny_config
 from test_compile import _counting_compile, _generate_static, generate_counting_graphs
 
@@ -109,7 +110,7 @@ def test_a_returned_cache_keeps_its_rows_when_the_next_call_reuses_the_shape():
     mla_patch.patch(model, backend="kernel")
     ids, mask = _prompt(case_seed("kept"))
     kept = _generate(model, ids, mask)
-    cache = kept["cache"] if "cache" in kept.keys() else kept.past_key_values
+    cache = _output_cache(kept)
     rows = cache.layers[0].keys.clone()
     _generate(model, torch.flip(ids, dims=[1]), mask)
     assert torch.equal(cache.layers[0].keys, rows), "a later generate() wrote into a cache the user holds"

@@ -68,7 +68,10 @@ def test_graph_steps_are_only_plain_one_token_steps_on_a_latent_cache():
 
     config = tiny_config("deepseek_v2")
     cache = mla_patch.LatentCache(config=config, initial_capacity=16)
-    reason = DecodeGraphs._step_unsupported_reason
+    def reason(cache, inputs):
+        layers = cache.latent_layers() if cache is not None else []
+        return DecodeGraphs._step_unsupported_reason(cache, layers, inputs)
+
     assert reason(None, {}) == "not a LatentCache"
     assert "before its prefill" in reason(cache, {"input_ids": torch.zeros(2, 1, dtype=torch.long)})
     for layer_idx in range(config.num_hidden_layers):
@@ -79,13 +82,13 @@ def test_graph_steps_are_only_plain_one_token_steps_on_a_latent_cache():
 def test_a_moe_step_is_captured_with_either_graph_safe_experts_kernel():
     """graphs.py times batched_mm against grouped_mm for a MoE step; an eager expert loop (host syncs) has no
     alternative, and the model's own setting comes back after each try."""
-    from mla_patch.graphs import _experts_as, _experts_choices
+    from mla_patch.graphs import experts_as, _experts_choices
 
     model = build_model(tiny_config("deepseek_v2"))
     assert _experts_choices(model) == [None]  # eager experts: nothing graph-safe to swap to
     model.set_experts_implementation("batched_mm")
     choices = _experts_choices(model)
     assert choices == [None, {"": "grouped_mm"}]
-    with _experts_as(model, choices[1]):
+    with experts_as(model, choices[1]):
         assert model.get_experts_implementation() == {"": "grouped_mm"}
     assert model.get_experts_implementation() == {"": "batched_mm"}
