@@ -51,7 +51,7 @@ def _cuda_extension():
         f"--threads={os.environ.get('MLA_PATCH_NVCC_THREADS', '4')}",
         *_gencode_flags(archs),
     ]
-    if os.environ.get("MLA_PATCH_TIMELINE_PHASES") == "1":  # v7's in-loop timeline stamps (csrc/mla_decode.cuh)
+    if os.environ.get("MLA_PATCH_TIMELINE_PHASES") == "1":  # the wgmma kernels' in-loop timeline stamps (csrc/common.cuh)
         nvcc_flags.append("-DMLA_PATCH_TIMELINE_PHASES=1")
     cxx_flags = ["-O3"]
     ext = CUDAExtension(

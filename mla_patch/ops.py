@@ -7,7 +7,6 @@ for), the reference in `reference.py` runs instead and the reason is logged once
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 
@@ -57,39 +56,6 @@ def extension_error() -> str | None:
 
 def has_kernel() -> bool:
     return load_extension() is not None
-
-
-# The extension's test and benchmark hooks: each sets a process-wide switch and returns its previous value.
-KERNEL_HOOKS = {
-    "wgmma_mode": "_wgmma_mode",  # -1 default dispatch, 0 mma.sync everywhere, 1 the sm_90a kernel (v7), 2 v8, 3 v9
-    "pdl_mode": "_pdl_mode",  # -1 default, 0 plain launches, 1 programmatic dependent launch
-    "force_splits": "_force_splits",  # 0 the split-KV heuristic, n > 0 that many splits
-    "fp32_partials": "_fp32_partials",  # -1 default (input dtype), 0 input dtype, 1 fp32
-    "tma_q": "_tma_q",  # -1 default (on), 0 the query tile by cp.async (v7, mma.sync), 1 by TMA where it serves
-    "tma_kv": "_tma_kv",  # -1 default (on), 0 the cache tiles by cp.async (v7, mma.sync), 1 by TMA where they can be
-    "plan_mode": "_plan_mode",  # -1 default (off), 0 v7's regular grid, 1 its balanced grid where it serves
-    "narrow_mode": "_narrow_mode",  # -1 default (on), 0 no narrow kernel (v9) in the default dispatch, 1 on
-}
-
-
-@contextlib.contextmanager
-def kernel_settings(**settings: int):
-    """Sets kernel hooks for the block (e.g. wgmma_mode=1, force_splits=4) and restores them after, even
-    on error. For tests and benchmarks: the switches are process-wide, not thread-local."""
-    unknown = set(settings) - set(KERNEL_HOOKS)
-    if unknown:
-        raise ValueError(f"unknown kernel settings {sorted(unknown)}; known: {sorted(KERNEL_HOOKS)}")
-    if not has_kernel():
-        raise RuntimeError(f"kernel settings need the CUDA extension: {extension_error()}")
-    ops = torch.ops.mla_patch
-    previous = {}
-    try:
-        for name, value in settings.items():
-            previous[name] = getattr(ops, KERNEL_HOOKS[name])(value)
-        yield
-    finally:
-        for name, value in previous.items():
-            getattr(ops, KERNEL_HOOKS[name])(value)
 
 
 def check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale: float = 1.0) -> None:

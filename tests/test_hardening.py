@@ -23,11 +23,12 @@ try:  # the property test needs hypothesis (a test extra); everything else runs 
 except ImportError:
     given = None
 
-import mla_patch
-from conftest import left_padded_prompt, build_model, case_seed, rel_err, tiny_config
-from mla_patch import ops
+from conftest import build_model, case_seed, left_padded_prompt, rel_err, tiny_config
 
-GEN = dict(do_sample=False, output_logits=True, return_dict_in_generate=True)
+import mla_patch
+from mla_patch import kernel_probe, ops
+
+GEN = {"do_sample": False, "output_logits": True, "return_dict_in_generate": True}
 
 
 def _pair(family="deepseek_v3", dtype=torch.float64, seed=0, **overrides):
@@ -81,14 +82,14 @@ def test_non_mla_model_is_untouched_with_a_message(caplog):
 
 def _op_args(B=2, S=1, H=3, R=16, P=4, T=7, dtype=torch.float64):
     g = torch.Generator().manual_seed(case_seed("op", B, S, H, R, P, T))
-    return dict(
-        q_latent=torch.randn(B, S, H, R, generator=g, dtype=dtype),
-        q_pe=torch.randn(B, S, H, P, generator=g, dtype=dtype),
-        c_kv=torch.randn(B, T, R, generator=g, dtype=dtype),
-        k_pe=torch.randn(B, T, P, generator=g, dtype=dtype),
-        kv_start=torch.tensor([0, 2], dtype=torch.int32),
-        kv_end=torch.tensor([T, T - 1], dtype=torch.int32),
-    )
+    return {
+        "q_latent": torch.randn(B, S, H, R, generator=g, dtype=dtype),
+        "q_pe": torch.randn(B, S, H, P, generator=g, dtype=dtype),
+        "c_kv": torch.randn(B, T, R, generator=g, dtype=dtype),
+        "k_pe": torch.randn(B, T, P, generator=g, dtype=dtype),
+        "kv_start": torch.tensor([0, 2], dtype=torch.int32),
+        "kv_end": torch.tensor([T, T - 1], dtype=torch.int32),
+    }
 
 
 BAD_ARGS = {
@@ -155,7 +156,6 @@ class _BrokenExtension:
     def find_spec(self, name, path=None, target=None):
         if name == "mla_patch._C":
             raise OSError("mla_patch/_C.so: undefined symbol: _ZN3c104impl8GPUTrace")
-        return None
 
 
 @pytest.mark.parametrize("how", ["missing", "mismatched"])
@@ -184,15 +184,25 @@ def test_broken_extension_warns_once_and_falls_back(how, monkeypatch, caplog):
         ops.mla_decode(*_op_args().values(), 0.25, backend="kernel")
 
 
-def test_kernel_settings_name_the_problem(monkeypatch):
-    with pytest.raises(ValueError, match=r"unknown kernel settings \['force_split'\]; known: .*force_splits"):
-        with ops.kernel_settings(force_split=4):
-            pass
-    monkeypatch.setattr(ops, "_ext", None)
-    monkeypatch.setattr(ops, "_ext_error", "the CUDA extension mla_patch._C is not built (test)")
-    with pytest.raises(RuntimeError, match="need the CUDA extension: .*not built"):
-        with ops.kernel_settings(force_splits=4):
-            pass
+def test_decode_forced_names_the_problem(monkeypatch):
+    """kernel_probe.decode_forced checks its own arguments before it reaches the extension (no GPU needed): an
+    unknown kernel name is a ValueError naming it, CPU tensors a RuntimeError saying the kernel cannot serve, bad
+    shapes the argument that is wrong."""
+
+    def no_extension():
+        raise AssertionError("decode_forced reached the extension")
+
+    monkeypatch.setattr(ops, "load_extension", no_extension)
+    args = _op_args()
+    for kernel in ("v7", "MMA", "pair"):
+        with pytest.raises(ValueError, match=rf"kernel must be 'auto' or one of .*got '{kernel}'"):
+            kernel_probe.decode_forced(*args.values(), 0.25, kernel=kernel)
+    for kernel in ("auto", *kernel_probe.KERNELS):
+        with pytest.raises(RuntimeError, match="cannot serve this call: inputs are on cpu"):
+            kernel_probe.decode_forced(*args.values(), 0.25, kernel=kernel)
+    bad = dict(args, kv_end=args["kv_end"][:1])
+    with pytest.raises(ValueError, match="kv_end"):
+        kernel_probe.decode_forced(*bad.values(), 0.25)
 
 
 # -- cache capacity, batch size, dtype, empty prompts -----------------------------------------------------
@@ -330,8 +340,8 @@ else:
     )
     def test_property_patched_equals_stock(family, heads, kv_lora, rope, nope, v_dim, q_lora, interleave, pads, length,
                                            new_tokens, seed):
-        overrides = dict(num_attention_heads=heads, kv_lora_rank=kv_lora, qk_rope_head_dim=rope, qk_nope_head_dim=nope,
-                         v_head_dim=v_dim, q_lora_rank=q_lora, num_hidden_layers=2)
+        overrides = {"num_attention_heads": heads, "kv_lora_rank": kv_lora, "qk_rope_head_dim": rope,
+                     "qk_nope_head_dim": nope, "v_head_dim": v_dim, "q_lora_rank": q_lora, "num_hidden_layers": 2}
         if family == "deepseek_v3":
             overrides["rope_interleave"] = interleave
         stock = build_model(tiny_config(family, **overrides), seed=seed % 1000)

@@ -1,6 +1,6 @@
 // Host side of the TMA paths: tensor maps over the query and cache tensors (cuTensorMapEncodeTiled, reached through
-// the runtime so the extension does not link libcuda), cached while the tensors stay the same. Used by v7 / v8 / v9
-// (mla_decode_seesaw.cuh, mla_decode_narrow.cuh) and by the mma.sync kernel's query rows on sm_90a (mla_decode.cuh).
+// the runtime so the extension does not link libcuda), cached while the tensors stay the same, and the structs that
+// carry them to a kernel as a __grid_constant__ parameter. Used by every kernel's TMA tiles on sm_90a.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,10 +9,35 @@
 #include <array>
 #include <cstdint>
 
-#include "mla_cluster_ops.cuh"
-#include "mla_params.h"
+#include <cuda.h>  // CUtensorMap (a plain 128-byte struct; nothing here links libcuda)
+
+#include <type_traits>
+
+#include "params.h"
 
 namespace mla {
+
+// c_kv and k_pe as 3-D {columns, rows T, sequences B}.
+struct CacheMaps {
+  CUtensorMap c_kv;
+  CUtensorMap k_pe;
+};
+// q_latent and q_pe as 4-D {columns, H, S, B}.
+struct QMaps {
+  CUtensorMap q_latent;
+  CUtensorMap q_pe;
+};
+// Both, for a kernel whose tiles go by TMA (the query maps unset where its query does not).
+struct TileMaps {
+  CUtensorMap q_latent;
+  CUtensorMap q_pe;
+  CUtensorMap c_kv;
+  CUtensorMap k_pe;
+};
+// A kernel template's maps parameter: the maps where any of its tiles go by TMA, else none (all by cp.async).
+struct NoMaps {};
+template <bool TMAQ, bool TMAK>
+using KernelMaps = std::conditional_t<TMAQ || TMAK, TileMaps, NoMaps>;
 
 // cuTensorMapEncodeTiled from the driver through the runtime, so the extension does not link libcuda; null
 // where the driver lacks it.
@@ -33,9 +58,8 @@ inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
 // A 16-bit tensor (last dim contiguous) as a tiled map of `rank` dims, innermost first: `dims`, the element
 // strides of dims 1.. (a size-1 dim's stride is arbitrary in torch: replaced by a dense one), `box` in the
 // 128-byte swizzle (our shared layout); out-of-range elements read as zeros. False if the driver refuses it.
-// No L2 promotion: a box row is 128 bytes of a cache row 1152 bytes long, and promoting each fill to 256 bytes made
-// v7's TMA tiles 1-4 % slower than cp.async where memory-bound (H = 16, late order) and 1-5 % faster without it
-// (H200, session 9, same machine; H = 128 within 1-3 % either way).
+// No L2 promotion: a box row is 128 bytes of a cache row 1152 bytes long, and promoting each fill to 256 bytes
+// was measured slower (docs/KERNEL.md).
 template <MlaDtype DT>
 bool encode_map(CUtensorMap* map, const void* base, int rank, const int64_t* dims, const int64_t* strides,
                 const uint32_t* box) {
@@ -78,8 +102,8 @@ struct MapCache {
 };
 inline int64_t ptr_key(const void* p) { return static_cast<int64_t>(reinterpret_cast<uintptr_t>(p)); }
 
-// q_latent and q_pe as {cols, H, S, B}, box {64, BOX, 1, 1}: BOX heads of one token a 64-column block (v7: 64, where
-// H is a multiple of 64, mla_seesaw_tma_q_serves; the mma.sync kernel: its M tile, mla_decode_tma_q_serves).
+// q_latent and q_pe as {cols, H, S, B}, box {64, BOX, 1, 1}: BOX heads of one token a 64-column block (seesaw: 64,
+// where H is a multiple of 64, seesaw_tma_q_serves; mma: its M tile, mma_tma_serves).
 template <MlaDtype DT, int BOX>
 bool query_maps(const MlaDecodeParams& p, int R, int P, QMaps* maps) {
   thread_local MapCache<QMaps, 11> cache;
@@ -94,13 +118,12 @@ bool query_maps(const MlaDecodeParams& p, int R, int P, QMaps* maps) {
   });
 }
 
-// c_kv and k_pe as {cols, T, B}, box {64, ROWS, 1}: v8 (ROWS 32: each CTA of the pair fetches half the rows of a
-// tile), v7's TMAK and v9 (ROWS 64, a whole tile), the mma.sync kernel's TMAK (ROWS 32, its tile).
+// c_kv and k_pe as {cols, T, B}, box {64, ROWS, 1}: a whole cache tile (seesaw and narrow: 64 rows, mma: 32).
 template <MlaDtype DT, int ROWS>
-bool cache_maps(const MlaDecodeParams& p, int R, int P, PairMaps* maps) {
-  thread_local MapCache<PairMaps, 8> cache;
+bool cache_maps(const MlaDecodeParams& p, int R, int P, CacheMaps* maps) {
+  thread_local MapCache<CacheMaps, 8> cache;
   const std::array<int64_t, 8> key{ptr_key(p.c_kv), ptr_key(p.k_pe), p.T, p.B, p.c_kv_st, p.c_kv_sb, p.k_pe_st, p.k_pe_sb};
-  return cache.get(key, maps, [&](PairMaps* m) {
+  return cache.get(key, maps, [&](CacheMaps* m) {
     const uint32_t box[3] = {64, ROWS, 1};
     const int64_t c_dims[3] = {R, p.T, p.B}, k_dims[3] = {P, p.T, p.B};
     const int64_t c_st[2] = {p.c_kv_st, p.c_kv_sb}, k_st[2] = {p.k_pe_st, p.k_pe_sb};
@@ -108,12 +131,12 @@ bool cache_maps(const MlaDecodeParams& p, int R, int P, PairMaps* maps) {
   });
 }
 
-// The query maps (box QBOX heads, where `with_query`) and the cache's (box KROWS rows) together: v7's TMAK (64 / 64)
-// and the mma.sync kernel's (its M tile / 32).
+// The query maps (box QBOX heads, where `with_query`) and the cache's (box KROWS rows) together: seesaw (64 / 64)
+// and mma (its M tile / 32).
 template <MlaDtype DT, int QBOX, int KROWS>
 bool tile_maps(const MlaDecodeParams& p, int R, int P, bool with_query, TileMaps* maps) {
   QMaps q{};
-  PairMaps kv;
+  CacheMaps kv;
   if ((with_query && !query_maps<DT, QBOX>(p, R, P, &q)) || !cache_maps<DT, KROWS>(p, R, P, &kv)) return false;
   *maps = TileMaps{q.q_latent, q.q_pe, kv.c_kv, kv.k_pe};
   return true;

@@ -1,12 +1,12 @@
-// wgmma wrappers and helpers for the sm_90a path (mla_decode_seesaw.cuh); the operand lists are mechanical
-// and were written out by a throwaway generator. Empty bodies outside sm_90a (the kernel is never launched
-// there).
+// wgmma wrappers and shared-memory descriptors of the sm_90a kernels (kernel_seesaw.cuh, kernel_narrow.cuh); the
+// operand lists are mechanical and were written out by a throwaway generator. Empty bodies outside sm_90a (the
+// kernels are never launched there).
 // d += A(64x16) * B(16xN), fp32 accumulate.
 // SS: A and B from shared memory by descriptor, both K-major. RS: A from registers (the m16n8k16-style
 // fragment of each warp's 16 rows), B from shared memory MN-major (imm-trans-b = 1).
 #pragma once
 #include <cstdint>
-#include "mla_params.h"
+#include "params.h"
 namespace mla {
 template <MlaDtype DT>
 __device__ __forceinline__ void wgmma_ss_m64n64(float (&d)[32], uint64_t desc_a, uint64_t desc_b, int scale_d) {
@@ -62,7 +62,7 @@ __device__ __forceinline__ void wgmma_rs_m64n256(float (&d)[128], const uint32_t
   }
 #endif
 }
-// The narrow kernel (mla_decode_narrow.cuh): d (64x16) += A (64x16) * B (16x16), both from shared memory, B K-major;
+// The narrow kernel (kernel_narrow.cuh): d (64x16) += A (64x16) * B (16x16), both from shared memory, B K-major;
 // A K-major, or M-major when TA (imm-trans-a = 1, legal for 16-bit types: its V^T read from the row-major tile).
 template <MlaDtype DT, int TA>
 __device__ __forceinline__ void wgmma_ss_m64n16(float (&d)[8], uint64_t desc_a, uint64_t desc_b, int scale_d) {

@@ -1,9 +1,9 @@
-// sm_90a narrow kernel (v9) of the absorbed MLA decode: few query rows (S*H <= 16; H = 16 at one token) as the N
-// dimension of wgmma. Same contract and split-KV convention as mla_decode_kernel (mla_decode.cuh), whose LSE combine
-// it reuses.
+// The narrow kernel of the absorbed MLA decode (sm_90a; v9 in docs/HISTORY.md): few query rows (S*H <= 16; H = 16
+// at one token) as the N dimension of wgmma, and its launcher. Same contract and split-KV convention as mma_kernel
+// (kernel_mma.cuh), and the same LSE combine.
 //
-// Why: v7 puts the query rows on wgmma's M, which is 64: at H = 16 three quarters of its products are padding, and
-// its late order (kSeesawLateMaxRows) sits near the tensor limit and the memory limit at once. Here the cache rows
+// Why: seesaw puts the query rows on wgmma's M, which is 64: at H = 16 three quarters of its products are padding,
+// and its late order (kSeesawLateMaxRows) sits near the tensor limit and the memory limit at once. Here the cache rows
 // are M and the heads N (m64n16k16), so the tensor work is the real work:
 //   S^T [64 rows x 16 heads] = K [64 x 576] Q^T        (36 k-steps; A = the cache tile as landed, B = Q, K-major)
 //   softmax per head = per column of S^T               (its 64 rows span the warpgroup's 4 warps)
@@ -11,28 +11,32 @@
 // Grid: x = 16-row tile of the S*H query rows (one where S*H <= 16), y = KV split, z = sequence; 256 threads.
 // Warpgroup w takes tiles w, w + 2, ... of the CTA's rows [cb, ce) through buffer w of its own, copied by TMA (one
 // thread, nine 64-row boxes, each on its 64-column block's mbarrier), reloaded once its PV is done; each keeps its
-// own running max m (lazy: moves only past m + 8 in log2, as v7), row sums and O^T (64 fp32 accumulators a thread),
-// and the two merge through shared memory at the end. (Session 10 measured its loop at the HBM rate, as v7's late
-// order's: what it gains is outside the loop; docs/KERNEL.md.)
-// Shared memory (1024-aligned, 128-byte swizzle as v7: 16-byte chunk c of a 128-byte row r at chunk c ^ (r % 8)):
+// own running max m (lazy: moves only past m + 8 in log2, as seesaw), row sums and O^T (64 fp32 accumulators a thread),
+// and the two merge through shared memory at the end. (Its loop runs at the HBM rate, as seesaw's late order's: what
+// it gains is outside the loop; docs/KERNEL.md.)
+// Shared memory (1024-aligned, 128-byte swizzle as seesaw: 16-byte chunk c of a 128-byte row r at chunk c ^ (r % 8)):
 // Q [NB][16][64], buffers 0 and 1 [NB][64][64], P^T [2][16 heads][64 rows], the softmax exchange, an mbarrier a
 // 64-column block of each buffer.
 #pragma once
 
-#include "mla_decode_seesaw.cuh"
+#include "combine.cuh"
+#include "common.cuh"
+#include "kernels.h"
+#include "sm90_tma.cuh"
+#include "sm90_wgmma.cuh"
+#include "tensor_maps.h"
 
 namespace mla {
 
 template <MlaDtype DT, int R, int P>
-__global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDecodeParams p,
-                                                                   const __grid_constant__ PairMaps maps) {
+__global__ void __launch_bounds__(256, 1) narrow_kernel(const MlaDecodeParams p, const __grid_constant__ CacheMaps maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using T = typename DtypeTraits<DT>::T;
-  constexpr int M = kMlaNarrowMTile, N = kMlaSeesawNTile, NB = mla_wgmma_col_blocks(R, P), LB = R / 64;
+  constexpr int M = kMlaNarrowMTile, N = kMlaSeesawNTile, NB = wgmma_col_blocks(R, P), LB = R / 64;
   constexpr int BLK = N * 128, TILE = NB * BLK, QBLK = M * 128, CHUNKS = (R + P) / 8;
   constexpr int SROW = R + 4;  // fp32 staging row of the epilogue: 4 floats of padding, conflict-free writes
   static_assert(R == 512 && P == 64 && M == 16 && N == 64, "128-byte rows in every block (the TMA swizzle), 16 heads");
-  static_assert(mla_narrow_smem_bytes(R, P) == 1024 + NB * QBLK + 2 * TILE + 2 * QBLK + 2048 + 2 * NB * 8, "layout");
+  static_assert(narrow_smem_bytes(R, P) == 1024 + NB * QBLK + 2 * TILE + 2 * QBLK + 2048 + 2 * NB * 8, "layout");
   static_assert(M * SROW * 4 <= TILE, "the epilogue stages a warpgroup's rows in its buffer");
 
   extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -46,7 +50,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
   float* xch = reinterpret_cast<float*>(at(s_x));
 
   const int tid = threadIdx.x, wt = tid & 127, lane = tid & 31, warp = wt >> 5, tq = lane & 3, gq = lane >> 2;
-  // Warp-uniform in the compiler's eyes (a shuffle from lane 0): see mla_decode_seesaw_kernel.
+  // Warp-uniform in the compiler's eyes (a shuffle from lane 0): see seesaw_kernel.
   const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
   const int b = blockIdx.z, split = blockIdx.y, nsplit = p.num_splits, MT = p.S * p.H, row0 = blockIdx.x * M;
 
@@ -62,7 +66,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
                 query_chunk_src<T, R>(p, b, row0 + r, cc), row0 + r < MT);
   }
   cp_async_commit();
-  // This CTA's rows: the visible range cut into num_splits chunks of whole pairs of tiles (v7's cut).
+  // This CTA's rows: the visible range cut into num_splits chunks of whole pairs of tiles (seesaw's cut).
   const int start = max(start_raw, 0), end = min(end_raw, p.T), len = max(end - start, 0);
   const int per = ceil_div(ceil_div(len, nsplit), 2 * N) * 2 * N;
   const long long cb_l = static_cast<long long>(start) + static_cast<long long>(split) * per;
@@ -86,7 +90,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
   const uint32_t buf = s_buf0 + wg * TILE, bar = s_mbar + 8 * wg * NB, pt = s_pt0 + wg * QBLK;
   const int bar_wg = wg == 0 ? kBarWg0 : kBarWg1;
   // Tile `tile` of the CTA's rows into this warpgroup's buffer: nine 64-row boxes (TMA zero-fills past T only), each
-  // on its block's mbarrier, so QK starts on the first block while the rest lands (as v7's tiles).
+  // on its block's mbarrier, so QK starts on the first block while the rest lands (as seesaw's tiles).
   auto load_tile = [&](int tile) {
     fence_proxy_async();  // this buffer's earlier generic writes (a zeroed tail) before the copy
     const int row = cb + tile * N;
@@ -138,7 +142,7 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
     const int keep = ce - (cb + tile * N);
     if (keep < N) {
       // A split's last tile: rows past ce are real (or NaN) cache rows. Softmax masks their scores, but PV would
-      // multiply P = 0 by them: once its latent blocks landed, zero their rows for the tensor cores (v7's
+      // multiply P = 0 by them: once its latent blocks landed, zero their rows for the tensor cores (seesaw's
       // zero_tail; the block waits below then return at once).
 #pragma unroll
       for (int j = 0; j < LB; ++j) mbar_wait(bar + 8 * j, parity);
@@ -307,46 +311,34 @@ __global__ void __launch_bounds__(256, 1) mla_decode_narrow_kernel(const MlaDeco
       v[4 * h + 3] = x.w + y.w;
     }
     const size_t at_out = (out_row + row0 + r) * R + c8;
-    if (nsplit > 1 && p.partial_f32) {
-      float4* dst = reinterpret_cast<float4*>(static_cast<float*>(p.o_partial) + at_out);
-      dst[0] = make_float4(v[0], v[1], v[2], v[3]);
-      dst[1] = make_float4(v[4], v[5], v[6], v[7]);
-    } else {
-      const auto p0 = pack_out<DT>(v[0], v[1]), p1 = pack_out<DT>(v[2], v[3]);
-      const auto p2 = pack_out<DT>(v[4], v[5]), p3 = pack_out<DT>(v[6], v[7]);
-      T* dst = static_cast<T*>(nsplit == 1 ? p.out_latent : p.o_partial) + at_out;
-      *reinterpret_cast<uint4*>(dst) =
-          make_uint4(*reinterpret_cast<const uint32_t*>(&p0), *reinterpret_cast<const uint32_t*>(&p1),
-                     *reinterpret_cast<const uint32_t*>(&p2), *reinterpret_cast<const uint32_t*>(&p3));
-    }
+    const auto p0 = pack_out<DT>(v[0], v[1]), p1 = pack_out<DT>(v[2], v[3]);
+    const auto p2 = pack_out<DT>(v[4], v[5]), p3 = pack_out<DT>(v[6], v[7]);
+    T* dst = static_cast<T*>(nsplit == 1 ? p.out_latent : p.o_partial) + at_out;
+    *reinterpret_cast<uint4*>(dst) =
+        make_uint4(*reinterpret_cast<const uint32_t*>(&p0), *reinterpret_cast<const uint32_t*>(&p1),
+                   *reinterpret_cast<const uint32_t*>(&p2), *reinterpret_cast<const uint32_t*>(&p3));
   }
   if (tid == 0) timeline_stamp(p, kTlDecode, kTlExit);
 #else
-  // Built without sm_90a: never dispatched (binding.cpp checks the loaded binary); fail loudly if it is.
+  // Built without sm_90a: never dispatched (sm90a_kernels_built); fail loudly if it is.
   __trap();
 #endif
 }
 
 }  // namespace mla
 
+// Seesaw where the cache's tensor maps do not encode (every narrow tile goes by TMA).
 template <MlaDtype DT, int R, int P>
-cudaError_t launch_mla_decode_narrow(const MlaDecodeParams& params, cudaStream_t stream, bool* launched) {
-  *launched = false;
-  if constexpr (R == 512 && P == 64) {
-    mla::PairMaps maps;
-    if (!mla_narrow_serves(R, P, params.S, params.H) || !mla::cache_maps<DT, kMlaSeesawNTile>(params, R, P, &maps)) {
-      return cudaSuccess;
-    }
-    int dev = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err != cudaSuccess) return err;
-    static bool smem_set[64] = {};
-    err = mla::launch_main_kernel(mla::mla_decode_narrow_kernel<DT, R, P>, kMlaNarrowMTile, mla_narrow_smem_bytes(R, P),
-                                  smem_set, dev, params, stream, maps);
-    if (err != cudaSuccess) return err;
-    *launched = true;
-    if (params.num_splits == 1) return err;
-    return mla::launch_mla_combine<DT, R>(params, stream);
+cudaError_t launch_narrow(const MlaDecodeParams& params, cudaStream_t stream, Launched* ran) {
+  static_assert(R == 512 && P == 64, "narrow_serves");
+  mla::CacheMaps maps;
+  if (!params.tma || !mla::cache_maps<DT, kMlaSeesawNTile>(params, R, P, &maps)) {
+    return launch_seesaw<DT, R, P>(params, stream, ran);
   }
-  return cudaSuccess;
+  *ran = Launched{Kernel::kNarrow, false, true};
+  static bool smem_set[64] = {};
+  const cudaError_t err = mla::launch_main_kernel(mla::narrow_kernel<DT, R, P>, kMlaNarrowMTile,
+                                                  narrow_smem_bytes(R, P), smem_set, params, stream, maps);
+  if (err != cudaSuccess || params.num_splits == 1) return err;
+  return mla::launch_combine<DT, R>(params, stream);
 }

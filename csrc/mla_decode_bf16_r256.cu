@@ -1,4 +1,0 @@
-// Explicit instantiation: bf16, kv_lora_rank 256, rope 32.
-#include "mla_decode.cuh"
-
-template cudaError_t launch_mla_decode<MlaDtype::kBF16, 256, 32>(const MlaDecodeParams&, cudaStream_t, bool*, bool*);
