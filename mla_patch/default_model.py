@@ -1,6 +1,6 @@
 """The embedded default model `mla-tiny`: a small DeepSeek-V2 (MLA attention, one MoE layer) + tokenizer.
 
-`scripts/train_default_model.py` (a dev script) trains it on CPU in about 3-4 minutes on 2 cores,
+`dev/train_default_model.py` (a dev script) trains it on CPU in about 3-4 minutes on 2 cores,
 deterministically, on generated text: sentences of a small grammar (stories with a named character)
 and copy spans, `note : <60 random words> . again : <the same 60 words> .`. The repeat can only be
 predicted by attending 63 tokens back, to the first occurrence, so a wrong position, scale or mask in
@@ -55,7 +55,7 @@ def default_model_path() -> Path:
         return DEFAULT_MODEL_DIR
     raise FileNotFoundError(
         f"the embedded default model is missing from {DEFAULT_MODEL_DIR} (an install without package data?); "
-        "reinstall mla_patch, or rebuild it with `python scripts/train_default_model.py` from a checkout"
+        "reinstall mla_patch, or rebuild it with `python dev/train_default_model.py` from a checkout"
     )
 
 

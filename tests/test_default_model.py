@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
+from dev import default_model_training as training
 from mla_patch import default_model as dm
-from scripts import default_model_training as training
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_missing_assets_are_an_error_that_says_how_to_get_them(tmp_path, monkeyp
     from mla_patch import default_model
 
     monkeypatch.setattr(default_model, "DEFAULT_MODEL_DIR", tmp_path / "absent")
-    with pytest.raises(FileNotFoundError, match="scripts/train_default_model.py"):
+    with pytest.raises(FileNotFoundError, match="dev/train_default_model.py"):
         default_model.load_default_model()
 
 

@@ -1,20 +1,17 @@
-"""scripts/kernel_timeline.py reads the kernels' stamp rows right (CPU: synthetic rows in the kernels' layout).
+"""dev/kernel_timeline.py reads the kernels' stamp rows right (CPU: synthetic rows in the kernels' layout).
 
-The layout is csrc/mla_decode.cuh's TimelineSlot: per CTA 32 u64, [0] SM, [1] x | y << 20 | z << 40, [2] tiles,
+The layout is csrc/common.cuh's TimelineSlot: per CTA 32 u64, [0] SM, [1] x | y << 20 | z << 40, [2] tiles,
 stamp s at [2 s + 2] (globaltimer ns) and [2 s + 3] (clock64). The GPU side is tests/test_kernel.py's
-test_paths_timeline_stamps.
+test_timeline_stamps.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
-kernel_timeline = pytest.importorskip("kernel_timeline")
+from dev import kernel_timeline
+
 SLOTS = kernel_timeline.SLOTS
 
 

@@ -1,6 +1,6 @@
 """The speed users get from model.generate(): stock and patched, eager, static-compiled and by default.
 
-    python scripts/bench_generate.py --out out/ [--models v2-lite,v3-128h] [--batches 1,16,64]
+    python benchmarks/bench_generate.py --out out/ [--models v2-lite,v3-128h] [--batches 1,16,64]
                                      [--contexts 2048,8192,32768] [--variants ...] [--smoke]
 
 Models are built from configs with RANDOM bf16 weights (real shapes; decode speed depends on shapes):
@@ -30,62 +30,36 @@ import datetime
 import gc
 import json
 import os
-import subprocess
+import sys
 import time
 
 import torch
 
+if __name__ == "__main__":  # run as a file, sys.path[0] is this folder: import from the repo root instead
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import mla_patch
+from benchmarks.models import build, layer_devices, shrink
+from benchmarks.provenance import commit
+from benchmarks.timing import copy_bandwidth_gbs, sync, wall_s
 from mla_patch import CACHE_KWARG
 
-MODELS = {
-    "v2-lite": dict(family="deepseek_v2", hidden_size=2048, num_hidden_layers=27, num_attention_heads=16,
-                    q_lora_rank=None, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
-                    v_head_dim=128, intermediate_size=10944, moe_intermediate_size=1408, n_routed_experts=64,
-                    num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, vocab_size=102400),
-    "v3-128h": dict(family="deepseek_v3", hidden_size=7168, num_hidden_layers=4, num_attention_heads=128,
-                    q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128,
-                    v_head_dim=128, intermediate_size=2048, first_k_dense_replace=4, vocab_size=32000,
-                    n_routed_experts=8, num_experts_per_tok=2, n_group=1, topk_group=1, rope_interleave=True),
-}
 VARIANTS = ("stock", "stock-static", "patched", "patched-static", "patched-graphs")
-
-
-def build(name: str, device):
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM, DeepseekV2Config, DeepseekV3Config
-
-    spec = dict(MODELS[name])
-    family = spec.pop("family")
-    cls = DeepseekV2Config if family == "deepseek_v2" else DeepseekV3Config
-    config = cls(num_key_value_heads=spec["num_attention_heads"], max_position_embeddings=65536, **spec)
-    config._attn_implementation = "sdpa"
-    with init_empty_weights():  # parameters on the meta device; buffers (rotary inv_freq) stay real
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-    buffers = {n: b.clone() for n, b in model.named_buffers()}
-    model.to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.normal_(0, p.shape[-1] ** -0.5, generator=gen)
-            else:
-                p.fill_(1.0)  # norm weights
-        for n, b in model.named_buffers():
-            b.copy_(buffers[n])
-    return model.eval()
 
 
 # -- one point: a cache holding L - 1 rows, a prompt of L tokens, two generate() lengths ----------------
 
 
-def _latents(model, batch, rows, device):
-    """The same random latent rows for every variant of a point: [(c_kv, k_pe)] per layer."""
+def random_latents(model, batch, rows):
+    """The same random latent rows for every variant of a point: [(c_kv, k_pe)] per layer, on its layer's
+    device."""
     cfg = model.config
-    gen = torch.Generator(device=device).manual_seed(rows * 131 + batch)
-    return [(torch.randn(batch, 1, rows, cfg.kv_lora_rank, device=device, dtype=model.dtype, generator=gen),
-             torch.randn(batch, 1, rows, cfg.qk_rope_head_dim, device=device, dtype=model.dtype, generator=gen))
-            for _ in range(cfg.num_hidden_layers)]
+    devices = layer_devices(model)
+    gen = torch.Generator(device=devices[0]).manual_seed(rows * 131 + batch)
+
+    def rows_of(dim):
+        return torch.randn(batch, 1, rows, dim, device=devices[0], dtype=model.dtype, generator=gen)
+
+    return [(rows_of(cfg.kv_lora_rank).to(d), rows_of(cfg.qk_rope_head_dim).to(d)) for d in devices]
 
 
 def _filled_cache(variant, model, latents, capacity):
@@ -109,7 +83,9 @@ def _rewind_to(cache, rows):
         if isinstance(length, torch.Tensor):
             length.fill_(rows)
         elif hasattr(layer, "crop"):
-            layer.crop(rows)
+            extra = layer.get_seq_length() - rows
+            if extra > 0:
+                layer.crop(-extra)  # a count to remove: later transformers refuse crop(target length)
         else:
             raise RuntimeError(f"cannot rewind a {type(layer).__name__}")
 
@@ -119,24 +95,29 @@ def _generate(model, variant, cache, ids, new_tokens):
                   return_dict_in_generate=True, output_logits=True)
     if variant == "patched":
         kwargs["disable_compile"] = True
-    torch.cuda.synchronize()
+    devices = sorted({d for d in layer_devices(model) if d.type == "cuda"}, key=str)  # a split model: each GPU
+    sync(*devices)
     start = time.perf_counter()
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **{CACHE_KWARG: cache}, **kwargs)
-    torch.cuda.synchronize()
+    sync(*devices)
     return time.perf_counter() - start, out
 
 
 def run_point(model, name, variant, batch, context, steps, latents):
+    """One variant at one point: ms per decode step from generate() calls of `steps` and of 1 new tokens on a
+    cache holding `latents`. Returns the row, the first two steps' logits and the generated tokens."""
     device = latents[0][0].device
     ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, context), device=device,
                         generator=torch.Generator(device=device).manual_seed(context))
     capacity = context + steps + 8
+    cuda = torch.cuda.is_available()  # --smoke runs of bench_multi_gpu run on the CPU
     torch.cuda.empty_cache()
     cache = _filled_cache(variant, model, latents, capacity)
     rows = context - 1
     first, _ = _generate(model, variant, cache, ids, steps)  # warm-up: capture / compile / autotune
     _rewind_to(cache, rows)
-    torch.cuda.reset_peak_memory_stats()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     long_times, short_times, out = [], [], None
     for _ in range(2):
         t, out = _generate(model, variant, cache, ids, steps)
@@ -145,7 +126,7 @@ def run_point(model, name, variant, batch, context, steps, latents):
         t, _ = _generate(model, variant, cache, ids, 1)
         short_times.append(t)
         _rewind_to(cache, rows)
-    peak = torch.cuda.max_memory_allocated() / 2**30
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
     ms = (min(long_times) - min(short_times)) / (steps - 1) * 1e3
     # Step 0 ran in generate()'s prefill call (eager in every variant); step 1 is the decode loop's first step.
     logits = torch.stack([out.logits[0], out.logits[1]]).float().cpu()
@@ -157,35 +138,14 @@ def run_point(model, name, variant, batch, context, steps, latents):
 
 
 def time_to_first_token(model, batch, prompt):
-    """A real prefill of `prompt` tokens through generate(max_new_tokens=1) (the stock computation)."""
+    """A real prefill of `prompt` tokens through generate(max_new_tokens=1) (the stock computation), in ms."""
     ids = torch.randint(3, min(1000, model.config.vocab_size), (batch, prompt), device=model.device)
     with torch.no_grad():
-        model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3
+        return wall_s(lambda: model.generate(input_ids=ids, max_new_tokens=1, do_sample=False, pad_token_id=0),
+                      repeats=1) * 1e3
 
 
-# -- the floor: bytes a step must read over the copy bandwidth ---------------------------------------------
-
-
-def copy_bandwidth_gbs(device) -> float:
-    """Bytes read + written per second by a 4 GiB device-to-device copy (median of 10)."""
-    src = torch.empty(2**31, dtype=torch.bfloat16, device=device).normal_()
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(12):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    ms = sorted(times[2:])[len(times[2:]) // 2]
-    del src, dst
-    return 2 * 2**32 / (ms * 1e-3) / 1e9
+# -- the floor: bytes a step must read over the copy bandwidth (timing.copy_bandwidth_gbs) ---------------
 
 
 def step_bytes(model, batch, context) -> float:
@@ -222,21 +182,12 @@ def write_results(out, bandwidth, rows, ttft, skipped) -> None:
         for base in ("stock", "stock-static"):
             other = index.get((r["model"], base, r["batch"], r["context"]))
             r[f"x_{base}"] = other["ms_per_step"] / r["ms_per_step"] if other else None
-    result = dict(gpu=torch.cuda.get_device_name(), commit=_commit(), date=datetime.date.today().isoformat(),
+    result = dict(gpu=torch.cuda.get_device_name(), commit=commit(), date=datetime.date.today().isoformat(),
                   torch=torch.__version__, transformers=__import__("transformers").__version__,
                   copy_bandwidth_gbs=bandwidth, rows=rows, ttft_ms=ttft, skipped=skipped,
                   note="random bf16 weights, real shapes; decode ms from two generate() lengths")
     with open(os.path.join(out, "generate.json"), "w") as f:
         json.dump(result, f, indent=1)
-
-
-def _commit() -> str:
-    if os.environ.get("MLA_PATCH_COMMIT"):  # the device copy of the tree has no .git
-        return os.environ["MLA_PATCH_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def main(argv=None):
@@ -260,14 +211,11 @@ def main(argv=None):
         raise SystemExit("bench_generate needs a CUDA device (generate()'s default path differs on CPU)")
     device = torch.device("cuda")
     if args.smoke:
-        for spec in MODELS.values():
-            spec.update(hidden_size=256, num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=64,
-                        vocab_size=512, num_attention_heads=4, q_lora_rank=None if spec["q_lora_rank"] is None else 64)
-            if "n_routed_experts" in spec:
-                spec.update(n_routed_experts=8, num_experts_per_tok=2)
+        shrink(q_lora_rank=64, n_routed_experts=8, hidden_size=256, num_hidden_layers=2, intermediate_size=128,
+               moe_intermediate_size=64, vocab_size=512, num_attention_heads=4)
         args.batches, args.contexts, args.steps, args.static_points = "1,4", "64,300", 5, "1x64"
     os.makedirs(args.out, exist_ok=True)
-    bandwidth = copy_bandwidth_gbs(device)
+    bandwidth = copy_bandwidth_gbs()
     print(f"copy bandwidth {bandwidth:.0f} GB/s (read + write)", flush=True)
     static_points = {tuple(int(v) for v in p.split("x")) for p in args.static_points.split(",") if p}
     rows, skipped, ttft = [], [], {}
@@ -286,7 +234,7 @@ def main(argv=None):
                     mla_patch.patch(model)
                     ttft[f"{name} B={batch} L={context}"] = time_to_first_token(model, batch, context)
                     mla_patch.unpatch(model)
-                latents = _latents(model, batch, context - 1, device)
+                latents = random_latents(model, batch, context - 1)
                 logits, tokens = {}, {}
                 for variant in args.variants.split(","):
                     why = None
@@ -305,7 +253,7 @@ def main(argv=None):
                     try:
                         row, logits[variant], tokens[variant] = run_point(model, name, variant, batch, context,
                                                                            args.steps, latents)
-                    except Exception as err:  # report and go on: one failing variant must not hide the rest
+                    except Exception as err:  # noqa: BLE001 (one failing variant must not hide the rest)
                         skipped.append(f"{name} {variant} B={batch} L={context}: {type(err).__name__}: {err}"[:300])
                         torch.cuda.empty_cache()
                         continue

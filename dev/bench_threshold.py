@@ -1,40 +1,54 @@
 """Where does absorbed decode stop paying? One MLA layer, S new tokens on a T-token latent cache.
 
-    python scripts/bench_threshold.py [--device cuda] [--heads 128] [--context 4096] [--batch 8]
+    python dev/bench_threshold.py [--device cuda] [--heads 128] [--context 4096] [--batch 8]
 
 For each S it times the patched layer forced down the absorbed path and forced down the stock
 (expand the latent cache through kv_b_proj, then attention) path, on the same cache, and prints
 the ratio. `attention.DECODE_MAX_NEW_TOKENS` is chosen below the crossover. Random weights:
-the shapes are DeepSeek-V2/V3's (q_lora 1536, kv_lora 512, rope 64, nope 128, v 128).
+the shapes are DeepSeek-V2/V3's (benchmarks/models.py's v3-128h: q_lora 1536, kv_lora 512, rope 64, nope 128,
+v 128), hidden 7168 at 128 heads, else 2048.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import time
+import os
+import sys
 
 import torch
-from transformers import DeepseekV3Config
-from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention, DeepseekV3RotaryEmbedding
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
+    DeepseekV3Attention,
+    DeepseekV3RotaryEmbedding,
+)
 
+if __name__ == "__main__":  # run as a file, sys.path[0] is this folder: import from the repo root instead
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 import mla_patch
-from mla_patch import CACHE_KWARG
-from mla_patch import attention
+from benchmarks.models import model_config
+from benchmarks.timing import wall_s
+from mla_patch import CACHE_KWARG, attention
 
 
-def _time(fn, device, repeats):
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+def time_both_paths(layer, rope, config, batch, context, new_tokens, repeats, device, dtype) -> dict:
+    """Seconds of one layer call, `new_tokens` tokens a sequence on `context` cached rows, down each path."""
+    cache = mla_patch.LatentCache(initial_capacity=context + new_tokens + 8)
+    cache.update(torch.randn(batch, 1, context, config.kv_lora_rank, device=device, dtype=dtype),
+                 torch.randn(batch, 1, context, config.qk_rope_head_dim, device=device, dtype=dtype), 0)
+    x = torch.randn(batch, new_tokens, config.hidden_size, device=device, dtype=dtype)
+    positions = torch.arange(context, context + new_tokens, device=device)[None].expand(batch, new_tokens)
+    pos_emb = rope(x, positions)
+
+    def step():
+        layer(hidden_states=x, position_embeddings=pos_emb, attention_mask=None, **{CACHE_KWARG: cache})
+        cache.crop(-new_tokens)  # every repeat sees the same cached rows
+
+    timings = {}
+    for path, limit in (("absorbed", 10**9), ("stock", 0)):
+        attention.DECODE_MAX_NEW_TOKENS = limit
+        with torch.no_grad():
+            timings[path] = wall_s(step, repeats)
+    return timings
 
 
 def main(argv=None):
@@ -49,10 +63,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    config = DeepseekV3Config(hidden_size=7168 if args.heads == 128 else 2048, num_attention_heads=args.heads,
-                              num_key_value_heads=args.heads, q_lora_rank=1536, kv_lora_rank=512,
-                              qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128, rope_interleave=True)
-    config._attn_implementation = "sdpa"
+    hidden = 7168 if args.heads == 128 else 2048
+    config = model_config("v3-128h", num_attention_heads=args.heads, hidden_size=hidden)
     torch.manual_seed(0)
     layer = DeepseekV3Attention(config, layer_idx=0).to(device=device, dtype=dtype).eval()
     rope = DeepseekV3RotaryEmbedding(config).to(device)
@@ -60,22 +72,7 @@ def main(argv=None):
     B, T = args.batch, args.context
     rows = []
     for S in (int(s) for s in args.new_tokens.split(",")):
-        cache = mla_patch.LatentCache(initial_capacity=T + S + 8)
-        cache.update(torch.randn(B, 1, T, 512, device=device, dtype=dtype),
-                     torch.randn(B, 1, T, 64, device=device, dtype=dtype), 0)
-        x = torch.randn(B, S, config.hidden_size, device=device, dtype=dtype)
-        positions = torch.arange(T, T + S, device=device)[None].expand(B, S)
-        pos_emb = rope(x, positions)
-
-        def step():
-            layer(hidden_states=x, position_embeddings=pos_emb, attention_mask=None, **{CACHE_KWARG: cache})
-            cache.crop(-S)  # every repeat sees the same T cached tokens
-
-        timings = {}
-        for path, limit in (("absorbed", 10**9), ("stock", 0)):
-            attention.DECODE_MAX_NEW_TOKENS = limit
-            with torch.no_grad():
-                timings[path] = _time(step, device, args.repeats)
+        timings = time_both_paths(layer, rope, config, B, T, S, args.repeats, device, dtype)
         rows.append(dict(new_tokens=S, absorbed_ms=timings["absorbed"] * 1e3, stock_ms=timings["stock"] * 1e3,
                          stock_over_absorbed=timings["stock"] / timings["absorbed"]))
         print(f"S={S:4d}  absorbed {rows[-1]['absorbed_ms']:9.3f} ms  stock {rows[-1]['stock_ms']:9.3f} ms  "

@@ -1,6 +1,7 @@
 """Measure the card's two ceilings: device-to-device copy bandwidth and dense bf16 matmul rate.
 
-Copy: a 2 GiB buffer copied into another, bytes read plus written over the median time.
+Copy: a 2 GiB buffer copied into another, bytes read plus written over the median time
+(timing.copy_bandwidth_gbs).
 Matmul: 8192^3 bf16 on random data (never zeros), 2*n^3 FLOPs over the median time.
 Other scripts import `measure()`; run alone it prints and writes JSON (--out DIR). With --reads it also measures the
 read-only rates the decode kernels live under (`measure_reads`, Triton): every SM sweeping an L2-resident buffer, and
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 import torch
 
@@ -21,31 +23,16 @@ try:  # the read sweeps only (--reads); the device image's torch ships it
 except ImportError:  # pragma: no cover - CPU machines
     triton = None
 
-
-def _median_ms(fn, iters: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
-    return times[len(times) // 2]
+if __name__ == "__main__":  # run as a file, sys.path[0] is this folder: import from the repo root instead
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.timing import copy_bandwidth_gbs, event_ms
 
 
-def measure(copy_bytes: int = 2 << 30, n: int = 8192) -> dict:
-    src = torch.empty(copy_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
-    dst = torch.empty_like(src)
-    ms = _median_ms(lambda: dst.copy_(src))
-    copy_gbs = 2 * copy_bytes / (ms * 1e-3) / 1e9
-    del src, dst
+def measure(n: int = 8192) -> dict:
+    copy_gbs = copy_bandwidth_gbs()
     a = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
     b = torch.randn(n, n, dtype=torch.bfloat16, device="cuda")
-    ms_mm = _median_ms(lambda: a @ b, iters=10)
+    ms_mm = event_ms(lambda: a @ b, iters=10)
     tflops = 2 * n**3 / (ms_mm * 1e-3) / 1e12
     props = torch.cuda.get_device_properties(0)
     return dict(
@@ -85,10 +72,11 @@ def measure_reads(l2_bytes: int = 16 << 20, l2_sweeps: int = 256, hbm_bytes: int
     res = {}
     for name, nbytes, sweeps in (("l2_read_gbs", l2_bytes, l2_sweeps), ("hbm_read_gbs", hbm_bytes, 1)):
         x = torch.randint(-(2**31), 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device="cuda")
-        run = lambda: _sweep_kernel[(4 * sms,)](x, out, x.numel(), sweeps, BLOCK=block, num_warps=8)  # noqa: E731
-        ms = _median_ms(run)
-        res[name] = nbytes * sweeps / (ms * 1e-3) / 1e9
-        del x
+
+        def run(x=x, sweeps=sweeps):
+            _sweep_kernel[(4 * sms,)](x, out, x.numel(), sweeps, BLOCK=block, num_warps=8)
+
+        res[name] = nbytes * sweeps / (event_ms(run) * 1e-3) / 1e9
     return res
 
 

@@ -1,7 +1,7 @@
 """Train the embedded default model (mla_patch/assets/mla-tiny) on CPU and report what it learned.
 
-    python scripts/train_default_model.py                 # train, evaluate, write assets + eval data
-    python scripts/train_default_model.py --eval-only     # evaluate the shipped model
+    python dev/train_default_model.py                 # train, evaluate, write assets + eval data
+    python dev/train_default_model.py --eval-only     # evaluate the shipped model
 
 Deterministic: fixed seeds, 2 threads, torch.use_deterministic_algorithms. The report (also saved as
 `stats.json` next to the weights) gives perplexity against uniform, accuracy on copy spans (the repeat
@@ -23,9 +23,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import scripts.default_model_training as dm
+import dev.default_model_training as dm
+from dev.default_model_training import EVAL_SEED, make_documents, train_default_model
 from mla_patch.default_model import DEFAULT_MODEL_DIR, load_default_model
-from scripts.default_model_training import EVAL_SEED, make_documents, train_default_model
 
 EVAL_DATA = ROOT / "mla_patch" / "evals" / "data" / "mla_tiny_eval.jsonl"
 N_EVAL_DOCS = 64

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Download here (network) the wheels the GPU image lacks for the evals (lm-eval and what it needs
 # beyond the image's packages, Python 3.12), into .carry/wheels (git-ignored). Then pass
-# carry=[".carry"] to the device call: scripts/gpu_models.sh installs them (no deps, no index).
+# carry=[".carry"] to the device call: dev/gpu_models.sh installs them (no deps, no index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest=.carry/wheels

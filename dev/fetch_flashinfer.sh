@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Prepare here (network, nvcc 13.0, no GPU needed) what the GPU machine needs to time FlashInfer's MLA
-# decode (the peer in scripts/bench_kernel.py, through scripts/peer_flashinfer.py), into the git-ignored
+# decode (the peer in benchmarks/bench_kernel.py, through benchmarks/peer_flashinfer.py), into the git-ignored
 # .carry/flashinfer/wheels:
 #   - apache-tvm-ffi (cp312 manylinux x86_64): the only runtime dependency of `import flashinfer` +
 #     BatchMLAPagedAttentionWrapper(fa2/fa3) that the GPU image lacks (torch, numpy, ninja, filelock,
@@ -20,7 +20,7 @@
 # and take the TVMFFI* symbols from the carried tvm-ffi: they do not depend on the torch or Python
 # version, so the CPU torch of a Python 3.11 venv here is enough to build them (checked below).
 #
-# Usage: scripts/fetch_flashinfer.sh   (about 2 minutes on 2 cores; the work dir is $FI_WORK,
+# Usage: dev/fetch_flashinfer.sh   (about 2 minutes on 2 cores; the work dir is $FI_WORK,
 # default /tmp/fi_build; CUDA_HOME defaults to /usr/local/cuda). Prints the carried size (~32 MB).
 #
 # On the GPU machine (carry=[".carry"]), before running the benchmark:
@@ -29,7 +29,7 @@
 # (FLASHINFER_WORKSPACE_BASE: where flashinfer writes its log and generated sources; optional if $HOME
 # is writable. Add FLASHINFER_DISABLE_JIT=1 to forbid any nvcc fallback: a missing AOT module then
 # fails with MissingJITCacheError, which bench_kernel.py records instead of compiling.)
-# Quick check there: python3 scripts/bench_kernel.py --peer-only-check
+# Quick check there: python3 benchmarks/bench_kernel.py --peer-only-check
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -112,7 +112,7 @@ with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATE
         data = zin.read(info)
         zout.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
         record.append(f"{info.filename},{digest(data)},{len(data)}")
-    added = ["mla_patch AOT modules (scripts/fetch_flashinfer.sh), " + time.strftime("%Y-%m-%d") + ", " + nvcc,
+    added = ["mla_patch AOT modules (dev/fetch_flashinfer.sh), " + time.strftime("%Y-%m-%d") + ", " + nvcc,
              "FLASHINFER_CUDA_ARCH_LIST=9.0 (sm_90a); bf16; head_dim_ckv 512, head_dim_kpe 64; fa3 and fa2"]
     files = [("flashinfer/data/aot/MLA_PATCH_AOT.txt", ("\n".join(added) + "\n").encode())]
     for uri in sorted(os.listdir(aot)):

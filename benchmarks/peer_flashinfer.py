@@ -1,5 +1,5 @@
 """FlashInfer's MLA decode (flashinfer.mla.BatchMLAPagedAttentionWrapper, backends fa3 / fa2) run on
-exactly mla_patch's inputs: the peer that scripts/bench_kernel.py times on the same GPU and input sets.
+exactly mla_patch's inputs: the peer that benchmarks/bench_kernel.py times on the same GPU and input sets.
 
 Mapping (no copy): our packed cache buffer [B, L, 576] is viewed as FlashInfer pages
 [B * L / page_size, page_size, 576]; c_kv = [..., :512] and k_pe = [..., 512:] stay views of it
@@ -10,8 +10,8 @@ upload) is made per (lengths, H, L, backend) outside timing; the wrapper is buil
 and reserved metadata buffers, so a bound call is capturable in a CUDA graph and the plan can serve every
 input set of the same shape (bench_kernel.py times one graph over all sets).
 
-The wheels and the ahead-of-time compiled sm_90a modules come from scripts/fetch_flashinfer.sh.
-`python scripts/peer_flashinfer.py` says whether flashinfer imports and where its MLA modules come from.
+The wheels and the ahead-of-time compiled sm_90a modules come from dev/fetch_flashinfer.sh.
+`python benchmarks/peer_flashinfer.py` says whether flashinfer imports and where its MLA modules come from.
 """
 
 from __future__ import annotations
@@ -22,7 +22,11 @@ import sys
 
 import torch
 
-R, P = 512, 64
+if __name__ == "__main__":  # run as a file, sys.path[0] is this folder: import from the repo root instead
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.decode_inputs import SCALE, P, R, make_set
+from benchmarks.timing import graph_us
+
 WORKSPACE_BYTES = 128 * 2**20   # FlashInfer's usual float workspace (split-KV partial outputs)
 BACKENDS = ("fa3", "fa2")       # fa3: the Hopper (sm_90a) kernel; fa2: the portable one
 
@@ -156,17 +160,17 @@ def check(fn, q_latent, q_pe, ckv, kpe, kv_start, kv_end, sm_scale, max_seqs=8) 
     _sync()
     B = q_latent.shape[0]
     idx = torch.linspace(0, B - 1, min(B, max_seqs), device=q_latent.device).round().long().unique()
-    d = lambda t: t.index_select(0, idx).double()  # noqa: E731
+    d = lambda t: t.index_select(0, idx).double()
     want, _ = mla_decode_ref(d(q_latent), d(q_pe), d(ckv), d(kpe), kv_start[idx], kv_end[idx], sm_scale)
     got = got.index_select(0, idx)
     return ((got - want).norm() / want.norm()).item()
 
 
-def bench_row(fi, sets, sm_scale, time_graph, copy_gbs, cache_bytes, backends=BACKENDS) -> dict:
+def bench_row(fi, sets, sm_scale, copy_gbs, cache_bytes, backends=BACKENDS) -> dict:
     """Times FlashInfer on bench_kernel.py's `sets` (tuples q_latent, q_pe, c_kv, k_pe, kv_start, kv_end)
-    with its time_graph, and checks the first set against the reference. Per backend b: fi_<b>_us,
-    fi_<b>_pct_copy, fi_<b>_rel_err, fi_<b>_page_size, fi_<b>_modules (aot/jit), or fi_<b>_error; the first
-    backend that ran also as fi_us, fi_pct_copy, fi_rel_err, fi_backend. Never raises."""
+    as bench_kernel.py times the op (timing.graph_us), and checks the first set against the reference.
+    Per backend b: fi_<b>_us, fi_<b>_pct_copy, fi_<b>_rel_err, fi_<b>_page_size, fi_<b>_modules (aot/jit), or
+    fi_<b>_error; the first backend that ran also as fi_us, fi_pct_copy, fi_rel_err, fi_backend. Never raises."""
     row = {}
     for b in [b for b in backends if b]:
         plan = fns = None
@@ -181,7 +185,7 @@ def bench_row(fi, sets, sm_scale, time_graph, copy_gbs, cache_bytes, backends=BA
                 row[f"fi_{b}_rel_err"] = check(fns[0], *first, sm_scale)
             except Exception as err:  # noqa: BLE001
                 row[f"fi_{b}_check_error"] = f"{type(err).__name__}: {err}"[:300]
-            us = time_graph(fns)
+            us = graph_us(fns)
             row[f"fi_{b}_us"] = us
             row[f"fi_{b}_pct_copy"] = 100 * cache_bytes / (us * 1e-6) / 1e9 / copy_gbs
             if "fi_us" not in row:
@@ -219,7 +223,7 @@ def table_cell(row, b) -> str:
     return f"{row[f'fi_{b}_us']:.1f} ({row[f'fi_{b}_pct_copy']:.0f})" if f"fi_{b}_us" in row else "-"
 
 
-def smoke(fi, make_set, time_graph, sm_scale, H=128, B=4, L=4096) -> int:
+def smoke(fi, H=128, B=4, L=4096) -> int:
     """--peer-only-check: one small config, every backend: reference check and a graph timing.
     Exit status 0 when fa3 (or, off sm_90, fa2) matches the reference within 1e-2."""
     print(f"# flashinfer: {describe(fi)}", flush=True)
@@ -229,7 +233,7 @@ def smoke(fi, make_set, time_graph, sm_scale, H=128, B=4, L=4096) -> int:
     cap = torch.cuda.get_device_capability()
     print(f"# {torch.cuda.get_device_name()} sm_{cap[0]}{cap[1]}  torch {torch.__version__}  H={H} B={B} L={L}", flush=True)
     sets = [make_set(B, 1, H, L) for _ in range(4)]
-    row = bench_row(fi, sets, sm_scale, time_graph, copy_gbs=1.0, cache_bytes=0)
+    row = bench_row(fi, sets, SCALE, copy_gbs=1.0, cache_bytes=0)
     for b in BACKENDS:
         if f"fi_{b}_error" in row:
             print(f"{b}: FAILED {row[f'fi_{b}_error']}")
@@ -246,5 +250,4 @@ def smoke(fi, make_set, time_graph, sm_scale, H=128, B=4, L=4096) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     print(describe(load()))

@@ -6,7 +6,7 @@
 #   2. csrc/binding.cpp syntax-checked against the installed torch's headers when torch imports
 #      (a CPU-only torch is enough: binding.cpp includes only c10/cuda headers, not cuBLAS ones; the
 #      one generated header CPU wheels lack, c10/cuda/impl/cuda_cmake_macros.h, is stubbed).
-# Usage: scripts/build_check.sh   (NVCC, CXX, MLA_PATCH_CUDA_ARCHS="90a;80" override)
+# Usage: dev/build_check.sh   (NVCC, CXX, MLA_PATCH_CUDA_ARCHS="90a;80" override)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NVCC=${NVCC:-nvcc}

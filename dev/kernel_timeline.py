@@ -1,9 +1,10 @@
 """Per-CTA timeline of one decode call: where the kernel's time goes, phase by phase.
 
-The kernels write a stamp row per CTA when the extension's `_timeline` hook holds a buffer (csrc/mla_decode.cuh,
-TimelineSlot): the SM, the block, its cache tiles, and (globaltimer ns, clock64) at each phase boundary. For each
---cells "H,B,L;..." cell (bf16, R=512, P=64, S=1, packed cache) this script
-  - times the call as bench_kernel.py does (CUDA-graph replays over rotating input sets), for reference;
+The kernels write a stamp row per CTA into the buffer a call passes as `timeline` (kernel_probe.decode_forced;
+layout: csrc/common.cuh, TimelineSlot): the SM, the block, its cache tiles, and (globaltimer ns, clock64) at
+each phase boundary. For each --cells "H,B,L;..." cell (bf16, R=512, P=64, S=1, packed cache) and each
+--kernels kernel this script
+  - times the call as benchmarks/bench_kernel.py does (CUDA-graph replays over rotating input sets);
   - records the last call of a graph over the same sets (so it follows a call, as in decode and in the timing,
     and its programmatic dependent launch overlaps that call's combine);
   - prints, relative to the first CTA's entry: when CTAs enter, pass pdl_wait, know their rows, have the query
@@ -18,44 +19,39 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench_kernel import KERNEL_MODES, KERNEL_NAMES, P, R, SCALE, make_set, time_graph  # noqa: E402
+if __name__ == "__main__":  # run as a file, sys.path[0] is this folder: import from the repo root instead
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from benchmarks.decode_inputs import make_set, parse_cells, set_count
+from benchmarks.kernel_calls import LABELS, forced, forced_calls, kernel_named
+from benchmarks.timing import graph_us
+from mla_patch import ops
 
-from mla_patch import ops  # noqa: E402
-
-# TimelineSlot in csrc/mla_decode.cuh.
+# TimelineSlot in csrc/common.cuh.
 SLOTS = {"entry": 1, "waited": 2, "lengths": 3, "q": 4, "first": 5, "loop_end": 6, "loop_end_wg1": 7, "exit": 8}
 MAX_BLOCKS = 1 << 15
 
 
-def record(sets, capacity=MAX_BLOCKS):
-    """Stamps of the last call of a CUDA graph that calls the op on every set in turn (as bench_kernel.py
+def record(sets, kernel, capacity=MAX_BLOCKS):
+    """Stamps of the last call of a CUDA graph that calls `kernel` on every set in turn (as bench_kernel.py
     times it: the recorded call follows another, with caches as cold as the rotation leaves them), from the
     third replay. int64 [2, capacity, 32] on the CPU."""
-    op = torch.ops.mla_patch.mla_decode
     stamps = torch.zeros(2, capacity, 32, dtype=torch.int64, device="cuda")
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        op(*sets[0], SCALE)
+        forced(sets[0], kernel)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            for s in sets[:-1]:
-                op(*s, SCALE)
-            torch.ops.mla_patch._timeline(stamps)  # host-side: the last call's launch carries the pointer
-            op(*sets[-1], SCALE)
-    finally:
-        torch.ops.mla_patch._timeline(None)
+    with torch.cuda.graph(graph):
+        for s in sets[:-1]:
+            forced(s, kernel)
+        forced(sets[-1], kernel, timeline=stamps)  # only the last call stamps
     for _ in range(2):
         graph.replay()
     torch.cuda.synchronize()
@@ -95,7 +91,7 @@ def summarize(decode, combine):
             if vals:
                 lines.append(f"  {kernel + ' ' + name:32s} {spread(vals)} {len(vals):6d}")
     # The SM clock from the longest CTA (globaltimer ticks coarsely; a long span averages that out).
-    last = lambda c: max(c["ns"], key=c["ns"].get)  # noqa: E731  (the CTA's latest stamp)
+    last = lambda c: max(c["ns"], key=c["ns"].get)
     longest = max(decode, key=lambda c: c["ns"][last(c)] - c["ns"]["entry"])
     span_ns = longest["ns"][last(longest)] - longest["ns"]["entry"]
     span_clk = longest["clk"][last(longest)] - longest["clk"]["entry"]
@@ -137,28 +133,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--cells", default="128,1,1024;128,1,16384;128,1,65536;128,16,1024;128,128,16384;16,1,16384")
-    ap.add_argument("--kernels", default="default", help="comma list of default, v7, v8, v9, mma")
+    ap.add_argument("--kernels", default="default",
+                    help="comma list of default, v7, v9, mma (or kernel_probe's names seesaw, narrow, mma)")
     ap.add_argument("--shared-lengths", action="store_true",
                     help="every set takes the first set's kv_start / kv_end (the rest stays fresh), so the lengths "
                          "stay hot in L2 and the TLB: what a cold first load costs the call")
     args = ap.parse_args()
     assert ops.has_kernel(), ops.extension_error()
-    l2 = torch.cuda.get_device_properties(0).L2_cache_size or 50 * 2**20
     gen = torch.Generator(device="cuda").manual_seed(0)
     results = []
-    for cell in args.cells.split(";"):
-        H, B, L = map(int, cell.split(","))
-        cache_bytes = B * L * (R + P) * 2
-        n_sets = max(3, min(64, math.ceil(4 * l2 / cache_bytes)))
-        sets = [make_set(B, 1, H, L, gen=gen) for _ in range(n_sets)]
+    for H, B, L in parse_cells(args.cells):
+        sets = [make_set(B, 1, H, L, gen=gen) for _ in range(set_count(B, L, 3, 64))]
         if args.shared_lengths:
             sets = [s[:4] + sets[0][4:] for s in sets]
-        for kernel in args.kernels.split(","):
-            settings = {} if kernel == "default" else {"wgmma_mode": KERNEL_MODES[kernel]}
-            with ops.kernel_settings(**settings):
-                us = time_graph([lambda s=s: torch.ops.mla_patch.mla_decode(*s, SCALE) for s in sets])
-                path = KERNEL_NAMES[torch.ops.mla_patch._last_path()]
-                stamps = record(sets)
+        for kernel in map(kernel_named, args.kernels.split(",")):
+            path = LABELS[forced(sets[0], kernel)[2].kernel]  # raises here, eagerly, where the kernel cannot serve
+            us = graph_us(forced_calls(sets, kernel))
+            stamps = record(sets, kernel)
             decode, combine = ctas(stamps, 0), ctas(stamps, 1)
             lines, key = summarize(decode, combine)
             shared = ", lengths shared by the sets" if args.shared_lengths else ""

@@ -1,6 +1,6 @@
 """The embedded default model's training: its generated text, tokenizer and trainer (a dev tool).
 
-`scripts/train_default_model.py` runs it and writes `mla_patch/assets/mla-tiny/`; the package only loads
+`dev/train_default_model.py` runs it and writes `mla_patch/assets/mla-tiny/`; the package only loads
 those files (`mla_patch.default_model`). Deterministic: fixed seeds, 2 threads, deterministic algorithms.
 """
 
