@@ -1,5 +1,6 @@
 // torch binding of the absorbed MLA decode kernels: the only file under csrc/ that includes torch.
-//   mla_patch::mla_decode        the op the product calls: checks, the dispatch's choice (dispatch.h), the launch.
+//   mla_patch::mla_decode        the op the product calls: checks, the dispatch's choice (dispatch.h), the launch;
+//                                an optional row table reads a paged cache (continuous batching) in place.
 //                                CUDA and Meta kernels, so it traces under torch.compile(fullgraph=True) and
 //                                captures into CUDA graphs (no host syncs, no allocations outside torch's allocator).
 //   mla_patch::_decode_forced    the same call with the choice made explicit (kernel, splits, TMA, a per-CTA
@@ -83,14 +84,16 @@ void check_tensor(const at::Tensor& t, const char* name, int64_t dim) {
   }
 }
 
-// Every check of the op's contract (mla_patch/reference.py); returns the shapes.
+// Every check of the op's contract (mla_patch/reference.py); returns the shapes. With a row table (a paged cache)
+// c_kv and k_pe are pools of rows [M, R] / [M, P] and row_index [B, T] names each sequence's rows.
 DecodeShape check_decode_args(const at::Tensor& q_latent, const at::Tensor& q_pe, const at::Tensor& c_kv,
                               const at::Tensor& k_pe, const at::Tensor& kv_start, const at::Tensor& kv_end,
-                              double sm_scale) {
+                              double sm_scale, const at::Tensor& row_index) {
+  const bool paged = row_index.defined();
   check_tensor(q_latent, "q_latent", 4);
   check_tensor(q_pe, "q_pe", 4);
-  check_tensor(c_kv, "c_kv", 3);
-  check_tensor(k_pe, "k_pe", 3);
+  check_tensor(c_kv, "c_kv", paged ? 2 : 3);
+  check_tensor(k_pe, "k_pe", paged ? 2 : 3);
   const auto dtype = q_latent.scalar_type();
   TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kHalf,
               "mla_decode: q_latent must be bfloat16 or float16, got ", c10::toString(dtype));
@@ -99,13 +102,23 @@ DecodeShape check_decode_args(const at::Tensor& q_latent, const at::Tensor& q_pe
               c10::toString(q_pe.scalar_type()), ", ", c10::toString(c_kv.scalar_type()), ", ",
               c10::toString(k_pe.scalar_type()));
   const int64_t B = q_latent.size(0), S = q_latent.size(1), H = q_latent.size(2), R = q_latent.size(3);
-  const int64_t P = q_pe.size(3), T = c_kv.size(1);
+  const int64_t P = q_pe.size(3), T = paged ? row_index.size(-1) : c_kv.size(1);
   TORCH_CHECK(q_pe.size(0) == B && q_pe.size(1) == S && q_pe.size(2) == H, "mla_decode: q_pe ", dims_str(q_pe.sizes()),
               " does not match q_latent ", dims_str(q_latent.sizes()));
-  TORCH_CHECK(c_kv.size(0) == B && c_kv.size(2) == R, "mla_decode: c_kv must be [B=", num(B), ", T, R=", num(R), "], got ",
-              dims_str(c_kv.sizes()));
-  TORCH_CHECK(k_pe.size(0) == B && k_pe.size(1) == T && k_pe.size(2) == P, "mla_decode: k_pe must be [B=", num(B),
-              ", T=", num(T), ", P=", num(P), "], got ", dims_str(k_pe.sizes()));
+  if (paged) {
+    TORCH_CHECK(row_index.is_cuda() && row_index.scalar_type() == at::kInt && row_index.dim() == 2 &&
+                    row_index.size(0) == B && row_index.is_contiguous(),
+                "mla_decode: row_index must be a contiguous int32 CUDA tensor [B=", num(B), ", T], got ",
+                dims_str(row_index.sizes()));
+    TORCH_CHECK(c_kv.size(1) == R && k_pe.size(0) == c_kv.size(0) && k_pe.size(1) == P && c_kv.size(0) < (1LL << 31),
+                "mla_decode: with row_index, c_kv and k_pe must be pools [M, R=", num(R), "] and [M, P=", num(P),
+                "], got ", dims_str(c_kv.sizes()), " and ", dims_str(k_pe.sizes()));
+  } else {
+    TORCH_CHECK(c_kv.size(0) == B && c_kv.size(2) == R, "mla_decode: c_kv must be [B=", num(B), ", T, R=", num(R),
+                "], got ", dims_str(c_kv.sizes()));
+    TORCH_CHECK(k_pe.size(0) == B && k_pe.size(1) == T && k_pe.size(2) == P, "mla_decode: k_pe must be [B=", num(B),
+                ", T=", num(T), ", P=", num(P), "], got ", dims_str(k_pe.sizes()));
+  }
   TORCH_CHECK((R == 512 && P == 64) || (R == 256 && P == 32),
               "mla_decode: (kv_lora_rank, rope) must be (512, 64) or (256, 32), got (", num(R), ", ", num(P), ")");
   for (const auto* t : {&kv_start, &kv_end}) {
@@ -117,14 +130,14 @@ DecodeShape check_decode_args(const at::Tensor& q_latent, const at::Tensor& q_pe
     TORCH_CHECK(t->is_contiguous(), "mla_decode: ", name, " must be contiguous");
   }
   const auto device = q_latent.device();
-  for (const auto* t : {&q_pe, &c_kv, &k_pe, &kv_start, &kv_end}) {
-    TORCH_CHECK(t->device() == device, "mla_decode: all tensors must be on ", device.str(), ", got one on ",
-                t->device());
+  for (const auto* t : {&q_pe, &c_kv, &k_pe, &kv_start, &kv_end, &row_index}) {
+    TORCH_CHECK(!t->defined() || t->device() == device, "mla_decode: all tensors must be on ", device.str(),
+                ", got one on ", t->device());
   }
   TORCH_CHECK(S * H <= (1 << 20) && T < (1LL << 31) - 64 && B <= 65535,
               "mla_decode: sizes out of the kernel's range: B=", num(B), " S*H=", num(S * H), " T=", num(T));
   TORCH_CHECK(std::isfinite(sm_scale), "mla_decode: sm_scale must be finite, got ", num(sm_scale));
-  return {B, S, H, R, P, T};
+  return {B, S, H, R, P, T, paged};
 }
 
 template <int R, int P>
@@ -149,13 +162,14 @@ cudaError_t launch_as(Kernel kernel, bool bf16, const MlaDecodeParams& p, cudaSt
 std::tuple<at::Tensor, at::Tensor, Launched> run_decode(const at::Tensor& q_latent, const at::Tensor& q_pe,
                                                         const at::Tensor& c_kv, const at::Tensor& k_pe,
                                                         const at::Tensor& kv_start, const at::Tensor& kv_end,
-                                                        double sm_scale, const DecodeShape& s, const DeviceInfo& info,
+                                                        double sm_scale, const at::Tensor& row_index,
+                                                        const DecodeShape& s, const DeviceInfo& info,
                                                         KernelChoice choice, bool tma, const at::Tensor& timeline) {
   auto out_latent = at::empty({s.B, s.S, s.H, s.R}, q_latent.options());
   auto lse = at::empty({s.B, s.S, s.H}, q_latent.options().dtype(at::kFloat));
   Launched ran{choice.kernel, false, false};
   if (s.B == 0 || s.S * s.H == 0) return {out_latent, lse, ran};
-  if (s.T == 0) {  // no cache row: every query sees nothing
+  if (s.T == 0 || (s.paged && c_kv.size(0) == 0)) {  // no cache row: every query sees nothing
     out_latent.zero_();
     lse.fill_(-std::numeric_limits<float>::infinity());
     return {out_latent, lse, ran};
@@ -186,10 +200,17 @@ std::tuple<at::Tensor, at::Tensor, Launched> run_decode(const at::Tensor& q_late
   p.q_pe_sb = q_pe.stride(0);
   p.q_pe_ss = q_pe.stride(1);
   p.q_pe_sh = q_pe.stride(2);
-  p.c_kv_sb = c_kv.stride(0);
-  p.c_kv_st = c_kv.stride(1);
-  p.k_pe_sb = k_pe.stride(0);
-  p.k_pe_st = k_pe.stride(1);
+  if (s.paged) {  // pools of rows: no sequence stride, each row's place from the table
+    p.row_index = row_index.data_ptr<int32_t>();
+    p.pool_rows = static_cast<int>(c_kv.size(0));
+    p.c_kv_st = c_kv.stride(0);
+    p.k_pe_st = k_pe.stride(0);
+  } else {
+    p.c_kv_sb = c_kv.stride(0);
+    p.c_kv_st = c_kv.stride(1);
+    p.k_pe_sb = k_pe.stride(0);
+    p.k_pe_st = k_pe.stride(1);
+  }
   p.B = static_cast<int>(s.B);
   p.S = static_cast<int>(s.S);
   p.H = static_cast<int>(s.H);
@@ -197,7 +218,7 @@ std::tuple<at::Tensor, at::Tensor, Launched> run_decode(const at::Tensor& q_late
   p.num_splits = choice.splits;
   p.sm_scale = static_cast<float>(sm_scale);
   p.pdl = info.pdl ? 1 : 0;
-  p.tma = tma && info.caps.sm90a ? 1 : 0;
+  p.tma = tma && info.caps.sm90a && !s.paged ? 1 : 0;
   if (timeline.defined()) {
     p.timeline = reinterpret_cast<unsigned long long*>(timeline.data_ptr<int64_t>());
     p.timeline_blocks = static_cast<int>(timeline.size(1));
@@ -214,11 +235,12 @@ std::tuple<at::Tensor, at::Tensor, Launched> run_decode(const at::Tensor& q_late
 std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, const at::Tensor& q_pe,
                                                    const at::Tensor& c_kv, const at::Tensor& k_pe,
                                                    const at::Tensor& kv_start, const at::Tensor& kv_end,
-                                                   double sm_scale) {
-  const DecodeShape s = check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale);
+                                                   double sm_scale, const std::optional<at::Tensor>& row_index) {
+  const at::Tensor rows = row_index.has_value() ? *row_index : at::Tensor();
+  const DecodeShape s = check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale, rows);
   const c10::cuda::CUDAGuard guard(q_latent.device());
   const DeviceInfo info = device_info(q_latent.device().index());
-  auto [out, lse, ran] = run_decode(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale, s, info,
+  auto [out, lse, ran] = run_decode(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale, rows, s, info,
                                     choose_kernel(info.caps, s), true, at::Tensor());
   return {out, lse};
 }
@@ -229,8 +251,9 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_cuda(const at::Tensor& q_latent, c
 std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>> decode_forced(
     const at::Tensor& q_latent, const at::Tensor& q_pe, const at::Tensor& c_kv, const at::Tensor& k_pe,
     const at::Tensor& kv_start, const at::Tensor& kv_end, double sm_scale, int64_t kernel, int64_t splits, bool tma,
-    const std::optional<at::Tensor>& timeline) {
-  const DecodeShape s = check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale);
+    const std::optional<at::Tensor>& timeline, const std::optional<at::Tensor>& row_index) {
+  const at::Tensor rows = row_index.has_value() ? *row_index : at::Tensor();
+  const DecodeShape s = check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale, rows);
   TORCH_CHECK(kernel >= -1 && kernel <= 2, "_decode_forced: kernel must be -1 (the dispatch's) or 0-2, got ",
               num(kernel));
   TORCH_CHECK(splits >= 0 && splits <= kMlaMaxSplits, "_decode_forced: splits must be 0 (the dispatch's) to ",
@@ -251,12 +274,13 @@ std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>> decode_forced(
     choice.kernel = static_cast<Kernel>(kernel);
     TORCH_CHECK(kernel_serves(choice.kernel, info.caps, s), "_decode_forced: the ", kernel_name(choice.kernel),
                 " kernel cannot serve this call (seesaw and narrow need compute capability 9.0 and a build with "
-                "sm_90a; narrow needs R = 512, P = 64 and S*H <= 16)");
+                "sm_90a; narrow needs R = 512, P = 64, S*H <= 16 and no row table)");
     choice.splits = num_splits_for(choice.kernel, s, info.caps.num_sms);
   }
   TORCH_CHECK(tma || choice.kernel != Kernel::kNarrow, "_decode_forced: the narrow kernel loads every tile by TMA");
   if (splits > 0) choice.splits = static_cast<int>(splits);
-  auto [out, lse, ran] = run_decode(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale, s, info, choice, tma, stamps);
+  auto [out, lse, ran] = run_decode(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale, rows, s, info, choice, tma,
+                                    stamps);
   return {out, lse, {static_cast<int64_t>(ran.kernel), choice.splits, ran.q_tma, ran.kv_tma}};
 }
 
@@ -264,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<int64_t>> decode_forced(
 std::tuple<at::Tensor, at::Tensor> mla_decode_meta(const at::Tensor& q_latent, const at::Tensor& q_pe,
                                                    const at::Tensor& c_kv, const at::Tensor& k_pe,
                                                    const at::Tensor& kv_start, const at::Tensor& kv_end,
-                                                   double sm_scale) {
+                                                   double sm_scale, const std::optional<at::Tensor>& row_index) {
   TORCH_CHECK(q_latent.dim() == 4, "mla_decode: q_latent must be [B, S, H, R], got ", dims_str(q_latent.sizes()));
   auto out_latent = at::empty_symint(q_latent.sym_sizes(), q_latent.options());
   auto lse = at::empty_symint(q_latent.sym_sizes().slice(0, 3), q_latent.options().dtype(at::kFloat));
@@ -276,10 +300,11 @@ std::tuple<at::Tensor, at::Tensor> mla_decode_meta(const at::Tensor& q_latent, c
 TORCH_LIBRARY(mla_patch, m) {
   m.def(
       "mla_decode(Tensor q_latent, Tensor q_pe, Tensor c_kv, Tensor k_pe, Tensor kv_start, Tensor kv_end, "
-      "float sm_scale) -> (Tensor, Tensor)");
+      "float sm_scale, Tensor? row_index=None) -> (Tensor, Tensor)");
   m.def(
       "_decode_forced(Tensor q_latent, Tensor q_pe, Tensor c_kv, Tensor k_pe, Tensor kv_start, Tensor kv_end, "
-      "float sm_scale, int kernel, int splits, bool tma, Tensor? timeline) -> (Tensor, Tensor, int[])",
+      "float sm_scale, int kernel, int splits, bool tma, Tensor? timeline, Tensor? row_index=None) -> "
+      "(Tensor, Tensor, int[])",
       &decode_forced);
 }
 

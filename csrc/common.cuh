@@ -206,6 +206,12 @@ __device__ __forceinline__ void write_empty_split(const MlaDecodeParams& p, int 
   }
 }
 
+// A paged cache's pool row of sequence b's row t (clamped: an index past the pool reads a real row, never beyond).
+__device__ __forceinline__ long long pool_row(const MlaDecodeParams& p, int b, int t) {
+  const int r = p.row_index[static_cast<long long>(b) * p.T + t];
+  return r < 0 ? 0 : (r >= p.pool_rows ? p.pool_rows - 1 : r);
+}
+
 // ---- Host side: every launch of our kernels, with programmatic dependent launch when params.pdl is set (so a
 // kernel's launch and prologue overlap the tail of the one before it). Not copyable: cfg.attrs points into it.
 struct LaunchConfig {

@@ -8,6 +8,7 @@
 //                                                                  256K rows (R = 256),       else mma
 //   S*H >= 64                                            seesaw from 4K rows (R = 512, H % 64 == 0: its query
 //                                                                  tile by TMA), 16K rows otherwise, else mma
+// A paged cache (a row table) goes by cp.async: never narrow, and seesaw's 4K boundary (TMA query) is 16K there.
 // Splits fill one wave of CTAs (one CTA per SM for every kernel) within what the capacity can feed.
 #pragma once
 
@@ -23,6 +24,7 @@ struct DeviceCaps {
 
 struct DecodeShape {
   int64_t B, S, H, R, P, T;
+  bool paged = false;  // rows through a row table (params.row_index): cp.async only, so never narrow
 };
 
 struct KernelChoice {
@@ -82,7 +84,7 @@ inline bool kernel_serves(Kernel kernel, const DeviceCaps& caps, const DecodeSha
       return caps.sm90a && caps.smem_optin >= static_cast<int64_t>(seesaw_smem_bytes(r, p));
     case Kernel::kNarrow:
       return caps.sm90a && caps.smem_optin >= static_cast<int64_t>(narrow_smem_bytes(r, p)) &&
-             narrow_serves(r, p, static_cast<int>(s.S), static_cast<int>(s.H));
+             narrow_serves(r, p, static_cast<int>(s.S), static_cast<int>(s.H)) && !s.paged;
   }
   return false;
 }
@@ -95,8 +97,8 @@ inline Kernel choose_kernel_for(const DeviceCaps& caps, const DecodeShape& s) {
   if (s.S * s.H < kSeesawFullQueryRows) {
     min_rows = s.R == 512 ? kSeesawMinRowsFewQueries512 : kSeesawMinRowsFewQueries256;
   } else {
-    min_rows = seesaw_tma_q_serves(static_cast<int>(s.R), static_cast<int>(s.H)) ? kSeesawMinRowsTmaQuery
-                                                                                  : kSeesawMinRows;
+    const bool tma_query = !s.paged && seesaw_tma_q_serves(static_cast<int>(s.R), static_cast<int>(s.H));
+    min_rows = tma_query ? kSeesawMinRowsTmaQuery : kSeesawMinRows;
   }
   return rows >= min_rows ? Kernel::kSeesaw : Kernel::kMma;
 }

@@ -49,7 +49,8 @@ namespace mla {
 // TMAK (with TMAQ): the cache tiles by TMA too, one thread issuing nine {64 columns, 32 rows} boxes a tile onto the
 // stage's mbarrier, the stages in the same 128-byte-swizzled block layout inside the region of the padded ones;
 // TMA reads rows past T as zeros, and the rows in [ce, T) of a split's last tile are zeroed after it lands.
-template <MlaDtype DT, int R, int P, int M, int STAGES, bool TMAQ = false, bool TMAK = false>
+// PAGED: a paged cache (params.row_index): each cache row's address comes from the row table; cp.async only.
+template <MlaDtype DT, int R, int P, int M, int STAGES, bool TMAQ = false, bool TMAK = false, bool PAGED = false>
 __global__ void __launch_bounds__(256, 1)
     mma_kernel(const MlaDecodeParams p, const __grid_constant__ KernelMaps<TMAQ, TMAK> maps) {
   using Tr = DtypeTraits<DT>;
@@ -80,6 +81,7 @@ __global__ void __launch_bounds__(256, 1)
   float* s_m = s_alpha + M;
   float* s_l = s_m + M;
   static_assert(TMAQ || !TMAK, "the TMA cache tiles come with the TMA query tile");
+  static_assert(!(PAGED && TMAK), "a paged cache's rows go by cp.async");
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr bool kTmaQ = TMAQ, kTmaK = TMAK;
 #else
@@ -209,6 +211,21 @@ __global__ void __launch_bounds__(256, 1)
     }
     const int base = cb + tile * N;
     T* dst = s_kv + stage * N * ROW;
+    if constexpr (PAGED) {  // the same chunks, each row at its pool row
+#pragma unroll
+      for (int k = 0; k < LPASS; ++k) {
+        const int r = l_row + k * LROWS;
+        const bool valid = base + r < ce;
+        const T* src = valid ? c_kv + pool_row(p, b, base + r) * p.c_kv_st + l_col : c_kv;
+        cp_async_16(smem_addr(dst + r * ROW + l_col), src, valid);
+      }
+      if (r_active) {
+        const bool valid = base + r_row < ce;
+        const T* src = valid ? k_pe + pool_row(p, b, base + r_row) * p.k_pe_st + r_col : k_pe;
+        cp_async_16(smem_addr(dst + r_row * ROW + R + r_col), src, valid);
+      }
+      return;
+    }
     const T* src = lat_src + static_cast<long long>(tile) * N * p.c_kv_st;
 #pragma unroll
     for (int k = 0; k < LPASS; ++k) {
@@ -498,9 +515,13 @@ namespace mla {
 
 template <MlaDtype DT, int R, int P, int M, int STAGES>
 cudaError_t launch_mma_cp_async(const MlaDecodeParams& params, cudaStream_t stream) {
-  static bool smem_set[64] = {};
-  return launch_main_kernel(mma_kernel<DT, R, P, M, STAGES>, M, mma_smem_bytes(R, P, M, STAGES), smem_set, params,
-                            stream, NoMaps{});
+  static bool smem_set[64] = {}, paged_smem_set[64] = {};
+  constexpr size_t smem = mma_smem_bytes(R, P, M, STAGES);
+  if (params.row_index != nullptr) {
+    return launch_main_kernel(mma_kernel<DT, R, P, M, STAGES, false, false, true>, M, smem, paged_smem_set, params,
+                              stream, NoMaps{});
+  }
+  return launch_main_kernel(mma_kernel<DT, R, P, M, STAGES>, M, smem, smem_set, params, stream, NoMaps{});
 }
 
 // The query and cache tiles by TMA (the deep pipeline only: sm_90a parts have the shared memory); false in *launched
@@ -533,8 +554,8 @@ inline cudaError_t device_smem_optin(int* optin) {
 
 }  // namespace mla
 
-// TMA tiles where params.tma (set only where the sm_90a bodies are loaded), the shapes serve and the maps encode;
-// else cp.async, 4 stages where the shared memory allows.
+// TMA tiles where params.tma (set only where the sm_90a bodies are loaded and the cache is not paged), the shapes
+// serve and the maps encode; else cp.async, 4 stages where the shared memory allows.
 template <MlaDtype DT, int R, int P>
 cudaError_t launch_mma(const MlaDecodeParams& params, cudaStream_t stream, Launched* ran) {
   *ran = Launched{Kernel::kMma, false, false};

@@ -81,7 +81,7 @@ enum SeesawPart : int { kSelf = 0, kCross = 1 };
 // QK_b. Faster where most query rows are padding (memory-bound), slower where they are real (docs/KERNEL.md).
 constexpr int kSeesawLateMaxRows = 32;
 
-template <MlaDtype DT, int R, int P, int W, bool LATE, bool TMAQ, bool TMAK>
+template <MlaDtype DT, int R, int P, int W, bool LATE, bool TMAQ, bool TMAK, bool PAGED>
 __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const SeesawCtx& c) {
   using Tr = DtypeTraits<DT>;
   using T = typename Tr::T;
@@ -131,6 +131,34 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
           mbar_arrive_expect_tx(bar, BLK);
           tma_load_3d(c.s_buf[u] + LB * BLK, c.map_pe, 0, row, c.b, bar);
         }
+      }
+    } else if constexpr (PAGED) {  // cp.async as below, each row at its pool row
+      const int base = c.cb + tile * N;
+      const uint32_t buf = c.s_buf[u];
+      const T* src[BPASS];  // this thread's rows, looked up once; then block by block as below
+#pragma unroll
+      for (int k = 0; k < BPASS; ++k) {
+        const int row = base + l_row + k * BROWS;
+        src[k] = row < c.ce ? c_kv + pool_row(p, c.b, row) * p.c_kv_st + W * HALF * 64 + l_cc * 8 : nullptr;
+      }
+#pragma unroll
+      for (int j = 0; j < HALF; ++j) {
+#pragma unroll
+        for (int k = 0; k < BPASS; ++k) {
+          cp_async_16(buf + (W * HALF + j) * BLK + l_dst + k * BROWS * 128, src[k] ? src[k] + j * 64 : c_kv,
+                      src[k] != nullptr);
+        }
+        cp_async_mbar_arrive(mbar(u, part, j));
+      }
+      if (rope) {
+#pragma unroll
+        for (int k = 0; k < PPASS; ++k) {
+          const int row = base + r_row + k * PROWS;
+          const bool valid = row < c.ce;
+          cp_async_16(buf + r_dst + k * PROWS * 128,
+                      valid ? k_pe + pool_row(p, c.b, row) * p.k_pe_st + r_cc * 8 : k_pe, valid);
+        }
+        cp_async_mbar_arrive(mbar(u, part, HALF));
       }
     } else {
       const int base = c.cb + tile * N;
@@ -528,7 +556,7 @@ __device__ __forceinline__ void seesaw_warpgroup(const MlaDecodeParams& p, const
 // instead of 4608 16-byte cp.async from all 256, whose issue held every CTA's prologue for microseconds. TMAK
 // (R = 512): the cache tiles by TMA, one thread a part, so the loading warpgroup no longer issues ~36 cp.async and
 // their addresses a thread a pair. (docs/KERNEL.md has the measurements.)
-template <MlaDtype DT, int R, int P, bool LATE, bool TMAQ, bool TMAK>
+template <MlaDtype DT, int R, int P, bool LATE, bool TMAQ, bool TMAK, bool PAGED = false>
 __global__ void __launch_bounds__(256, 1) seesaw_kernel(const MlaDecodeParams p,
                                                         const __grid_constant__ KernelMaps<TMAQ, TMAK> maps) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -645,9 +673,9 @@ __global__ void __launch_bounds__(256, 1) seesaw_kernel(const MlaDecodeParams p,
   __syncthreads();  // the mbarriers are initialized before any copy arrives on them
 
   if (wg == 0) {
-    seesaw_warpgroup<DT, R, P, 0, LATE, TMAQ, TMAK>(p, c);
+    seesaw_warpgroup<DT, R, P, 0, LATE, TMAQ, TMAK, PAGED>(p, c);
   } else {
-    seesaw_warpgroup<DT, R, P, 1, LATE, TMAQ, TMAK>(p, c);
+    seesaw_warpgroup<DT, R, P, 1, LATE, TMAQ, TMAK, PAGED>(p, c);
   }
 #else
   // Built without sm_90a: never dispatched (sm90a_kernels_built); fail loudly if it is.
@@ -661,7 +689,13 @@ namespace mla {
 
 template <MlaDtype DT, int R, int P, bool LATE, bool TMAQ, bool TMAK, typename Maps>
 cudaError_t launch_seesaw_variant(const MlaDecodeParams& params, cudaStream_t stream, const Maps& maps) {
-  static bool smem_set[64] = {};
+  static bool smem_set[64] = {}, paged_smem_set[64] = {};
+  if constexpr (!TMAQ && !TMAK) {
+    if (params.row_index != nullptr) {
+      return launch_main_kernel(seesaw_kernel<DT, R, P, LATE, false, false, true>, kMlaSeesawMTile,
+                                seesaw_smem_bytes(R, P), paged_smem_set, params, stream, maps);
+    }
+  }
   return launch_main_kernel(seesaw_kernel<DT, R, P, LATE, TMAQ, TMAK>, kMlaSeesawMTile, seesaw_smem_bytes(R, P),
                             smem_set, params, stream, maps);
 }

@@ -13,6 +13,9 @@ struct MlaDecodeParams {
   const void* k_pe;        // [B, T, P] roped key rows; last dim contiguous (may be a view of [B, T, R+P])
   const int32_t* kv_start; // [B] first visible cache row of each sequence
   const int32_t* kv_end;   // [B] one past the last row visible to the last new token
+  const int32_t* row_index;  // a paged cache: [B, T], sequence b's row t is pool row row_index[b T + t] (clamped to
+                             // [0, pool_rows)); c_kv / k_pe are then pools [pool_rows, R] / [.., P]. Null otherwise.
+  int pool_rows;
   void* out_latent;        // [B, S, H, R] contiguous, input dtype
   float* lse;              // [B, S, H] contiguous, natural log, -inf for a query that sees no row
   void* o_partial;         // [B, num_splits, S*H, R] split-KV partials in the input dtype (unused with one split)

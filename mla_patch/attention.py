@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from . import ops
+from . import ops, paged
 from .absorb import absorb_unsupported_reason, local_heads, merged_weights, offloaded_linears, split_kv_b, weights_loaded
 from .cache import captured_step
 from .ranges import masked_ranges, unmasked_ranges
@@ -84,6 +84,12 @@ class MlaAttentionMixin:
         hidden_states = bound["hidden_states"]
         cache = bound.get("cache", bound.get("past_key_values"))
         num_new = hidden_states.shape[1]
+        if cache is not None and paged.is_paged_cache(cache):  # continuous batching: requests packed in one row
+            out = self._mla_paged_forward(hidden_states, cache, bound, kwargs)
+            if out is not None:
+                return out
+            _count("vanilla_fallbacks")
+            return super().forward(*args, **kwargs)
         if cache is None or num_new > DECODE_MAX_NEW_TOKENS:
             _count("prefill_calls")
             return super().forward(*args, **kwargs)
@@ -125,23 +131,11 @@ class MlaAttentionMixin:
             return f"attention mask of type {type(attention_mask).__name__} (e.g. flex attention's BlockMask)"
         return absorb_unsupported_reason(self)
 
-    def _mla_absorbed_decode(self, hidden_states, attention_mask, cache, bound, kwargs):
+    def _mla_project(self, hidden_states, bound, merged):
+        """The query and the new latents of these tokens: (q_in, q_nope [B, H, S, nope], q_pe [B, H, S, P] roped,
+        c_new [B, 1, S, R], k_pe_new [B, 1, S, P] roped, sm_scale)."""
         batch, num_new, _ = hidden_states.shape
         heads, nope, rope_dim, rank = local_heads(self), self.qk_nope_head_dim, self.qk_rope_head_dim, self.kv_lora_rank
-        ranges = None
-        step = captured_step(cache, self.layer_idx)
-        if step is not None:  # a step graphs.py records: its ranges are device tensors it refills each replay
-            ranges = (step.kv_start, step.kv_end)
-        elif attention_mask is not None:
-            ranges = masked_ranges(attention_mask, num_new)
-            if ranges is None:
-                return None
-
-        merged = self.mla_absorb == "merged"
-        if merged and hasattr(self.o_proj.weight, "to_local"):
-            # Tensor parallel: W_UV.W_O would skip o_proj's all-reduce across ranks; per-head keeps it.
-            _warn_once("absorb='merged' under tensor parallelism runs per-head")
-            merged = False
         if self.q_lora_rank is None:
             q_in = hidden_states
             q = self.q_proj(hidden_states)
@@ -172,6 +166,26 @@ class MlaAttentionMixin:
         c_new = c_new.view(batch, 1, num_new, rank)
         k_pe_new = k_pe_new.view(batch, 1, num_new, rope_dim)
         q_pe, k_pe_new = family.rope(self, q_pe, k_pe_new, bound.get("position_embeddings"))
+        return q_in, q_nope, q_pe, c_new, k_pe_new, sm_scale
+
+    def _mla_absorbed_decode(self, hidden_states, attention_mask, cache, bound, kwargs):
+        batch, num_new, _ = hidden_states.shape
+        ranges = None
+        step = captured_step(cache, self.layer_idx)
+        if step is not None:  # a step graphs.py records: its ranges are device tensors it refills each replay
+            ranges = (step.kv_start, step.kv_end)
+        elif attention_mask is not None:
+            ranges = masked_ranges(attention_mask, num_new)
+            if ranges is None:
+                return None
+
+        merged = self.mla_absorb == "merged"
+        if merged and hasattr(self.o_proj.weight, "to_local"):
+            # Tensor parallel: W_UV.W_O would skip o_proj's all-reduce across ranks; per-head keeps it.
+            _warn_once("absorb='merged' under tensor parallelism runs per-head")
+            merged = False
+        q_in, q_nope, q_pe, c_new, k_pe_new, sm_scale = self._mla_project(hidden_states, bound, merged)
+        family = self._mla_family
 
         c_kv, k_pe = cache.update(c_new, k_pe_new, self.layer_idx)
         if ranges is None:
@@ -181,16 +195,7 @@ class MlaAttentionMixin:
                 kv_end = c_kv.shape[-2]
             ranges = unmasked_ranges(batch, kv_end, hidden_states.device)
 
-        if merged:
-            w_qk, w_uvo = merged_weights(self)
-            q_latent = torch.einsum("bsq,hqr->bshr", q_in, w_qk)
-        else:
-            w_uk, w_uv = split_kv_b(self)
-            # [H, B*S, nope] @ [H, nope, R]: one batched matmul over heads.
-            q_heads = q_nope.permute(1, 0, 2, 3).reshape(heads, batch * num_new, nope)
-            q_latent = torch.bmm(q_heads, w_uk).view(heads, batch, num_new, rank).permute(1, 2, 0, 3)
-        if q_latent.dtype == torch.float16:
-            q_latent = q_latent.clamp(-65504.0, 65504.0)  # the kernel takes q in the cache dtype: no inf
+        q_latent = self._mla_query_latent(q_in, q_nope, merged)
         q_pe = q_pe.transpose(1, 2)  # [B, S, H, P]
 
         want_probs = bool(kwargs.get("output_attentions", False))
@@ -219,14 +224,94 @@ class MlaAttentionMixin:
         if family.out_gate is not None:  # per-head output gate (Ling 3): linear per head, so it scales out_latent
             out_latent = out_latent * family.out_gate(self, hidden_states).unsqueeze(-1)
 
+        return self._mla_output(out_latent, merged), attn_weights
+
+    def _mla_paged_unsupported(self, cache) -> str | None:
+        family = self._mla_family
+        if family.latent_scale is not None or family.out_gate is not None:
+            return f"continuous batching runs the stock attention for {family.model_type}"
+        if paged.latent_pools(cache, self.layer_idx) is None:
+            return "this transformers' continuous-batching cache does not hold MLA latents"
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return "continuous batching under CUDA graphs (the step's layout is read on the host)"
+        return absorb_unsupported_reason(self)
+
+    def _mla_paged_forward(self, hidden_states, cache, bound, kwargs):
+        """A continuous-batching step (see paged.py): decode tokens absorbed over their pool rows in place, prefill
+        chunks by the stock computation (their history expanded through kv_b_proj, causal SDPA). None where this
+        layer cannot (the caller runs the stock forward, which handles the whole step)."""
+        reason = self._mla_paged_unsupported(cache)
+        if reason is not None:
+            _warn_once(reason)
+            return None
+        c_pool, k_pool = paged.latent_pools(cache, self.layer_idx)
+        q_in, q_nope, q_pe, c_new, k_pe_new, sm_scale = self._mla_project(hidden_states, bound, merged=False)
+        layer_kwargs = paged.write_latents(cache, self.layer_idx, c_new, k_pe_new, kwargs)
+        layout = paged.step_layout(cache, self.layer_idx, kwargs, layer_kwargs, DECODE_MAX_NEW_TOKENS)
+        heads, nope, v_dim = local_heads(self), self.qk_nope_head_dim, self.v_head_dim
+        values = hidden_states.new_zeros(hidden_states.shape[1], heads * v_dim)  # per-head outputs, before o_proj
+        tokens = layout.decode_tokens
+        if tokens.numel():  # each decode token as a sequence of one, over its request's pool rows
+            q_latent = self._mla_query_latent(None, q_nope[0, :, tokens].transpose(0, 1).unsqueeze(2), merged=False)
+            q_pe_tokens = q_pe[0, :, tokens].transpose(0, 1).unsqueeze(1)  # [N, 1, H, P]
+            kv_start = torch.zeros_like(layout.kv_end)
+            backend = "torch" if torch.is_grad_enabled() and hidden_states.requires_grad else self.mla_backend
+            out_latent, _ = ops.mla_decode(q_latent, q_pe_tokens, c_pool, k_pool, kv_start, layout.kv_end, sm_scale,
+                                           backend=backend, row_index=layout.row_table)
+            values[tokens] = self._mla_values(out_latent).reshape(tokens.numel(), -1)
+            _count("absorbed_calls")
+            if not torch.compiler.is_compiling():
+                if not _first_absorbed_layer or self.layer_idx < _first_absorbed_layer[0]:
+                    _first_absorbed_layer[:] = [self.layer_idx]
+                if self.layer_idx == _first_absorbed_layer[0]:
+                    _count("absorbed_tokens", tokens.numel())
+        for q0, q1, k0, k1 in layout.prefill:  # the stock computation, one request at a time
+            rows = layout.rows[k0:k1].long()
+            latent = self.kv_b_proj(c_pool[rows]).view(k1 - k0, heads, nope + v_dim)
+            k_nope, value = torch.split(latent, [nope, v_dim], dim=-1)
+            k_rope = k_pool[rows][:, None, :].expand(-1, heads, -1)
+            keys = torch.cat((k_nope, k_rope), dim=-1).transpose(0, 1)  # [H, L, D]
+            queries = torch.cat((q_nope[0, :, q0:q1], q_pe[0, :, q0:q1]), dim=-1)  # [H, Lq, D]
+            seen = torch.arange(k1 - k0, device=rows.device)
+            causal = seen[None, :] <= (k1 - k0 - (q1 - q0) + torch.arange(q1 - q0, device=rows.device))[:, None]
+            out = torch.nn.functional.scaled_dot_product_attention(
+                queries, keys, value.transpose(0, 1), attn_mask=causal, scale=sm_scale
+            )
+            values[q0:q1] = out.transpose(0, 1).reshape(q1 - q0, -1)
+        if layout.prefill:
+            _count("prefill_calls")
+        return self.o_proj(values[None]), None
+
+    def _mla_query_latent(self, q_in, q_nope, merged):
+        """q_latent [B, S, H, R]: the query with W_UK folded in (merged: from q_in through W_Q.W_UK)."""
+        heads, batch, num_new = q_nope.shape[1], q_nope.shape[0], q_nope.shape[2]
         if merged:
+            w_qk, _ = merged_weights(self)
+            q_latent = torch.einsum("bsq,hqr->bshr", q_in, w_qk)
+        else:
+            w_uk, _ = split_kv_b(self)
+            # [H, B*S, nope] @ [H, nope, R]: one batched matmul over heads.
+            q_heads = q_nope.permute(1, 0, 2, 3).reshape(heads, batch * num_new, self.qk_nope_head_dim)
+            q_latent = torch.bmm(q_heads, w_uk).view(heads, batch, num_new, self.kv_lora_rank).permute(1, 2, 0, 3)
+        if q_latent.dtype == torch.float16:
+            q_latent = q_latent.clamp(-65504.0, 65504.0)  # the kernel takes q in the cache dtype: no inf
+        return q_latent
+
+    def _mla_output(self, out_latent, merged):
+        """The layer's output [B, S, hidden] from out_latent [B, S, H, R]: W_UV, then o_proj (merged: W_UV.W_O)."""
+        batch, num_new, heads, rank = out_latent.shape
+        if merged:
+            _, w_uvo = merged_weights(self)
             out = torch.einsum("bshr,hrd->bsd", out_latent, w_uvo)
-            if self.o_proj.bias is not None:
-                out = out + self.o_proj.bias
-            return out, attn_weights
+            return out + self.o_proj.bias if self.o_proj.bias is not None else out
+        return self.o_proj(self._mla_values(out_latent))
+
+    def _mla_values(self, out_latent):
+        """Per-head outputs [B, S, H * v] from out_latent [B, S, H, R] through W_UV."""
+        batch, num_new, heads, rank = out_latent.shape
+        _, w_uv = split_kv_b(self)
         # [H, B*S, R] @ [H, R, v] -> [B, S, H * v]
         out_heads = out_latent.permute(2, 0, 1, 3).reshape(heads, batch * num_new, rank)
         out = torch.bmm(out_heads, w_uv.transpose(1, 2))
-        out = out.view(heads, batch, num_new, self.v_head_dim).permute(1, 2, 0, 3).reshape(batch, num_new, -1)
-        return self.o_proj(out), attn_weights
+        return out.view(heads, batch, num_new, self.v_head_dim).permute(1, 2, 0, 3).reshape(batch, num_new, -1)
 

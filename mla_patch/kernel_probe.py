@@ -29,6 +29,7 @@ class Ran(NamedTuple):
 def decode_forced(
     q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale: float, *,
     kernel: str = "auto", splits: int = 0, tma: bool = True, timeline: torch.Tensor | None = None,
+    row_index: torch.Tensor | None = None,
 ):
     """`ops.mla_decode` on the CUDA kernel with the dispatch's choices made explicit.
 
@@ -36,9 +37,10 @@ def decode_forced(
     splits: 0 for the dispatch's split count, else that many (1..128).
     tma: False keeps every tile on cp.async (the path taken where a tensor map does not encode).
     timeline: an int64 CUDA tensor [2, blocks, 32] the kernels stamp per CTA (dev/kernel_timeline.py).
+    row_index: a paged cache's row table (see `ops.mla_decode`).
     Returns (out_latent, lse, Ran).
     """
-    ops.check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale)
+    ops.check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale, row_index)
     if kernel != "auto" and kernel not in KERNELS:
         raise ValueError(f"decode_forced: kernel must be 'auto' or one of {KERNELS}, got {kernel!r}")
     reason = ops.kernel_unsupported_reason(q_latent, q_pe, c_kv, k_pe)
@@ -47,5 +49,6 @@ def decode_forced(
     out, lse, ran = torch.ops.mla_patch._decode_forced(
         q_latent, q_pe, c_kv, k_pe, kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous(),
         float(sm_scale), -1 if kernel == "auto" else KERNELS.index(kernel), int(splits), bool(tma), timeline,
+        None if row_index is None else row_index.to(torch.int32).contiguous(),
     )
     return out, lse, Ran(KERNELS[ran[0]], int(ran[1]), bool(ran[2]), bool(ran[3]))

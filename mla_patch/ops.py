@@ -58,9 +58,11 @@ def has_kernel() -> bool:
     return load_extension() is not None
 
 
-def check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale: float = 1.0) -> None:
+def check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale: float = 1.0, row_index=None) -> None:
     """Raise a ValueError naming the argument when shapes, dtypes or devices disagree."""
     tensors = dict(q_latent=q_latent, q_pe=q_pe, c_kv=c_kv, k_pe=k_pe, kv_start=kv_start, kv_end=kv_end)
+    if row_index is not None:
+        tensors["row_index"] = row_index
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"mla_decode: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -72,12 +74,21 @@ def check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale: fl
     P = q_pe.shape[-1]
     if tuple(q_pe.shape[:3]) != (B, S, H):
         raise ValueError(f"mla_decode: q_pe {tuple(q_pe.shape)} does not match q_latent {tuple(q_latent.shape)}")
-    if c_kv.dim() != 3 or c_kv.shape[0] != B or c_kv.shape[2] != R:
-        raise ValueError(f"mla_decode: c_kv must be [B={B}, T, R={R}], got {tuple(c_kv.shape)}")
-    if k_pe.dim() == 3 and k_pe.shape[-1] != P:
-        raise ValueError(f"mla_decode: q_pe has rope dim {P} but k_pe has {k_pe.shape[-1]}")
-    if k_pe.dim() != 3 or tuple(k_pe.shape) != (B, c_kv.shape[1], P):
-        raise ValueError(f"mla_decode: k_pe must be [B={B}, T={c_kv.shape[1]}, P={P}], got {tuple(k_pe.shape)}")
+    if row_index is not None:  # a paged cache: pools of rows and a [B, T] row table
+        if row_index.dim() != 2 or row_index.shape[0] != B or row_index.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"mla_decode: row_index must be an int32/int64 [B={B}, T] tensor, got "
+                             f"{row_index.dtype} {tuple(row_index.shape)}")
+        if c_kv.dim() != 2 or c_kv.shape[1] != R:
+            raise ValueError(f"mla_decode: with row_index, c_kv must be a pool of rows [M, R={R}], got {tuple(c_kv.shape)}")
+        if k_pe.dim() != 2 or tuple(k_pe.shape) != (c_kv.shape[0], P):
+            raise ValueError(f"mla_decode: with row_index, k_pe must be [M={c_kv.shape[0]}, P={P}], got {tuple(k_pe.shape)}")
+    else:
+        if c_kv.dim() != 3 or c_kv.shape[0] != B or c_kv.shape[2] != R:
+            raise ValueError(f"mla_decode: c_kv must be [B={B}, T, R={R}], got {tuple(c_kv.shape)}")
+        if k_pe.dim() == 3 and k_pe.shape[-1] != P:
+            raise ValueError(f"mla_decode: q_pe has rope dim {P} but k_pe has {k_pe.shape[-1]}")
+        if k_pe.dim() != 3 or tuple(k_pe.shape) != (B, c_kv.shape[1], P):
+            raise ValueError(f"mla_decode: k_pe must be [B={B}, T={c_kv.shape[1]}, P={P}], got {tuple(k_pe.shape)}")
     for name in ("kv_start", "kv_end"):
         t = tensors[name]
         if t.shape != (B,) or t.dtype not in (torch.int32, torch.int64):
@@ -123,16 +134,16 @@ def kernel_unsupported_reason(q_latent, q_pe, c_kv, k_pe) -> str | None:
     return None
 
 
-def mla_decode(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale: float, backend: str = "auto"):
-    """Absorbed decode attention; see `reference.mla_decode_ref` for the contract.
+def mla_decode(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale: float, backend: str = "auto", row_index=None):
+    """Absorbed decode attention; see `reference.mla_decode_ref` for the contract (row_index: a paged cache).
 
     backend: "auto" (kernel when it can serve, else the reference, reason logged once),
     "kernel" (raise if it cannot serve) or "torch" (always the reference).
     Returns (out_latent [B, S, H, R] in the input dtype, lse [B, S, H] float32).
     """
-    check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale)
+    check_decode_args(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale, row_index)
     if backend == "torch":
-        return mla_decode_ref(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale)
+        return mla_decode_ref(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale, row_index=row_index)
     if backend not in ("auto", "kernel"):
         raise ValueError(f"mla_decode: backend must be 'auto', 'kernel' or 'torch', got {backend!r}")
     reason = kernel_unsupported_reason(q_latent, q_pe, c_kv, k_pe)
@@ -140,8 +151,10 @@ def mla_decode(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale: float, ba
         if backend == "kernel":
             raise RuntimeError(f"mla_decode: the CUDA kernel cannot serve this call: {reason}")
         _warn_once(reason)
-        return mla_decode_ref(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale)
+        return mla_decode_ref(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale, row_index=row_index)
+    if row_index is not None:
+        row_index = row_index.to(torch.int32).contiguous()
     return torch.ops.mla_patch.mla_decode(
         q_latent, q_pe, c_kv, k_pe, kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous(),
-        float(sm_scale),
+        float(sm_scale), row_index,
     )

@@ -19,6 +19,7 @@ def mla_decode_ref(
     kv_end: torch.Tensor,
     sm_scale: float,
     return_probs: bool = False,
+    row_index: torch.Tensor | None = None,
 ):
     """Attention of S new query tokens per sequence over a latent cache (one shared KV head).
 
@@ -35,11 +36,17 @@ def mla_decode_ref(
                   output and lse -inf. The CUDA kernel keeps the same contract.
         sm_scale: softmax scale of the un-absorbed head dim (the module's own `scaling`); finite.
         return_probs: also return the probabilities [B, H, S, T] (for output_attentions).
+        row_index: [B, T] int, for a paged cache: c_kv [M, R] and k_pe [M, P] are then pools of rows and
+                  sequence b's row t is pool row row_index[b, t] (a page table at one-row pages, as
+                  transformers' continuous batching indexes its latent cache). Indices outside [0, M) are
+                  clamped; those outside a sequence's range are never read.
 
     Returns:
         out_latent [B, S, H, R] in q_latent's dtype, lse [B, S, H] float32 (natural log; -inf
         where a query sees no row, whose output is then zero); with return_probs, a third tensor.
     """
+    if row_index is not None:
+        c_kv, k_pe = gather_rows(c_kv, k_pe, row_index)
     B, S, H, R = q_latent.shape
     T = c_kv.shape[1]
     # Accumulate in float32 at least; float64 inputs stay float64 (the test oracle).
@@ -72,3 +79,12 @@ def mla_decode_ref(
     if return_probs:
         return out.to(q_latent.dtype), lse, probs.permute(0, 2, 1, 3)
     return out.to(q_latent.dtype), lse
+
+
+def gather_rows(c_pool: torch.Tensor, k_pool: torch.Tensor, row_index: torch.Tensor):
+    """Dense [B, T, R] and [B, T, P] copies of the pool rows a paged cache's row_index [B, T] names (clamped)."""
+    if c_pool.shape[0] == 0:
+        B, T = row_index.shape
+        return c_pool.new_zeros(B, T, c_pool.shape[-1]), k_pool.new_zeros(B, T, k_pool.shape[-1])
+    index = row_index.to(device=c_pool.device, dtype=torch.long).clamp(0, c_pool.shape[0] - 1)
+    return c_pool[index], k_pool[index]

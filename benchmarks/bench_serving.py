@@ -1,0 +1,133 @@
+"""Serving throughput through continuous batching (`model.generate_batch`), stock against patched.
+
+Many concurrent requests: `--requests` prompts of `--prompt` tokens (mixed: each drawn between half and the full
+length when --mixed) each generating `--new-tokens` tokens, on a model shape of benchmarks/models.py with random
+bf16 weights (speed depends on the shapes). Stock and patched run the same requests on the same weights in one
+process: stock first, then `mla_patch.patch(model)`. Per variant: wall time, requests/s, output tokens/s (end to
+end, and in the decode phase: tokens after each request's first over the time from the first first token to the
+last token), time to first token and per-token latency percentiles (transformers' per-token timestamps), the
+latent pages' bytes per token and layer, and how many decode tokens ran absorbed (mla_patch.decode_stats).
+Writes serving.json under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+if __package__ in (None, ""):  # run as a file: the repo root first, so `benchmarks` and `mla_patch` import
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch
+
+import mla_patch
+from benchmarks import models
+from benchmarks.provenance import commit
+
+
+def percentile(values, q):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
+
+
+def prompts_for(n, length, mixed, vocab, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(length // 2, length + 1, (n,), generator=gen) if mixed else torch.full((n,), length)
+    return [torch.randint(3, vocab, (int(k),), generator=gen).tolist() for k in lengths]
+
+
+def run(model, prompts, new_tokens, page_size):
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    batching = ContinuousBatchingConfig(page_size=page_size)
+    mla_patch.reset_decode_stats()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = model.generate_batch(inputs=prompts, generation_config=generation, continuous_batching_config=batching,
+                               record_timestamps=True)
+    wall = time.perf_counter() - start
+    first = [o.timestamps[0] - start for o in out.values() if o.timestamps]
+    gaps = [b - a for o in out.values() if o.timestamps for a, b in zip(o.timestamps, o.timestamps[1:])]
+    last = max(o.timestamps[-1] for o in out.values() if o.timestamps) - start
+    tokens = sum(len(o.generated_tokens) for o in out.values())
+    decode_tokens = tokens - len(first)
+    return {
+        "wall_s": wall,
+        "requests_per_s": len(prompts) / wall,
+        "output_tokens_per_s": tokens / wall,
+        "decode_tokens_per_s": decode_tokens / max(last - min(first), 1e-9),
+        "ttft_s_p50": percentile(first, 50),
+        "ttft_s_p90": percentile(first, 90),
+        "token_ms_p50": 1e3 * percentile(gaps, 50),
+        "token_ms_p90": 1e3 * percentile(gaps, 90),
+        "token_ms_p99": 1e3 * percentile(gaps, 99),
+        "failed": sum(o.error is not None for o in out.values()),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
+        "absorbed_tokens": mla_patch.decode_stats()["absorbed_tokens"],
+        "tokens": {k: o.generated_tokens for k, o in out.items()},
+    }
+
+
+def latent_bytes_per_token(model) -> int:
+    """Bytes a token takes in one layer's pages: kv_lora_rank + rope values in the model's dtype."""
+    cfg = model.config
+    return (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * model.dtype.itemsize
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--model", default="v2-lite", choices=sorted(models.MODELS))
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=4096)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--mixed", action="store_true", help="prompt lengths drawn between half and --prompt")
+    ap.add_argument("--page-size", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=0, help="keep this many decoder layers (0: the model's)")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if args.smoke:
+        models.shrink(q_lora_rank=32, n_routed_experts=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, intermediate_size=96,
+                      moe_intermediate_size=32, vocab_size=97)
+    if args.layers:
+        models.MODELS[args.model]["num_hidden_layers"] = args.layers
+    model = models.build(args.model, device)
+    prompts = prompts_for(args.requests, args.prompt, args.mixed, model.config.vocab_size)
+    results = {"model": args.model, "requests": args.requests, "prompt": args.prompt, "mixed": args.mixed,
+               "new_tokens": args.new_tokens, "page_size": args.page_size, "commit": commit(),
+               "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "torch": torch.__version__, "latent_bytes_per_token_layer": latent_bytes_per_token(model)}
+    import transformers
+
+    results["transformers"] = transformers.__version__
+    for variant in ("stock", "patched"):
+        if variant == "patched":
+            mla_patch.patch(model)
+        run(model, prompts[:2], 2, args.page_size)  # warm-up: first-call set-up, kernels loaded
+        results[variant] = run(model, prompts, args.new_tokens, args.page_size)
+        row = {k: v for k, v in results[variant].items() if k != "tokens"}
+        print(variant, json.dumps(row, default=float), flush=True)
+    stock, patched = results["stock"], results["patched"]
+    same = sum(stock["tokens"][k] == patched["tokens"].get(k) for k in stock["tokens"])
+    results["same_tokens_requests"] = same
+    results["speedup_output_tokens"] = patched["output_tokens_per_s"] / stock["output_tokens_per_s"]
+    results["speedup_decode_tokens"] = patched["decode_tokens_per_s"] / stock["decode_tokens_per_s"]
+    for variant in ("stock", "patched"):
+        results[variant].pop("tokens")
+    print(f"speedup: output tokens/s {results['speedup_output_tokens']:.2f}x, decode phase "
+          f"{results['speedup_decode_tokens']:.2f}x; requests with identical tokens {same}/{args.requests}")
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "serving.json"), "w") as f:
+        json.dump(results, f, indent=1, default=float)
+
+
+if __name__ == "__main__":
+    main()
