@@ -17,6 +17,16 @@ from dataclasses import dataclass
 import torch
 
 
+def has_latent_pages() -> bool:
+    """Whether this transformers keeps MLA latents in continuous batching's pages (5.25 on; before, its continuous
+    batching does not run MLA models)."""
+    try:
+        from transformers.generation.continuous_batching.cache_allocators import MLACacheAllocator  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def is_paged_cache(cache) -> bool:
     return type(cache).__name__ == "PagedAttentionCache" and hasattr(cache, "layer_to_allocator")
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mla_patch
-from mla_patch import ops
+from mla_patch import ops, paged
 
 from conftest import build_model, case_seed, tiny_config
 
@@ -94,15 +94,7 @@ def _generate_batch(model, prompts, max_new_tokens):
     return {k: out[k].generated_tokens for k in out}
 
 
-def _has_latent_pages() -> bool:
-    try:  # transformers 5.25 on: MLA layers keep their latents in continuous batching's pages
-        from transformers.generation.continuous_batching.cache_allocators import MLACacheAllocator  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _has_latent_pages(), reason="this transformers' continuous batching has no MLA latent pages")
+@pytest.mark.skipif(not paged.has_latent_pages(), reason="this transformers' continuous batching has no MLA latent pages")
 @pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
 def test_generate_batch_tokens_equal_stock_and_decode_runs_absorbed(family):
     gen = torch.Generator().manual_seed(case_seed("cb", family))
