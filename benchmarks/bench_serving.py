@@ -26,11 +26,7 @@ import torch
 import mla_patch
 from benchmarks import models
 from benchmarks.provenance import commit
-
-
-def percentile(values, q):
-    values = sorted(values)
-    return values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
+from benchmarks.timing import percentile
 
 
 def prompts_for(n, length, mixed, vocab, seed=0):

@@ -82,6 +82,11 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def _median(values: list[float]) -> float:
+def percentile(values, q: float) -> float:
+    """The q-th percentile of `values` (an element of them, no interpolation); NaN for none."""
     values = sorted(values)
-    return values[len(values) // 2]
+    return values[min(len(values) - 1, int(q / 100 * len(values)))] if values else float("nan")
+
+
+def _median(values: list[float]) -> float:
+    return percentile(values, 50)

@@ -15,8 +15,6 @@ import time
 if __package__ in (None, ""):
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import torch
-
 import mla_patch
 from benchmarks import bench_serving, models
 

@@ -208,23 +208,30 @@ class MlaAttentionMixin:
             )
             attn_weights = attn_weights.to(hidden_states.dtype)
         else:
-            backend = self.mla_backend
-            if backend != "torch" and torch.is_grad_enabled() and hidden_states.requires_grad:
-                backend = "torch"  # the kernel has no backward; the reference is differentiable
-            out_latent, _ = ops.mla_decode(q_latent, q_pe, c_rows, k_pe_rows, *ranges, sm_scale, backend=backend)
+            out_latent, _ = ops.mla_decode(q_latent, q_pe, c_rows, k_pe_rows, *ranges, sm_scale,
+                                           backend=self._mla_op_backend(hidden_states))
             attn_weights = None
-        _count("absorbed_calls")
-        # Tokens are counted once per step, at the first patched layer (not layer 0: hybrids such as
-        # Kimi-Linear start with non-MLA layers).
-        if not torch.compiler.is_compiling():
-            if not _first_absorbed_layer or self.layer_idx < _first_absorbed_layer[0]:
-                _first_absorbed_layer[:] = [self.layer_idx]
-            if self.layer_idx == _first_absorbed_layer[0]:
-                _count("absorbed_tokens", batch * num_new)
+        self._mla_count_absorbed(batch * num_new)
         if family.out_gate is not None:  # per-head output gate (Ling 3): linear per head, so it scales out_latent
             out_latent = out_latent * family.out_gate(self, hidden_states).unsqueeze(-1)
 
         return self._mla_output(out_latent, merged), attn_weights
+
+    def _mla_op_backend(self, hidden_states) -> str:
+        """The layer's backend, except the reference when a gradient is wanted (the kernel has no backward)."""
+        if self.mla_backend != "torch" and torch.is_grad_enabled() and hidden_states.requires_grad:
+            return "torch"
+        return self.mla_backend
+
+    def _mla_count_absorbed(self, tokens: int) -> None:
+        """One absorbed call; its tokens count once a step, at the first patched layer (not layer 0: hybrids such
+        as Kimi-Linear start with non-MLA layers)."""
+        _count("absorbed_calls")
+        if not torch.compiler.is_compiling():
+            if not _first_absorbed_layer or self.layer_idx < _first_absorbed_layer[0]:
+                _first_absorbed_layer[:] = [self.layer_idx]
+            if self.layer_idx == _first_absorbed_layer[0]:
+                _count("absorbed_tokens", tokens)
 
     def _mla_paged_unsupported(self, cache) -> str | None:
         family = self._mla_family
@@ -255,16 +262,10 @@ class MlaAttentionMixin:
             q_latent = self._mla_query_latent(None, q_nope[0, :, tokens].transpose(0, 1).unsqueeze(2), merged=False)
             q_pe_tokens = q_pe[0, :, tokens].transpose(0, 1).unsqueeze(1)  # [N, 1, H, P]
             kv_start = torch.zeros_like(layout.kv_end)
-            backend = "torch" if torch.is_grad_enabled() and hidden_states.requires_grad else self.mla_backend
             out_latent, _ = ops.mla_decode(q_latent, q_pe_tokens, c_pool, k_pool, kv_start, layout.kv_end, sm_scale,
-                                           backend=backend, row_index=layout.row_table)
+                                           backend=self._mla_op_backend(hidden_states), row_index=layout.row_table)
             values[tokens] = self._mla_values(out_latent).reshape(tokens.numel(), -1)
-            _count("absorbed_calls")
-            if not torch.compiler.is_compiling():
-                if not _first_absorbed_layer or self.layer_idx < _first_absorbed_layer[0]:
-                    _first_absorbed_layer[:] = [self.layer_idx]
-                if self.layer_idx == _first_absorbed_layer[0]:
-                    _count("absorbed_tokens", tokens.numel())
+            self._mla_count_absorbed(tokens.numel())
         for q0, q1, k0, k1 in layout.prefill:  # the stock computation, one request at a time
             rows = layout.rows[k0:k1].long()
             latent = self.kv_b_proj(c_pool[rows]).view(k1 - k0, heads, nope + v_dim)

@@ -47,8 +47,8 @@ def decode_forced(
     if reason is not None:
         raise RuntimeError(f"decode_forced: the CUDA kernel cannot serve this call: {reason}")
     out, lse, ran = torch.ops.mla_patch._decode_forced(
-        q_latent, q_pe, c_kv, k_pe, kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous(),
-        float(sm_scale), -1 if kernel == "auto" else KERNELS.index(kernel), int(splits), bool(tma), timeline,
-        None if row_index is None else row_index.to(torch.int32).contiguous(),
+        q_latent, q_pe, c_kv, k_pe, ops.as_kernel_index(kv_start), ops.as_kernel_index(kv_end), float(sm_scale),
+        -1 if kernel == "auto" else KERNELS.index(kernel), int(splits), bool(tma), timeline,
+        ops.as_kernel_index(row_index),
     )
     return out, lse, Ran(KERNELS[ran[0]], int(ran[1]), bool(ran[2]), bool(ran[3]))

@@ -152,9 +152,12 @@ def mla_decode(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale: float, ba
             raise RuntimeError(f"mla_decode: the CUDA kernel cannot serve this call: {reason}")
         _warn_once(reason)
         return mla_decode_ref(q_latent, q_pe, c_kv, k_pe, kv_start, kv_end, sm_scale, row_index=row_index)
-    if row_index is not None:
-        row_index = row_index.to(torch.int32).contiguous()
     return torch.ops.mla_patch.mla_decode(
-        q_latent, q_pe, c_kv, k_pe, kv_start.to(torch.int32).contiguous(), kv_end.to(torch.int32).contiguous(),
-        float(sm_scale), row_index,
+        q_latent, q_pe, c_kv, k_pe, as_kernel_index(kv_start), as_kernel_index(kv_end), float(sm_scale),
+        as_kernel_index(row_index),
     )
+
+
+def as_kernel_index(t):
+    """An index tensor (ranges, row table) as the kernel takes it: contiguous int32; None stays None."""
+    return None if t is None else t.to(torch.int32).contiguous()
