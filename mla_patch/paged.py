@@ -68,18 +68,16 @@ class StepLayout:
 def step_layout(cache, layer_idx: int, kwargs: dict, layer_kwargs: dict, max_decode_tokens: int) -> StepLayout:
     """The layout of this step for the layers of one allocator: worked out at the allocator's first layer (a step
     runs the layers in order) and reused by the others, since the step's buffers may be reused between steps. Reads
-    the per-request boundaries on the host: one sync a step and allocator."""
+    the per-request boundaries on the host: one read a step and allocator."""
     allocator = cache.layer_to_allocator[layer_idx]
     held = cache.__dict__.setdefault("_mla_step_layouts", {})
     if layer_idx != min(allocator.layer_indices) and allocator.index in held:
         return held[allocator.index]
     cu_q, cu_k = kwargs["cu_seq_lens_q"], layer_kwargs["cu_seq_lens_k"]
     read_index = kwargs["read_index"][allocator.index]
-    q_bounds = cu_q.tolist()
+    q_bounds, k_bounds = torch.stack((cu_q, cu_k.to(cu_q.dtype))).tolist()  # one host read for both
     if read_index.numel() == 0:  # no request has a cached past: each history is its new tokens, just written
         read_index, k_bounds = kwargs["write_index"][allocator.index], q_bounds
-    else:
-        k_bounds = cu_k.tolist()
     device = read_index.device
     decode_q, decode_k0, decode_ends, prefill = [], [], [], []
     for r in range(len(q_bounds) - 1):
