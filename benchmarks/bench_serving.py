@@ -6,8 +6,11 @@ bf16 weights (speed depends on the shapes). Stock and patched run the same reque
 process: stock first, then `mla_patch.patch(model)`. Per variant: wall time, requests/s, output tokens/s (end to
 end, and in the decode phase: tokens after each request's first over the time from the first first token to the
 last token), time to first token and per-token latency percentiles (transformers' per-token timestamps), the
-latent pages' bytes per token and layer, and how many decode tokens ran absorbed (mla_patch.decode_stats).
-Writes serving.json under --out.
+latent pages' bytes per token and layer, how many decode tokens ran absorbed (mla_patch.decode_stats; steps
+replayed from a CUDA graph run no Python, so they are counted as graph replays instead), and on the GPU the decode
+phase's floor (the bytes a step of every request must read over the measured copy bandwidth). Both use the default
+ContinuousBatchingConfig: transformers gives stock sdpa no CUDA graphs; the patch opens the decode fast path and
+its graphs (mla_patch/decode_fast_path.py). Writes serving.json under --out.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import torch
 
 import mla_patch
 from benchmarks import models
+from benchmarks.bench_generate import step_bytes
 from benchmarks.provenance import commit
-from benchmarks.timing import percentile
+from benchmarks.timing import copy_bandwidth_gbs, percentile
 
 
 def prompts_for(n, length, mixed, vocab, seed=0):
@@ -44,10 +48,12 @@ def run(model, prompts, new_tokens, page_size):
     if torch.cuda.is_available():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    replays = count_graph_replays()
     start = time.perf_counter()
     out = model.generate_batch(inputs=prompts, generation_config=generation, continuous_batching_config=batching,
                                record_timestamps=True)
     wall = time.perf_counter() - start
+    replays = replays()
     first = [o.timestamps[0] - start for o in out.values() if o.timestamps]
     gaps = [b - a for o in out.values() if o.timestamps for a, b in zip(o.timestamps, o.timestamps[1:])]
     last = max(o.timestamps[-1] for o in out.values() if o.timestamps) - start
@@ -65,9 +71,29 @@ def run(model, prompts, new_tokens, page_size):
         "token_ms_p99": 1e3 * percentile(gaps, 99),
         "failed": sum(o.error is not None for o in out.values()),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None,
-        "absorbed_tokens": mla_patch.decode_stats()["absorbed_tokens"],
+        "absorbed_tokens": mla_patch.decode_stats()["absorbed_tokens"],  # eager steps; graph replays run no Python
+        "cuda_graph_replays": replays,
         "tokens": {k: o.generated_tokens for k, o in out.items()},
     }
+
+
+def count_graph_replays():
+    """Counts the CUDA graph replays from now on (continuous batching's captured steps); call the result to stop."""
+    if not torch.cuda.is_available():
+        return lambda: 0
+    replay, count = torch.cuda.CUDAGraph.replay, []
+
+    def counted(graph):
+        count.append(1)
+        return replay(graph)
+
+    torch.cuda.CUDAGraph.replay = counted
+
+    def stop():
+        torch.cuda.CUDAGraph.replay = replay
+        return len(count)
+
+    return stop
 
 
 def latent_bytes_per_token(model) -> int:
@@ -104,6 +130,11 @@ def main(argv=None) -> None:
     import transformers
 
     results["transformers"] = transformers.__version__
+    if device == "cuda":  # the decode phase's floor: a step of every request at its mean context reads this much
+        mean_context = sum(map(len, prompts)) / len(prompts) + args.new_tokens / 2
+        results["copy_gbs"] = copy_bandwidth_gbs()
+        results["decode_step_floor_ms"] = step_bytes(model, len(prompts), mean_context) / results["copy_gbs"] / 1e6
+        results["decode_floor_tokens_per_s"] = len(prompts) / results["decode_step_floor_ms"] * 1e3
     for variant in ("stock", "patched"):
         if variant == "patched":
             mla_patch.patch(model)

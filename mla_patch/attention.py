@@ -19,7 +19,7 @@ import weakref
 
 import torch
 
-from . import ops, paged
+from . import decode_fast_path, ops, paged
 from .absorb import absorb_unsupported_reason, local_heads, merged_weights, offloaded_linears, split_kv_b, weights_loaded
 from .cache import captured_step
 from .ranges import masked_ranges, unmasked_ranges
@@ -247,6 +247,8 @@ class MlaAttentionMixin:
         """A continuous-batching step (see paged.py): decode tokens absorbed over their pool rows in place, prefill
         chunks by the stock computation (their history expanded through kv_b_proj, causal SDPA). None where this
         layer cannot (the caller runs the stock forward, which handles the whole step)."""
+        if kwargs.get("block_table") is not None:  # a decode-only step on the fast path (decode_fast_path.py)
+            return self._mla_block_table_forward(hidden_states, cache, bound, kwargs)
         reason = self._mla_paged_unsupported(cache)
         if reason is not None:
             _warn_once(reason)
@@ -282,6 +284,28 @@ class MlaAttentionMixin:
         if layout.prefill:
             _count("prefill_calls")
         return self.o_proj(values[None]), None
+
+    def _mla_block_table_forward(self, hidden_states, cache, bound, kwargs):
+        """A decode-only continuous-batching step (one new token per request, padded to a static size): the new
+        latents go to the rows the block table gives, then each token runs absorbed over its request's rows. Only
+        device work, so transformers can capture the step in a CUDA graph."""
+        c_pool, k_pool = paged.latent_pools(cache, self.layer_idx)
+        q_in, q_nope, q_pe, c_new, k_pe_new, sm_scale = self._mla_project(hidden_states, bound, merged=False)
+        step = decode_fast_path.block_table_step(cache, self.layer_idx, kwargs)
+        tokens = hidden_states.shape[1]
+        if step.row_table.shape[0] != tokens:
+            raise RuntimeError(f"mla_patch: a decode fast-path step of {tokens} tokens came with "
+                               f"{step.row_table.shape[0]} block-table rows; this transformers' fast path is not "
+                               "the one mla_patch serves (one token per request)")
+        c_pool.index_copy_(0, step.write_rows, c_new.reshape(tokens, -1))
+        k_pool.index_copy_(0, step.write_rows, k_pe_new.reshape(tokens, -1))
+        q_latent = self._mla_query_latent(None, q_nope[0].transpose(0, 1).unsqueeze(2), merged=False)  # [N, 1, H, R]
+        q_pe_tokens = q_pe[0].transpose(0, 1).unsqueeze(1)  # [N, 1, H, P]
+        out_latent, _ = ops.mla_decode(q_latent, q_pe_tokens, c_pool, k_pool, torch.zeros_like(step.kv_end),
+                                       step.kv_end, sm_scale, backend=self._mla_op_backend(hidden_states),
+                                       row_index=step.row_table)
+        self._mla_count_absorbed(tokens)
+        return self.o_proj(self._mla_values(out_latent).reshape(1, tokens, -1)), None
 
     def _mla_query_latent(self, q_in, q_nope, merged):
         """q_latent [B, S, H, R]: the query with W_UK folded in (merged: from q_in through W_Q.W_UK)."""

@@ -24,7 +24,7 @@ import transformers
 from transformers import DynamicCache
 from transformers.generation.utils import GenerationMixin
 
-from . import graphs, ops
+from . import decode_fast_path, graphs, ops
 from .attention import PATCHED_MODULES, MlaAttentionMixin
 from .cache import CACHE_KWARG, LatentCache, capacity_for
 from .families import FAMILIES, NOT_SERVED
@@ -228,6 +228,7 @@ def patch(model=None, *, backend: str = "auto", absorb: str = "per_head", famili
             setattr(modeling, family.attention_class, cls)
             _class_patches[family.model_type] = (modeling, original)
             _install_generate_hook(getattr(modeling, family.pretrained_class))
+        decode_fast_path.install()
         return status()
 
     count = 0
@@ -239,6 +240,8 @@ def patch(model=None, *, backend: str = "auto", absorb: str = "per_head", famili
                 module.mla_backend, module.mla_absorb = backend, absorb
                 PATCHED_MODULES.add(module)
                 count += 1
+    if count:
+        decode_fast_path.install()
     if count and hasattr(model, "generate"):
         _install_generate_hook(type(model))
     elif count == 0:
@@ -258,6 +261,7 @@ def unpatch(model=None) -> None:
         setattr(modeling, original.__name__, original)
     _class_patches.clear()
     _remove_generate_hooks()
+    decode_fast_path.uninstall()
     modules = list(PATCHED_MODULES) + (list(model.modules()) if model is not None else [])
     for module in modules:
         if isinstance(module, MlaAttentionMixin):

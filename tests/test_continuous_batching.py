@@ -117,6 +117,88 @@ def test_generate_batch_tokens_equal_stock_and_decode_runs_absorbed(family):
     assert stats["prefill_calls"] > 0 and stats["vanilla_fallbacks"] == 0, stats
 
 
+# ---- The decode fast path (decode_fast_path.py): decode-only steps read the pages through the block table.
+@pytest.fixture
+def fast_path_steps(monkeypatch):
+    """Each fast-path step the layers work out: (kv_end list, row table width)."""
+    from mla_patch import decode_fast_path
+
+    seen = []
+    original = decode_fast_path.block_table_step
+
+    def spy(cache, layer_idx, kwargs):
+        step = original(cache, layer_idx, kwargs)
+        seen.append((step.kv_end.tolist(), step.row_table.shape[1]))
+        return step
+
+    monkeypatch.setattr(decode_fast_path, "block_table_step", spy)
+    return seen
+
+
+def _pad_like_graphs(monkeypatch):
+    """Make continuous batching pad its steps as it does for CUDA graphs (powers of two, padding sequences of
+    length 0), on the CPU."""
+    from transformers.generation.continuous_batching import model_runner
+
+    init = model_runner.ModelRunner.__init__
+
+    def padded_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.pad_inputs = True
+
+    monkeypatch.setattr(model_runner.ModelRunner, "__init__", padded_init)
+
+
+@pytest.mark.skipif(not paged.has_latent_pages(), reason="this transformers' continuous batching has no MLA latent pages")
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+@pytest.mark.parametrize("family", ["deepseek_v2", "deepseek_v3"])
+def test_decode_fast_path_tokens_equal_stock(family, padded, fast_path_steps, monkeypatch):
+    if padded:
+        _pad_like_graphs(monkeypatch)
+    gen = torch.Generator().manual_seed(case_seed("fast-path", family, padded))
+    lengths = [5, 9, 3, 12, 30, 44]  # the long prompts join late: 3 of 6 requests decode alone for a while
+    prompts = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in lengths]
+    config = tiny_config(family)
+    stock = _generate_batch(build_model(config), prompts, 8)
+    assert not fast_path_steps  # stock MLA never gets the fast path
+    mla_patch.patch()
+    try:
+        patched = _generate_batch(build_model(config), prompts, 8)
+    finally:
+        mla_patch.unpatch()
+    assert patched == stock
+    assert fast_path_steps, "no decode step took the fast path"
+    ends = [end for step_ends, _ in fast_path_steps for end in step_ends]
+    assert max(ends) == max(lengths) + 7  # the longest request's last step sees its whole history
+    assert all(width % 8 == 0 for _, width in fast_path_steps)  # whole pages of 8 rows
+    assert (0 in ends) == padded  # padding sequences see nothing and write to the trash row
+
+
+@pytest.mark.skipif(not paged.has_latent_pages(), reason="this transformers' continuous batching has no MLA latent pages")
+def test_decode_fast_path_only_for_patched_models_and_unless_turned_off(fast_path_steps):
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching import initialization
+    from transformers.generation.continuous_batching.cache_allocators import MLACacheAllocator
+
+    prompts = [[5, 6, 7], [8, 9, 10, 11]]
+    generation = GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    config = tiny_config("deepseek_v2")
+    stock_model = build_model(config)  # built before patch(): its layers stay stock
+    ensure = initialization.ensure_decode_fast_path_is_available
+    mla_patch.patch()
+    try:
+        want = _generate_batch(stock_model, prompts, 4)
+        assert not fast_path_steps
+        off = ContinuousBatchingConfig(page_size=8, num_blocks=64, max_batch_tokens=24, max_blocks_per_request=0)
+        out = build_model(config).generate_batch(inputs=prompts, generation_config=generation,
+                                                 continuous_batching_config=off)
+        assert {k: out[k].generated_tokens for k in out} == want and not fast_path_steps
+    finally:
+        mla_patch.unpatch()
+    assert MLACacheAllocator.supports_block_table is False
+    assert initialization.ensure_decode_fast_path_is_available is not ensure or not hasattr(ensure, "__wrapped__")
+
+
 # ---- The CUDA kernel on a paged cache (GPU): every kernel that reads one, against the float64 reference.
 def _paged_case(B, S, H, R, P, lengths, page, dtype, seed):
     """Random queries and a pool of rows whose pages are handed out shuffled; pool rows no sequence owns are NaN
@@ -200,3 +282,39 @@ def test_paged_kernel_forced_splits(splits):
         _check_paged(lambda *a, k=kernel: kernel_probe.decode_forced(*a[:-1], kernel=k, splits=splits,
                                                                      row_index=a[-1])[:2],
                      case, f"{kernel} splits={splits}")
+
+
+@needs_kernel
+@pytest.mark.cuda
+@pytest.mark.skipif(not paged.has_latent_pages(), reason="this transformers' continuous batching has no MLA latent pages")
+def test_decode_fast_path_replays_cuda_graphs_on_the_gpu(fast_path_steps, monkeypatch):
+    """On CUDA the patched model's decode steps are captured and replayed (transformers' graphs, on by default for
+    the fast path): the tokens equal the stock model's (float32: the reference op) and the patched eager ones
+    (bfloat16: the kernel)."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    replays = []
+    replay = torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: (replays.append(1), replay(graph))[1])
+    gen = torch.Generator().manual_seed(case_seed("fast-path-gpu"))
+    prompts = [torch.randint(3, 97, (n,), generator=gen).tolist() for n in (5, 9, 3, 12, 30, 44)]
+    generation = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+
+    def run(model, **options):
+        batching = ContinuousBatchingConfig(page_size=16, num_blocks=64, max_batch_tokens=32, **options)
+        out = model.cuda().generate_batch(inputs=prompts, generation_config=generation,
+                                          continuous_batching_config=batching)
+        return {k: out[k].generated_tokens for k in out}
+
+    fp32 = tiny_config("deepseek_v2")
+    kernel_dims = tiny_config("deepseek_v2", kv_lora_rank=512, qk_rope_head_dim=64)
+    stock = run(build_model(fp32, dtype=torch.float32))
+    mla_patch.patch()
+    try:
+        graphed = run(build_model(fp32, dtype=torch.float32))
+        assert replays and fast_path_steps, "the decode steps were not replayed from CUDA graphs"
+        assert graphed == stock
+        bf16 = build_model(kernel_dims, dtype=torch.bfloat16)
+        assert run(bf16) == run(bf16, use_cuda_graph=False)
+    finally:
+        mla_patch.unpatch()
