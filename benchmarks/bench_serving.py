@@ -8,9 +8,10 @@ end, and in the decode phase: tokens after each request's first over the time fr
 last token), time to first token and per-token latency percentiles (transformers' per-token timestamps), the
 latent pages' bytes per token and layer, how many decode tokens ran absorbed (mla_patch.decode_stats; steps
 replayed from a CUDA graph run no Python, so they are counted as graph replays instead), and on the GPU the decode
-phase's floor (the bytes a step of every request must read over the measured copy bandwidth). Both use the default
-ContinuousBatchingConfig: transformers gives stock sdpa no CUDA graphs; the patch opens the decode fast path and
-its graphs (mla_patch/decode_fast_path.py). Writes serving.json under --out.
+phase's floor (the bytes a step of every request must read over the measured copy bandwidth). Variants (VARIANTS):
+stock and patched with the default ContinuousBatchingConfig (for sdpa, transformers captures no CUDA graphs), and
+patched with graphs asked for the decode path, whose steps the patch gives static shapes
+(mla_patch/decode_fast_path.py). Writes serving.json under --out.
 """
 
 from __future__ import annotations
@@ -39,11 +40,20 @@ def prompts_for(n, length, mixed, vocab, seed=0):
     return [torch.randint(3, vocab, (int(k),), generator=gen).tolist() for k in lengths]
 
 
-def run(model, prompts, new_tokens, page_size):
+# Variants: (patched, ContinuousBatchingConfig options). Graphs for the decode path only: there the patched steps
+# have static shapes (mla_patch/decode_fast_path.py); transformers' default for sdpa is no graphs.
+VARIANTS = {
+    "stock": (False, {}),
+    "patched": (True, {}),
+    "patched-decode-graphs": (True, {"use_cuda_graph": (False, True)}),
+}
+
+
+def run(model, prompts, new_tokens, page_size, **options):
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    batching = ContinuousBatchingConfig(page_size=page_size)
+    batching = ContinuousBatchingConfig(page_size=page_size, **options)
     mla_patch.reset_decode_stats()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -112,6 +122,7 @@ def main(argv=None) -> None:
     ap.add_argument("--mixed", action="store_true", help="prompt lengths drawn between half and --prompt")
     ap.add_argument("--page-size", type=int, default=256)
     ap.add_argument("--layers", type=int, default=0, help="keep this many decoder layers (0: the model's)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="stock first, then patched variants")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
@@ -135,22 +146,28 @@ def main(argv=None) -> None:
         results["copy_gbs"] = copy_bandwidth_gbs()
         results["decode_step_floor_ms"] = step_bytes(model, len(prompts), mean_context) / results["copy_gbs"] / 1e6
         results["decode_floor_tokens_per_s"] = len(prompts) / results["decode_step_floor_ms"] * 1e3
-    for variant in ("stock", "patched"):
-        if variant == "patched":
+    variants = args.variants.split(",")
+    if variants[0] != "stock" or any(v not in VARIANTS for v in variants):
+        raise SystemExit(f"--variants: stock first, then any of {sorted(VARIANTS)}")
+    for variant in variants:  # stock first: patch() is not undone
+        patched, options = VARIANTS[variant]
+        if patched:
             mla_patch.patch(model)
-        run(model, prompts[:2], 2, args.page_size)  # warm-up: first-call set-up, kernels loaded
-        results[variant] = run(model, prompts, args.new_tokens, args.page_size)
+        run(model, prompts[:2], 2, args.page_size, **options)  # warm-up: first-call set-up, kernels loaded
+        results[variant] = run(model, prompts, args.new_tokens, args.page_size, **options)
         row = {k: v for k, v in results[variant].items() if k != "tokens"}
         print(variant, json.dumps(row, default=float), flush=True)
-    stock, patched = results["stock"], results["patched"]
-    same = sum(stock["tokens"][k] == patched["tokens"].get(k) for k in stock["tokens"])
-    results["same_tokens_requests"] = same
-    results["speedup_output_tokens"] = patched["output_tokens_per_s"] / stock["output_tokens_per_s"]
-    results["speedup_decode_tokens"] = patched["decode_tokens_per_s"] / stock["decode_tokens_per_s"]
-    for variant in ("stock", "patched"):
+    stock = results["stock"]
+    for variant in variants[1:]:
+        mine = results[variant]
+        same = sum(stock["tokens"][k] == mine["tokens"].get(k) for k in stock["tokens"])
+        mine.update(same_tokens_requests=same,
+                    speedup_output_tokens=mine["output_tokens_per_s"] / stock["output_tokens_per_s"],
+                    speedup_decode_tokens=mine["decode_tokens_per_s"] / stock["decode_tokens_per_s"])
+        print(f"{variant}: output tokens/s {mine['speedup_output_tokens']:.2f}x stock, decode phase "
+              f"{mine['speedup_decode_tokens']:.2f}x; requests with identical tokens {same}/{args.requests}")
+    for variant in variants:
         results[variant].pop("tokens")
-    print(f"speedup: output tokens/s {results['speedup_output_tokens']:.2f}x, decode phase "
-          f"{results['speedup_decode_tokens']:.2f}x; requests with identical tokens {same}/{args.requests}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "serving.json"), "w") as f:
         json.dump(results, f, indent=1, default=float)

@@ -288,9 +288,9 @@ def test_paged_kernel_forced_splits(splits):
 @pytest.mark.cuda
 @pytest.mark.skipif(not paged.has_latent_pages(), reason="this transformers' continuous batching has no MLA latent pages")
 def test_decode_fast_path_replays_cuda_graphs_on_the_gpu(fast_path_steps, monkeypatch):
-    """On CUDA the patched model's decode steps are captured and replayed (transformers' graphs, on by default for
-    the fast path): the tokens equal the stock model's (float32: the reference op) and the patched eager ones
-    (bfloat16: the kernel)."""
+    """On CUDA, with graphs asked for the decode path, the patched model's decode steps are captured and replayed:
+    the tokens equal the stock model's (float32: the reference op) and the patched eager ones (bfloat16: the
+    kernel)."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     replays = []
@@ -308,13 +308,15 @@ def test_decode_fast_path_replays_cuda_graphs_on_the_gpu(fast_path_steps, monkey
 
     fp32 = tiny_config("deepseek_v2")
     kernel_dims = tiny_config("deepseek_v2", kv_lora_rank=512, qk_rope_head_dim=64)
-    stock = run(build_model(fp32, dtype=torch.float32))
+    decode_graphs = dict(use_cuda_graph=(False, True))
+    stock = run(build_model(fp32, dtype=torch.float32), **decode_graphs)
+    assert not replays  # stock MLA has no decode fast path to replay
     mla_patch.patch()
     try:
-        graphed = run(build_model(fp32, dtype=torch.float32))
+        graphed = run(build_model(fp32, dtype=torch.float32), **decode_graphs)
         assert replays and fast_path_steps, "the decode steps were not replayed from CUDA graphs"
         assert graphed == stock
         bf16 = build_model(kernel_dims, dtype=torch.bfloat16)
-        assert run(bf16) == run(bf16, use_cuda_graph=False)
+        assert run(bf16, **decode_graphs) == run(bf16)
     finally:
         mla_patch.unpatch()
