@@ -23,6 +23,6 @@ mask = (ids != 0).long()
 out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
                      return_dict_in_generate=True)
 if int(os.environ.get("RANK", "0")) == 0:
-    attn = model.model.layers[0].self_attn
+    attn = next(m for m in model.modules() if hasattr(m, "kv_b_proj"))  # the first MLA attention (LongCat: a list)
     torch.save({"sequences": out.sequences.cpu(), "logits": torch.stack(out.logits).cpu(), "stats": mla_patch.decode_stats(),
                 "class": type(attn).__name__, "local_heads": mla_patch.absorb.local_heads(attn)}, out_path)
