@@ -78,7 +78,7 @@ setup(
     install_requires=["torch>=2.5", "transformers>=5.17,<6", "accelerate>=1.0"],
     extras_require={
         "eval": ["lm-eval>=0.4.9", "datasets"],
-        "dev": ["pytest>=8", "hypothesis>=6", "transformers[serving]"],
+        "dev": ["pytest>=8", "hypothesis>=6", "transformers[serving]", "matplotlib"],
         "serve": ["transformers[serving]"],
         "bench": ["matplotlib"],
     },

@@ -126,7 +126,8 @@ def main(argv=None) -> None:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, not speed")
     args = ap.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    if args.smoke:
+    if args.smoke:  # a few short requests: the whole CPU run in well under a minute
+        args.requests, args.prompt, args.new_tokens = min(args.requests, 8), min(args.prompt, 128), min(args.new_tokens, 8)
         models.shrink(q_lora_rank=32, n_routed_experts=4, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                       kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, intermediate_size=96,
                       moe_intermediate_size=32, vocab_size=97)
