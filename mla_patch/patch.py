@@ -24,7 +24,7 @@ import transformers
 from transformers import DynamicCache
 from transformers.generation.utils import GenerationMixin
 
-from . import decode_fast_path, graphs, ops
+from . import decode_fast_path, graphs, mtp, ops
 from .attention import PATCHED_MODULES, MlaAttentionMixin
 from .cache import CACHE_KWARG, LatentCache, capacity_for
 from .families import FAMILIES, NOT_SERVED
@@ -200,6 +200,27 @@ def _remove_generate_hooks() -> None:
     _generate_hooks.clear()
 
 
+def _patch_modules(model, families, backend: str, absorb: str) -> int:
+    """Switch `model`'s MLA attention modules of the served families to our classes; how many."""
+    count = 0
+    for family, modeling in _available_families(families):
+        original = _original_attention_class(family, modeling)
+        for module in model.modules():
+            if isinstance(module, original):
+                _set_class(module, _patched_class(family, original))
+                module.mla_backend, module.mla_absorb = backend, absorb
+                PATCHED_MODULES.add(module)
+                count += 1
+    return count
+
+
+def _patch_draft_like_main(draft, main_model) -> None:
+    """The MTP draft model of a model patched in place gets its layers patched with the same options."""
+    ours = next((m for m in main_model.modules() if isinstance(m, MlaAttentionMixin)), None)
+    if ours is not None and not any(isinstance(m, MlaAttentionMixin) for m in draft.modules()):
+        _patch_modules(draft, [ours._mla_family.model_type], ours.mla_backend, ours.mla_absorb)
+
+
 # -- public entry points ----------------------------------------------------------------------------
 
 
@@ -231,17 +252,10 @@ def patch(model=None, *, backend: str = "auto", absorb: str = "per_head", famili
         decode_fast_path.install()
         return status()
 
-    count = 0
-    for family, modeling in _available_families(families):
-        original = _original_attention_class(family, modeling)
-        for module in model.modules():
-            if isinstance(module, original):
-                _set_class(module, _patched_class(family, original))
-                module.mla_backend, module.mla_absorb = backend, absorb
-                PATCHED_MODULES.add(module)
-                count += 1
+    count = _patch_modules(model, families, backend, absorb)
     if count:
         decode_fast_path.install()
+        mtp.install(_patch_draft_like_main)
     if count and hasattr(model, "generate"):
         _install_generate_hook(type(model))
     elif count == 0:
@@ -262,6 +276,7 @@ def unpatch(model=None) -> None:
     _class_patches.clear()
     _remove_generate_hooks()
     decode_fast_path.uninstall()
+    mtp.uninstall()
     modules = list(PATCHED_MODULES) + (list(model.modules()) if model is not None else [])
     for module in modules:
         if isinstance(module, MlaAttentionMixin):

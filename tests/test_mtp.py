@@ -313,12 +313,21 @@ def test_batch_over_one_is_transformers_error(checkpoints, load):
     assert errors[True] == errors[False]
 
 
-@pytest.mark.xfail(strict=True, reason="patch(model) on a loaded model patches the layers it holds; the MtpModel that "
-                                       "generate(use_mtp=True) builds later gets the stock attention class, so its "
-                                       "drafts run stock (remove this mark once patch(model) covers MtpModel)")
 def test_patch_loaded_model_patches_mtp_layer(checkpoints, load, mtp_models):
+    """patch(model) on a loaded model: the draft model generate() builds later is patched with the model's options,
+    its tokens equal stock's, and unpatch() leaves the next draft model stock."""
+    ids = _prompt(case_seed("inplace-mtp"))
+    stock = load(checkpoints(1), patched=False)
+    expected = stock.generate(input_ids=ids, use_mtp=True, max_new_tokens=8, do_sample=False)
     model = load(checkpoints(1), patched=False)
-    mla_patch.patch(model)
+    mla_patch.patch(model, backend="torch", absorb="merged")
     built, _ = mtp_models
-    model.generate(input_ids=_prompt(case_seed("inplace-mtp")), use_mtp=True, max_new_tokens=4, do_sample=False)
-    assert type(built[0].layers[0].mtp_block.self_attn).__name__.startswith("Mla")
+    built.clear()
+    got = model.generate(input_ids=ids, use_mtp=True, max_new_tokens=8, do_sample=False)
+    draft_attention = built[-1].layers[0].mtp_block.self_attn
+    assert isinstance(draft_attention, MlaAttentionMixin)
+    assert (draft_attention.mla_backend, draft_attention.mla_absorb) == ("torch", "merged")
+    assert torch.equal(got, expected)
+    mla_patch.unpatch(model)
+    model.generate(input_ids=ids, use_mtp=True, max_new_tokens=4, do_sample=False)
+    assert not isinstance(built[-1].layers[0].mtp_block.self_attn, MlaAttentionMixin)
