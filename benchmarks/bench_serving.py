@@ -9,9 +9,9 @@ last token), time to first token and per-token latency percentiles (transformers
 latent pages' bytes per token and layer, how many decode tokens ran absorbed (mla_patch.decode_stats; steps
 replayed from a CUDA graph run no Python, so they are counted as graph replays instead), and on the GPU the decode
 phase's floor (the bytes a step of every request must read over the measured copy bandwidth). Variants (VARIANTS):
-stock and patched with the default ContinuousBatchingConfig (for sdpa, transformers captures no CUDA graphs), and
-patched with graphs asked for the decode path, whose steps the patch gives static shapes
-(mla_patch/decode_fast_path.py). Writes serving.json under --out.
+stock and patched with the default ContinuousBatchingConfig (for stock sdpa transformers captures no CUDA graphs; a
+patched model's decode steps replay them, mla_patch/decode_fast_path.py), and patched with graphs turned off.
+Writes serving.json under --out.
 """
 
 from __future__ import annotations
@@ -40,12 +40,13 @@ def prompts_for(n, length, mixed, vocab, seed=0):
     return [torch.randint(3, vocab, (int(k),), generator=gen).tolist() for k in lengths]
 
 
-# Variants: (patched, ContinuousBatchingConfig options). Graphs for the decode path only: there the patched steps
-# have static shapes (mla_patch/decode_fast_path.py); transformers' default for sdpa is no graphs.
+# Variants: (patched, ContinuousBatchingConfig options). Patched with the defaults replays its decode steps from CUDA
+# graphs on the GPU (mla_patch/decode_fast_path.py); patched-eager turns graphs off, as transformers' default for
+# stock sdpa.
 VARIANTS = {
     "stock": (False, {}),
     "patched": (True, {}),
-    "patched-decode-graphs": (True, {"use_cuda_graph": (False, True)}),
+    "patched-eager": (True, {"use_cuda_graph": False}),
 }
 
 

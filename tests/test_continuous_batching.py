@@ -128,7 +128,8 @@ def fast_path_steps(monkeypatch):
 
     def spy(cache, layer_idx, kwargs):
         step = original(cache, layer_idx, kwargs)
-        seen.append((step.kv_end.tolist(), step.row_table.shape[1]))
+        capturing = step.kv_end.is_cuda and torch.cuda.is_current_stream_capturing()  # no host read in a capture
+        seen.append((None if capturing else step.kv_end.tolist(), step.row_table.shape[1]))
         return step
 
     monkeypatch.setattr(decode_fast_path, "block_table_step", spy)
@@ -197,6 +198,40 @@ def test_decode_fast_path_only_for_patched_models_and_unless_turned_off(fast_pat
         mla_patch.unpatch()
     assert MLACacheAllocator.supports_block_table is False
     assert initialization.ensure_decode_fast_path_is_available is not ensure or not hasattr(ensure, "__wrapped__")
+
+
+@pytest.mark.skipif(not paged.has_latent_pages(), reason="this transformers' continuous batching has no MLA latent pages")
+@pytest.mark.parametrize("asked", [None, False, (True, False)], ids=["default", "off", "varlen-only"])
+def test_decode_graphs_on_by_default_for_patched_models(asked, monkeypatch):
+    """Where CUDA graphs exist, a fully patched model's decode path captures them unless the user chose; a stock MLA
+    model keeps transformers' choice (no graphs for attention that needs a mask)."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+    from transformers.generation.continuous_batching import initialization
+
+    from mla_patch import decode_fast_path
+
+    monkeypatch.setattr(decode_fast_path.torch.cuda, "is_available", lambda: True)  # graphs exist, as on a GPU
+    monkeypatch.setattr(initialization, "get_accelerator_graph_name", lambda: "cuda")
+    chosen = {}
+
+    def resolved(model):
+        options = {} if asked is None else {"use_cuda_graph": asked}
+        config = ContinuousBatchingConfig(page_size=8, num_blocks=16, max_batch_tokens=16, **options)
+        generation = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0)
+        manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
+        chosen[id(model)] = tuple(manager.continuous_batching_config.use_cuda_graph)
+        return chosen[id(model)]
+
+    stock_model = build_model(tiny_config("deepseek_v2"))
+    mla_patch.patch()
+    try:
+        patched_model = build_model(tiny_config("deepseek_v2"))
+        stock_choice, patched_choice = resolved(stock_model), resolved(patched_model)
+    finally:
+        mla_patch.unpatch()
+    expected_stock = (False, False) if asked is None else ((asked, asked) if isinstance(asked, bool) else asked)
+    assert stock_choice == expected_stock
+    assert patched_choice == ((False, True) if asked is None else expected_stock)
 
 
 # ---- The CUDA kernel on a paged cache (GPU): every kernel that reads one, against the float64 reference.
@@ -288,9 +323,8 @@ def test_paged_kernel_forced_splits(splits):
 @pytest.mark.cuda
 @pytest.mark.skipif(not paged.has_latent_pages(), reason="this transformers' continuous batching has no MLA latent pages")
 def test_decode_fast_path_replays_cuda_graphs_on_the_gpu(fast_path_steps, monkeypatch):
-    """On CUDA, with graphs asked for the decode path, the patched model's decode steps are captured and replayed:
-    the tokens equal the stock model's (float32: the reference op) and the patched eager ones (bfloat16: the
-    kernel)."""
+    """On CUDA the patched model's decode steps are captured and replayed by default (nothing asked for): the tokens
+    equal the stock model's (float32: the reference op) and the patched eager ones (bfloat16: the kernel)."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
     replays = []
@@ -308,15 +342,14 @@ def test_decode_fast_path_replays_cuda_graphs_on_the_gpu(fast_path_steps, monkey
 
     fp32 = tiny_config("deepseek_v2")
     kernel_dims = tiny_config("deepseek_v2", kv_lora_rank=512, qk_rope_head_dim=64)
-    decode_graphs = dict(use_cuda_graph=(False, True))
-    stock = run(build_model(fp32, dtype=torch.float32), **decode_graphs)
+    stock = run(build_model(fp32, dtype=torch.float32))
     assert not replays  # stock MLA has no decode fast path to replay
     mla_patch.patch()
     try:
-        graphed = run(build_model(fp32, dtype=torch.float32), **decode_graphs)
+        graphed = run(build_model(fp32, dtype=torch.float32))
         assert replays and fast_path_steps, "the decode steps were not replayed from CUDA graphs"
         assert graphed == stock
         bf16 = build_model(kernel_dims, dtype=torch.bfloat16)
-        assert run(bf16, **decode_graphs) == run(bf16)
+        assert run(bf16) == run(bf16, use_cuda_graph=False)
     finally:
         mla_patch.unpatch()
