@@ -11,9 +11,10 @@ the path is switched on:
   - resolving the continuous-batching config keeps `max_blocks_per_request` for such a model (transformers zeroes
     it for attention other than flash);
   - its layers turn the block table into pool rows on the device (`block_table_step`), so a step has static shapes
-    and, on CUDA, its decode steps replay CUDA graphs unless the user chose otherwise (transformers' default for
-    attention that needs a mask is no graphs; the absorbed decode needs none): 4.9x stock's output tokens/s instead
-    of 3.7x eager on the V2-Lite shape, 64 x 4K prompts (docs/BENCHMARKS.md, Serving).
+    and, for a model on CUDA whose step can be captured (`captures_safely`), its decode steps replay CUDA graphs unless
+    the user chose otherwise (transformers' default for attention that needs a mask is no graphs; the absorbed decode
+    needs none): 4.9x stock's output tokens/s instead of 3.7x eager on the V2-Lite shape, 64 x 4K prompts
+    (docs/BENCHMARKS.md, Serving).
 Every other model keeps transformers' rules (for an unpatched MLA model the path stays off).
 """
 
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 _serving_model = contextvars.ContextVar("mla_patch_fast_path_model", default=False)
+_graphs_by_default = contextvars.ContextVar("mla_patch_fast_path_graphs", default=False)
 _installed: dict[str, tuple[object, str, object]] = {}  # hook name -> (owner, attribute, previous value)
 
 
@@ -65,6 +67,15 @@ def serves_block_table(model) -> bool:
     )
 
 
+def captures_safely(model) -> bool:
+    """Whether a CUDA graph can hold this model's decode step: the model is on CUDA and none of its MoE blocks runs
+    transformers' eager experts, which loop over the experts hit on the host (grouped_mm and batched_mm do not)."""
+    if model.device.type != "cuda":
+        return False
+    return not any(hasattr(m, "_is_expert_parallel") and getattr(m.config, "_experts_implementation", None)
+                   in (None, "eager") for m in model.modules())
+
+
 def install() -> None:
     """Wrap transformers' continuous-batching set-up (idempotent); nothing where it has no such fast path."""
     targets = _targets()
@@ -80,11 +91,14 @@ def install() -> None:
     def manager_init(original):
         @functools.wraps(original)
         def __init__(self, model, *args, **kwargs):
-            token = _serving_model.set(serves_block_table(model))
+            ours = serves_block_table(model)
+            token = _serving_model.set(ours)
+            graphs_token = _graphs_by_default.set(ours and captures_safely(model))
             try:
                 original(self, model, *args, **kwargs)
             finally:
                 _serving_model.reset(token)
+                _graphs_by_default.reset(graphs_token)
         return __init__
 
     def ensure_fast_path(original):
@@ -103,8 +117,8 @@ def install() -> None:
         def decide(cb_config, is_attn_mask_needed, cuda_graph_requested):
             chosen = cb_config.use_cuda_graph is not None or cuda_graph_requested
             original(cb_config, is_attn_mask_needed, cuda_graph_requested)
-            ours = _serving_model.get() and cb_config.max_blocks_per_request > 0
-            if ours and not chosen and torch.cuda.is_available() and cb_config.decode_compile_config is None:
+            ours = _graphs_by_default.get() and cb_config.max_blocks_per_request > 0
+            if ours and not chosen and cb_config.decode_compile_config is None:
                 cb_config.use_cuda_graph = (cb_config.use_cuda_graph[0], True)
         return decide
 

@@ -210,7 +210,7 @@ def test_decode_graphs_on_by_default_for_patched_models(asked, monkeypatch):
 
     from mla_patch import decode_fast_path
 
-    monkeypatch.setattr(decode_fast_path.torch.cuda, "is_available", lambda: True)  # graphs exist, as on a GPU
+    monkeypatch.setattr(decode_fast_path, "captures_safely", lambda model: True)  # as on a GPU
     monkeypatch.setattr(initialization, "get_accelerator_graph_name", lambda: "cuda")
     chosen = {}
 
@@ -232,6 +232,19 @@ def test_decode_graphs_on_by_default_for_patched_models(asked, monkeypatch):
     expected_stock = (False, False) if asked is None else ((asked, asked) if isinstance(asked, bool) else asked)
     assert stock_choice == expected_stock
     assert patched_choice == ((False, True) if asked is None else expected_stock)
+
+
+def test_graphs_by_default_only_where_a_step_can_be_captured(monkeypatch):
+    """No default graphs for a model off CUDA, nor for one whose MoE runs transformers' eager experts (a host loop
+    over the experts hit, which a capture cannot hold)."""
+    from mla_patch import decode_fast_path
+
+    model = build_model(tiny_config("deepseek_v2"))  # eager experts (conftest)
+    assert not decode_fast_path.captures_safely(model)  # on the CPU
+    monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    assert not decode_fast_path.captures_safely(model)
+    model.set_experts_implementation("grouped_mm")
+    assert decode_fast_path.captures_safely(model)
 
 
 # ---- The CUDA kernel on a paged cache (GPU): every kernel that reads one, against the float64 reference.
@@ -340,16 +353,22 @@ def test_decode_fast_path_replays_cuda_graphs_on_the_gpu(fast_path_steps, monkey
                                           continuous_batching_config=batching)
         return {k: out[k].generated_tokens for k in out}
 
+    def built(config, dtype, experts="grouped_mm"):  # grouped_mm: a step a graph can hold (captures_safely)
+        model = build_model(config, dtype=dtype)
+        model.set_experts_implementation(experts)
+        return model
+
     fp32 = tiny_config("deepseek_v2")
     kernel_dims = tiny_config("deepseek_v2", kv_lora_rank=512, qk_rope_head_dim=64)
-    stock = run(build_model(fp32, dtype=torch.float32))
+    stock = run(built(fp32, torch.float32))
     assert not replays  # stock MLA has no decode fast path to replay
     mla_patch.patch()
     try:
-        graphed = run(build_model(fp32, dtype=torch.float32))
+        assert run(built(fp32, torch.float32, experts="eager")) == stock and not replays  # no graphs by default
+        graphed = run(built(fp32, torch.float32))
         assert replays and fast_path_steps, "the decode steps were not replayed from CUDA graphs"
         assert graphed == stock
-        bf16 = build_model(kernel_dims, dtype=torch.bfloat16)
+        bf16 = built(kernel_dims, torch.bfloat16)
         assert run(bf16) == run(bf16, use_cuda_graph=False)
     finally:
         mla_patch.unpatch()
