@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import zlib
 
 import pytest
@@ -19,6 +20,13 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2, tor
 def case_seed(*params) -> int:
     """A seed mixed from the base seed and the case parameters (rotate with MLA_PATCH_SEED)."""
     return (BASE_SEED * 1_000_003 + zlib.crc32(repr(params).encode())) % (2**31)
+
+
+def free_port() -> int:
+    """A loopback TCP port free now, for a server or a torch.distributed rendezvous a test starts."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:

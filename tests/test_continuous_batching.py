@@ -212,15 +212,13 @@ def test_decode_graphs_on_by_default_for_patched_models(asked, monkeypatch):
 
     monkeypatch.setattr(decode_fast_path, "captures_safely", lambda model: True)  # as on a GPU
     monkeypatch.setattr(initialization, "get_accelerator_graph_name", lambda: "cuda")
-    chosen = {}
 
     def resolved(model):
         options = {} if asked is None else {"use_cuda_graph": asked}
         config = ContinuousBatchingConfig(page_size=8, num_blocks=16, max_batch_tokens=16, **options)
         generation = GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0)
         manager = model.init_continuous_batching(generation_config=generation, continuous_batching_config=config)
-        chosen[id(model)] = tuple(manager.continuous_batching_config.use_cuda_graph)
-        return chosen[id(model)]
+        return tuple(manager.continuous_batching_config.use_cuda_graph)
 
     stock_model = build_model(tiny_config("deepseek_v2"))
     mla_patch.patch()

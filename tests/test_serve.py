@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,12 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from conftest import free_port
+
 from mla_patch import paged  # noqa: E402
 from mla_patch.default_model import DEFAULT_MODEL_DIR, DEMO_PROMPTS  # noqa: E402
 
 MODEL = str(DEFAULT_MODEL_DIR)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(port, path, body, raw=None):
@@ -69,7 +64,7 @@ def servers(request, tmp_path_factory):
     procs, ports = {}, {}
     logs = tmp_path_factory.mktemp("serve")
     for name, command in commands.items():
-        ports[name] = _free_port()
+        ports[name] = free_port()
         log = open(logs / f"{name}.log", "w")
         procs[name] = subprocess.Popen([*command, MODEL, "--host", "127.0.0.1", "--port", str(ports[name]),
                                         "--device", "cpu", *request.param], stdout=log, stderr=subprocess.STDOUT, env=env)

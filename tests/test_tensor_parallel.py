@@ -14,14 +14,13 @@ minicpm3 and longcat_flash (DeepSeek-V3's and A.X K1's plans shard only the MLPs
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import build_model, rel_err
+from conftest import build_model, free_port, rel_err
 from test_families import tiny_family_config
 
 from mla_patch.families import FAMILIES
@@ -57,12 +56,6 @@ def _tiny_config(model_type: str):
     return config
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_patched_tensor_parallel_equals_one_process(model_type, tmp_path):
@@ -79,7 +72,7 @@ def test_patched_tensor_parallel_equals_one_process(model_type, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(RANKS),
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            str(WORKER), str(tmp_path / "model"), str(out), "patch"]
     run = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stderr[-3000:]
