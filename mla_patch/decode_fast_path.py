@@ -72,7 +72,9 @@ def captures_safely(model) -> bool:
     transformers' eager experts, which loop over the experts hit on the host (grouped_mm and batched_mm do not)."""
     if model.device.type != "cuda":
         return False
-    return not any(hasattr(m, "_is_expert_parallel") and getattr(m.config, "_experts_implementation", None)
+    # Experts modules are those transformers' use_experts_implementation built: it sets is_concatenated on each
+    # (5.17 through 5.25; _is_expert_parallel only came later).
+    return not any(hasattr(m, "is_concatenated") and getattr(m.config, "_experts_implementation", None)
                    in (None, "eager") for m in model.modules())
 
 
