@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import mla_patch
-from conftest import build_model, left_padded_prompt, rel_err, tiny_config
+from conftest import build_model, free_port, left_padded_prompt, rel_err, tiny_config
 
 pytestmark = pytest.mark.cuda
 needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="fewer than two CUDA devices visible")
@@ -63,7 +63,7 @@ def test_tensor_parallel_over_nccl_equals_one_gpu(tmp_path):
     out = tmp_path / "rank0.pt"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path.cwd()), os.environ.get("PYTHONPATH", "")]))
     worker = Path(__file__).with_name("tp_worker.py")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29514",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(worker), str(tmp_path / "model"), str(out), "patch", "cuda"]
     run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
