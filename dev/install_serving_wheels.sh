@@ -4,7 +4,7 @@
 # rich and their deps, CPython 3.12 manylinux x86_64), into one folder, and print the PYTHONPATH to use.
 # The image's own packages (torch, numpy, tokenizers, safetensors, accelerate, ...) stay where they are: the folder
 # goes in front of them on PYTHONPATH. Carry .whl to the device (carry=[".whl"]) and run, from the repo root:
-#   eval "$(dev/install_serving_wheels.sh)"     # sets PYTHONPATH=$SITE:$PWD:...
+#   eval "$(dev/install_serving_wheels.sh)"     # sets PYTHONPATH=$SITE:$PWD:... and USE_HUB_KERNELS=0
 # or, to see what it does: dev/install_serving_wheels.sh; then export the printed PYTHONPATH.
 # SITE (default /tmp/site) picks the folder, PYTHON (default python3) the interpreter.
 set -euo pipefail
@@ -28,4 +28,6 @@ import transformers.cli.serve
 print('installed', len('${wheels[*]}'.split()), 'wheels in $SITE: transformers', transformers.__version__,
       'fastapi', fastapi.__version__, 'uvicorn', uvicorn.__version__, 'openai', openai.__version__, file=__import__('sys').stderr)
 " >&2
-echo "export PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# transformers 5.25 requires `kernels` and, by default, has from_pretrained load hub kernels: without it (left out,
+# as hub kernels cannot be fetched there) from_pretrained refuses unless hub kernels are switched off.
+echo "export USE_HUB_KERNELS=0 PYTHONPATH=$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"

@@ -68,14 +68,26 @@ def serves_block_table(model) -> bool:
 
 
 def captures_safely(model) -> bool:
-    """Whether a CUDA graph can hold this model's decode step: the model is on CUDA and none of its MoE blocks runs
-    transformers' eager experts, which loop over the experts hit on the host (grouped_mm and batched_mm do not)."""
+    """Whether a CUDA graph can hold this model's decode step: the model is on CUDA and every MoE block's experts run
+    without reading the routing on the host (`_experts_capture`)."""
     if model.device.type != "cuda":
         return False
     # Experts modules are those transformers' use_experts_implementation built: it sets is_concatenated on each
     # (5.17 through 5.25; _is_expert_parallel only came later).
-    return not any(hasattr(m, "is_concatenated") and getattr(m.config, "_experts_implementation", None)
-                   in (None, "eager") for m in model.modules())
+    return all(_experts_capture(m, model.device) for m in model.modules() if hasattr(m, "is_concatenated"))
+
+
+def _experts_capture(experts, device) -> bool:
+    """transformers' eager experts loop on the host over the experts hit. grouped_mm is torch's grouped GEMM only for
+    bfloat16 on sm90/sm100; elsewhere torch falls back to a loop that copies the offsets to the host. batched_mm
+    (and any other) stays on the device."""
+    implementation = getattr(experts.config, "_experts_implementation", None)
+    if implementation in (None, "eager"):
+        return False
+    if implementation == "grouped_mm":
+        weight = next(experts.parameters())
+        return weight.dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
+    return True
 
 
 def install() -> None:

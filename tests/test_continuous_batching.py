@@ -233,16 +233,25 @@ def test_decode_graphs_on_by_default_for_patched_models(asked, monkeypatch):
 
 
 def test_graphs_by_default_only_where_a_step_can_be_captured(monkeypatch):
-    """No default graphs for a model off CUDA, nor for one whose MoE runs transformers' eager experts (a host loop
-    over the experts hit, which a capture cannot hold)."""
+    """No default graphs for a model off CUDA, nor for one whose MoE reads its routing on the host: transformers'
+    eager experts (a loop over the experts hit), or grouped_mm where torch has no grouped GEMM for it (not bfloat16,
+    or a GPU before sm90: torch's fallback copies the offsets to the host)."""
     from mla_patch import decode_fast_path
 
-    model = build_model(tiny_config("deepseek_v2"))  # eager experts (conftest)
+    model = build_model(tiny_config("deepseek_v2"), dtype=torch.float32)  # eager experts (conftest)
     assert not decode_fast_path.captures_safely(model)  # on the CPU
     monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability[0])
     assert not decode_fast_path.captures_safely(model)
-    model.set_experts_implementation("grouped_mm")
+    model.set_experts_implementation("batched_mm")
     assert decode_fast_path.captures_safely(model)
+    model.set_experts_implementation("grouped_mm")
+    assert not decode_fast_path.captures_safely(model)  # float32
+    model.to(torch.bfloat16)
+    assert decode_fast_path.captures_safely(model)
+    capability[0] = (8, 0)
+    assert not decode_fast_path.captures_safely(model)
 
 
 # ---- The CUDA kernel on a paged cache (GPU): every kernel that reads one, against the float64 reference.
@@ -351,9 +360,9 @@ def test_decode_fast_path_replays_cuda_graphs_on_the_gpu(fast_path_steps, monkey
                                           continuous_batching_config=batching)
         return {k: out[k].generated_tokens for k in out}
 
-    def built(config, dtype, experts="grouped_mm"):  # grouped_mm: a step a graph can hold (captures_safely)
+    def built(config, dtype, experts=None):  # a step a graph can hold (captures_safely): grouped_mm only in bf16
         model = build_model(config, dtype=dtype)
-        model.set_experts_implementation(experts)
+        model.set_experts_implementation(experts or ("grouped_mm" if dtype == torch.bfloat16 else "batched_mm"))
         return model
 
     fp32 = tiny_config("deepseek_v2")
