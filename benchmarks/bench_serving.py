@@ -1,7 +1,9 @@
 """Serving throughput through continuous batching (`model.generate_batch`), stock against patched.
 
-Many concurrent requests: `--requests` prompts of `--prompt` tokens (mixed: each drawn between half and the full
-length when --mixed) each generating `--new-tokens` tokens, on a model shape of benchmarks/models.py with random
+Many concurrent requests: `--requests` prompts of `--prompt` tokens each generating `--new-tokens` tokens (with
+--mixed, each request's prompt is drawn between half and the full `--prompt` and its output between a quarter and the
+full `--new-tokens`: such a workload goes through the continuous-batching manager's add_request, one max_new_tokens
+per request, as a server does; generate_batch takes one for all), on a model shape of benchmarks/models.py with random
 bf16 weights (speed depends on the shapes). Stock and patched run the same requests on the same weights in one
 process: stock first, then `mla_patch.patch(model)`. Per variant: wall time, requests/s, output tokens/s (end to
 end, and in the decode phase: tokens after each request's first over the time from the first first token to the
@@ -40,6 +42,33 @@ def prompts_for(n, length, mixed, vocab, seed=0):
     return [torch.randint(3, vocab, (int(k),), generator=gen).tolist() for k in lengths]
 
 
+def output_lengths_for(n, new_tokens, mixed, seed=1):
+    """Each request's max_new_tokens: all `new_tokens`, or (mixed) drawn between a quarter of it and all of it."""
+    if not mixed:
+        return [new_tokens] * n
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(max(1, new_tokens // 4), new_tokens + 1, (n,), generator=gen).tolist()
+
+
+def _generate_mixed(model, prompts, output_lengths, generation, batching) -> dict:
+    """generate_batch's loop with one max_new_tokens per request (the continuous-batching manager's add_request)."""
+    from transformers.generation.continuous_batching.utils import WorkloadHints
+
+    hints = WorkloadHints(max_prompt_length=max(map(len, prompts)), max_generated_length=max(output_lengths),
+                          num_requests=len(prompts))
+    results = {}
+    with model.continuous_batching_context_manager(generation_config=generation, continuous_batching_config=batching,
+                                                   block=True, timeout=5, workload_hints=hints) as manager:
+        ids = [manager.add_request(p, max_new_tokens=n, record_timestamps=True) for p, n in zip(prompts, output_lengths)]
+        while len(results) < len(ids):
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                results[result.request_id] = result
+            elif result is None and not manager.is_running():
+                raise RuntimeError(f"continuous batching stopped with {len(ids) - len(results)} requests unfinished")
+    return {i: results[i] for i in ids}
+
+
 # Variants: (patched, ContinuousBatchingConfig options). Patched with the defaults replays its decode steps from CUDA
 # graphs on the GPU (mla_patch/decode_fast_path.py); patched-eager turns graphs off, as transformers' default for
 # stock sdpa.
@@ -50,10 +79,10 @@ VARIANTS = {
 }
 
 
-def run(model, prompts, new_tokens, page_size, **options):
+def run(model, prompts, output_lengths, page_size, **options):
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    generation = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    generation = GenerationConfig(max_new_tokens=max(output_lengths), do_sample=False, eos_token_id=None, pad_token_id=0)
     batching = ContinuousBatchingConfig(page_size=page_size, **options)
     mla_patch.reset_decode_stats()
     if torch.cuda.is_available():
@@ -61,8 +90,11 @@ def run(model, prompts, new_tokens, page_size, **options):
         torch.cuda.reset_peak_memory_stats()
     replays = count_graph_replays()
     start = time.perf_counter()
-    out = model.generate_batch(inputs=prompts, generation_config=generation, continuous_batching_config=batching,
-                               record_timestamps=True)
+    if len(set(output_lengths)) == 1:
+        out = model.generate_batch(inputs=prompts, generation_config=generation, continuous_batching_config=batching,
+                                   record_timestamps=True)
+    else:
+        out = _generate_mixed(model, prompts, output_lengths, generation, batching)
     wall = time.perf_counter() - start
     replays = replays()
     first = [o.timestamps[0] - start for o in out.values() if o.timestamps]
@@ -120,7 +152,8 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=4096)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--mixed", action="store_true", help="prompt lengths drawn between half and --prompt")
+    ap.add_argument("--mixed", action="store_true",
+                    help="prompt lengths drawn between half and --prompt, output lengths between a quarter and --new-tokens")
     ap.add_argument("--page-size", type=int, default=256)
     ap.add_argument("--layers", type=int, default=0, help="keep this many decoder layers (0: the model's)")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="stock first, then patched variants")
@@ -136,15 +169,16 @@ def main(argv=None) -> None:
         models.MODELS[args.model]["num_hidden_layers"] = args.layers
     model = models.build(args.model, device)
     prompts = prompts_for(args.requests, args.prompt, args.mixed, model.config.vocab_size)
+    output_lengths = output_lengths_for(args.requests, args.new_tokens, args.mixed)
     results = {"model": args.model, "requests": args.requests, "prompt": args.prompt, "mixed": args.mixed,
-               "new_tokens": args.new_tokens, "page_size": args.page_size, "commit": commit(),
+               "new_tokens": args.new_tokens, "output_lengths": output_lengths, "page_size": args.page_size, "commit": commit(),
                "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "torch": torch.__version__, "latent_bytes_per_token_layer": latent_bytes_per_token(model)}
     import transformers
 
     results["transformers"] = transformers.__version__
     if device == "cuda":  # the decode phase's floor: a step of every request at its mean context reads this much
-        mean_context = sum(map(len, prompts)) / len(prompts) + args.new_tokens / 2
+        mean_context = sum(map(len, prompts)) / len(prompts) + sum(output_lengths) / len(output_lengths) / 2
         results["copy_gbs"] = copy_bandwidth_gbs()
         results["decode_step_floor_ms"] = step_bytes(model, len(prompts), mean_context) / results["copy_gbs"] / 1e6
         results["decode_floor_tokens_per_s"] = len(prompts) / results["decode_step_floor_ms"] * 1e3
@@ -155,8 +189,8 @@ def main(argv=None) -> None:
         patched, options = VARIANTS[variant]
         if patched:
             mla_patch.patch(model)
-        run(model, prompts[:2], 2, args.page_size, **options)  # warm-up: first-call set-up, kernels loaded
-        results[variant] = run(model, prompts, args.new_tokens, args.page_size, **options)
+        run(model, prompts[:2], [2, 2], args.page_size, **options)  # warm-up: first-call set-up, kernels loaded
+        results[variant] = run(model, prompts, output_lengths, args.page_size, **options)
         row = {k: v for k, v in results[variant].items() if k != "tokens"}
         print(variant, json.dumps(row, default=float), flush=True)
     stock = results["stock"]

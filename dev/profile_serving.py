@@ -32,13 +32,13 @@ def main(argv=None) -> None:
     if not args.stock:
         mla_patch.patch(model)
     prompts = bench_serving.prompts_for(args.requests, args.prompt, False, model.config.vocab_size)
-    bench_serving.run(model, prompts[:2], 2, 256)
-    bench_serving.run(model, prompts, 2, 256)  # the prefill alone, so the profile below is mostly decode
+    bench_serving.run(model, prompts[:2], [2, 2], 256)
+    bench_serving.run(model, prompts, [2] * len(prompts), 256)  # the prefill alone, so the profile below is mostly decode
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
-        result = bench_serving.run(model, prompts, args.new_tokens, 256)
+        result = bench_serving.run(model, prompts, [args.new_tokens] * len(prompts), 256)
         wall = time.perf_counter() - start
     print(f"wall {wall:.2f} s, per-token ms p50 {result['token_ms_p50']:.1f}, absorbed {result['absorbed_tokens']}")
     table = prof.key_averages()
