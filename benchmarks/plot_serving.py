@@ -2,8 +2,9 @@
 
 Reads the serving JSONs of a results folder (default docs/results): serving_*.json from benchmarks/bench_serving.py
 (`model.generate_batch`) and serving_http_*.json from benchmarks/bench_serving_http.py (through `transformers
-serve`). Each file is one workload (model, requests x prompt tokens, new tokens, and the path); its variants are the
-keys holding results (stock, patched, patched-decode-graphs, ...). Top: output tokens/s (end to end), with each
+serve`). Each file is one workload (model, requests x prompt tokens, new tokens, mixed or not, and the path; where
+several files hold the same workload the newest by name, the date in it, is drawn); its variants are the keys holding
+results (stock, patched, patched-decode-graphs, ...). Top: output tokens/s (end to end), with each
 patched variant's ratio to stock; bottom: p50 per-token latency (ms; through HTTP, the gap between streamed chunks),
 with stock's over the variant's. Where a file gives the decode phase's floor (decode_floor_tokens_per_s,
 decode_step_floor_ms: the bytes a step of every request reads over the copy bandwidth), the workload's label gives
@@ -19,13 +20,14 @@ import glob
 import json
 import os
 
-VARIANT_ORDER = ("stock", "patched", "patched-decode-graphs")
-COLORS = {"stock": "#9e9e9e", "patched": "#1f77b4", "patched-decode-graphs": "#2ca02c"}
+VARIANT_ORDER = ("stock", "patched", "patched-decode-graphs", "patched-eager")
+COLORS = {"stock": "#9e9e9e", "patched": "#1f77b4", "patched-decode-graphs": "#2ca02c", "patched-eager": "#ff7f0e"}
 
 
 def load(folder: str) -> list[dict]:
-    """The workloads of `folder`'s serving JSONs, in a stable order (generate_batch first, then HTTP)."""
-    workloads = []
+    """The workloads of `folder`'s serving JSONs, the newest file of each, in a stable order (generate_batch first,
+    then HTTP)."""
+    workloads = {}
     for path in sorted(glob.glob(os.path.join(folder, "serving_*.json"))):
         with open(path) as f:
             data = json.load(f)
@@ -35,16 +37,19 @@ def load(folder: str) -> list[dict]:
             continue
         order = [v for v in VARIANT_ORDER if v in variants] + sorted(set(variants) - set(VARIANT_ORDER))
         layers = f", {data['layers']} layers" if data.get("layers") else ""
-        label = (f"{data['model']}{layers}\n{data['requests']} x {data['prompt']} tok, {data['new_tokens']} new\n"
-                 f"{'HTTP serve' if http else 'generate_batch'}")
-        workloads.append({"label": label, "http": http, "file": os.path.basename(path),
+        mixed = bool(data.get("mixed"))
+        sizes = (f"{data['prompt'] // 2}..{data['prompt']} tok, {data['new_tokens'] // 4}..{data['new_tokens']} new"
+                 if mixed else f"{data['prompt']} tok, {data['new_tokens']} new")
+        device = data.get("device", "?").replace("NVIDIA ", "")
+        label = (f"{data['model']}{layers}\n{data['requests']} x {sizes}\n"
+                 f"{'HTTP serve' if http else 'generate_batch'}\n{device}, {data.get('commit', '?')}")
+        key = (http, data["model"], data["requests"], data["prompt"], data["new_tokens"], mixed)
+        workloads[key] = {"label": label, "http": http, "file": os.path.basename(path),
                           "variants": [(name, variants[name]) for name in order],
                           "floor_tokens_per_s": data.get("decode_floor_tokens_per_s"),
-                          "floor_ms": data.get("decode_step_floor_ms"), "device": data.get("device", "?"),
-                          "commit": data.get("commit", "?"),
-                          "key": (http, data["model"], data["requests"], data["prompt"], data["new_tokens"])})
-    workloads.sort(key=lambda w: w["key"])
-    return workloads
+                          "floor_ms": data.get("decode_step_floor_ms"),
+                          "key": key}  # files come sorted by name: a newer one replaces an older
+    return sorted(workloads.values(), key=lambda w: w["key"])
 
 
 def floor_text(w: dict) -> str:
@@ -101,9 +106,7 @@ def plot(workloads: list[dict], out: str) -> None:
             handles.append(h)
             labels.append(lab)
     axes[0].legend(handles, labels, loc="upper left", fontsize=8)
-    devices = sorted({w["device"] for w in workloads})
-    commits = sorted({w["commit"] for w in workloads})
-    fig.suptitle(f"Serving, stock vs patched ({', '.join(devices)}; commits {', '.join(commits)})", fontsize=11)
+    fig.suptitle("Serving, stock vs patched (card and commit under each workload)", fontsize=11)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.savefig(out, dpi=130)

@@ -15,7 +15,7 @@ _installed: dict[str, tuple[type, object]] = {}  # attribute -> (MtpModel, trans
 
 
 def install(patch_draft_like_main) -> None:
-    """Wrap MtpModel.tie_with_main_model (idempotent); nothing where transformers has no MTP (before 5.24).
+    """Wrap MtpModel.tie_with_main_model (idempotent); nothing where transformers has no MTP.
 
     `patch_draft_like_main(draft, main_model)` patches the draft's MLA layers as the main model's are.
     """
