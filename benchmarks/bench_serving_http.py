@@ -16,7 +16,9 @@ generate_batch sizes its block table), /health is waited for, two warm-up reques
 short answers: their token counts check that max_tokens is honoured), then `--requests` clients (threads, the
 standard library's http.client) send at once a streamed text completion (`/v1/completions`, `stream: true`,
 temperature 0) of a `--prompt`-token prompt (random token ids of bench_serving.prompts_for turned into text and
-trimmed so the tokenizer gives about that many tokens; the real counts are recorded) with `--new-tokens` max_tokens.
+trimmed so the tokenizer gives about that many tokens; the real counts are recorded) with `--new-tokens` max_tokens;
+with --mixed, each request's prompt length and max_tokens are drawn as bench_serving.py --mixed draws them (prompts
+between half and all of `--prompt`, outputs between a quarter and all of `--new-tokens`, the same seeds).
 Measured: wall time (first request sent to last answer done), requests/s, output tokens/s (end to end, and in the
 decode phase: tokens after each request's first over the time from the first first token to the last token), time
 to first token p50/p90 (the first streamed chunk with text), inter-token latency p50/p90/p99 (`token_ms_*`: the gaps
@@ -63,7 +65,7 @@ import torch
 import mla_patch
 from benchmarks import models
 from benchmarks.bench_generate import step_bytes
-from benchmarks.bench_serving import latent_bytes_per_token, prompts_for
+from benchmarks.bench_serving import latent_bytes_per_token, output_lengths_for, prompts_for
 from benchmarks.provenance import commit
 from benchmarks.timing import copy_bandwidth_gbs, percentile
 from mla_patch.default_model import DEFAULT_MODEL_DIR
@@ -74,8 +76,8 @@ STATS_LINE = "mla_patch decode_stats "
 SPEC_FILE = "bench_serving_http_spec.json"  # in a saved model's folder: what it was built from, for --model-dir reuse
 VARIANTS = ("stock", "patched")
 # What makes two runs the same workload (--merge)
-WORKLOAD_KEYS = ("model", "layers", "requests", "prompt", "new_tokens", "block_size", "num_blocks", "server_args",
-                 "device", "torch", "transformers")
+WORKLOAD_KEYS = ("model", "layers", "requests", "prompt", "new_tokens", "mixed", "block_size", "num_blocks",
+                 "server_args", "device", "torch", "transformers")
 LOG_MARKS = {  # what the server's log shows, and what it means
     "patch_applied": "mla_patch: serving with",
     "reference_decode": "decode attention uses the PyTorch reference",
@@ -96,10 +98,10 @@ def tokenizer_vocab():
     return tok, len(tok)
 
 
-def shape_facts(args, vocab, on_gpu) -> dict:
+def shape_facts(args, vocab, on_gpu, mean_context) -> dict:
     """What the results record about the model's shapes, from a copy on the meta device: latent bytes, parameters,
     and on the GPU the decode phase's floor as bench_serving.py records it (a step of every request at its mean
-    context reads step_bytes, over the measured copy bandwidth)."""
+    context, `mean_context` tokens, reads step_bytes, over the measured copy bandwidth)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -109,7 +111,6 @@ def shape_facts(args, vocab, on_gpu) -> dict:
              "num_hidden_layers": model.config.num_hidden_layers, "vocab_size": vocab,
              "params": sum(p.numel() for p in model.parameters())}
     if on_gpu:
-        mean_context = args.prompt + args.new_tokens / 2
         facts["copy_gbs"] = copy_bandwidth_gbs()
         facts["decode_step_floor_ms"] = step_bytes(model, args.requests, mean_context) / facts["copy_gbs"] / 1e6
         facts["decode_floor_tokens_per_s"] = args.requests / facts["decode_step_floor_ms"] * 1e3
@@ -151,11 +152,11 @@ def save_model(args, device, folder, tok) -> float:
     return seconds
 
 
-def prompt_texts(tok, n, length, vocab) -> tuple[list[str], list[int]]:
-    """`n` texts the tokenizer turns into about `length` tokens each (random ids of prompts_for, decoded, re-encoded
-    and cut at `length` tokens: decoding and encoding again does not give back the same ids), and their counts."""
+def prompt_texts(tok, lengths, vocab) -> tuple[list[str], list[int]]:
+    """Texts the tokenizer turns into about `lengths[i]` tokens each (random ids of prompts_for, decoded, re-encoded
+    and cut at that many tokens: decoding and encoding again does not give back the same ids), and their counts."""
     texts, counts = [], []
-    for ids in prompts_for(n, 2 * length, False, vocab):
+    for ids, length in zip(prompts_for(len(lengths), 2 * max(lengths), False, vocab), lengths):
         text = tok.decode(ids)
         for _ in range(4):  # cut at `length` tokens; re-encoding the cut text moves the count by a token or two
             ids = tok(text)["input_ids"]
@@ -299,12 +300,15 @@ def request_body(model_dir, prompt, max_tokens, stream) -> dict:
 
 
 def run_clients(port, model_dir, prompts, max_tokens, timeout) -> list[dict]:
-    """Every prompt as a streamed request of its own thread, all sent at once."""
+    """Every prompt as a streamed request of its own thread, all sent at once; `max_tokens`: one for all, or a list
+    (one per prompt)."""
+    if isinstance(max_tokens, int):
+        max_tokens = [max_tokens] * len(prompts)
     barrier = threading.Barrier(len(prompts))
     records = [None] * len(prompts)
 
     def client(i):
-        records[i] = complete(port, request_body(model_dir, prompts[i], max_tokens, True), timeout, barrier)
+        records[i] = complete(port, request_body(model_dir, prompts[i], max_tokens[i], True), timeout, barrier)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -318,7 +322,9 @@ def completion_tokens(record) -> int | None:
     return (record["usage"] or {}).get("completion_tokens")
 
 
-def measure(records, max_tokens) -> dict:
+def measure(records, max_tokens: list[int]) -> dict:
+    """The run's figures; `max_tokens`: what each request asked for."""
+    asked = [m for r, m in zip(records, max_tokens) if r["error"] is None and r["chunks"]]
     ok = [r for r in records if r["error"] is None and r["chunks"]]
     start = min(r["sent"] for r in records)
     wall = max(r["done"] for r in records) - start
@@ -346,7 +352,7 @@ def measure(records, max_tokens) -> dict:
         "errors": sorted({r["error"] for r in records if r["error"]})[:5],
         "output_tokens": out,
         "chunks": sum(len(r["chunks"]) for r in ok),
-        "short_requests": sum(k < max_tokens for k in tokens),
+        "short_requests": sum(k < m for k, m in zip(tokens, asked)),
         "completion_tokens_min": min(tokens, default=0),
         "completion_tokens_max": max(tokens, default=0),
         "usage_missing": sum(r["usage"] is None for r in ok),
@@ -373,7 +379,7 @@ def log_facts(text, before, after) -> dict:
     return facts
 
 
-def run_variant(variant, args, model_dir, texts, max_model_len) -> dict:
+def run_variant(variant, args, model_dir, texts, output_lengths, max_model_len) -> dict:
     port = free_port()
     command = [*server_command(variant, args.plain_serve), model_dir, "--host", "127.0.0.1", "--port", str(port),
                "--device", args.device, "--dtype", "bfloat16", "--continuous-batching",
@@ -398,12 +404,12 @@ def run_variant(variant, args, model_dir, texts, max_model_len) -> dict:
             raise SystemExit(f"{variant}: the warm-up failed: {warmup['errors']}\n{server.log_text()[-3000:]}")
         time.sleep(2.5)  # the model process's decode_stats line for the warm-up is out
         before = server.log_text()
-        records = run_clients(port, model_dir, texts, args.new_tokens, args.request_timeout)
+        records = run_clients(port, model_dir, texts, output_lengths, args.request_timeout)
         time.sleep(2.5)
         after = server.log_text()
     finally:
         server.stop()
-    result = measure(records, args.new_tokens)
+    result = measure(records, output_lengths)
     result.update(startup_s=startup, warmup=warmup, command=shlex.join(command),
                   log=log_facts(server.log_text(), before, after))
     return result
@@ -446,6 +452,8 @@ def main(argv=None) -> None:
     ap.add_argument("--requests", type=int, default=None, help="concurrent clients (default 64; smoke 4)")
     ap.add_argument("--prompt", type=int, default=None, help="prompt tokens (default 4096; smoke 48)")
     ap.add_argument("--new-tokens", type=int, default=None, help="max_tokens of each request (default 256; smoke 8)")
+    ap.add_argument("--mixed", action="store_true",
+                    help="prompts of half to all of --prompt tokens, max_tokens a quarter to all of --new-tokens")
     ap.add_argument("--block-size", type=int, default=None, help="--cb-block-size (default 256; smoke 32)")
     ap.add_argument("--num-blocks", type=int, default=None,
                     help="--cb-num-blocks (default: not passed, transformers sizes the cache from free memory; smoke 64)")
@@ -482,14 +490,17 @@ def main(argv=None) -> None:
     models.MODELS[args.model]["vocab_size"] = vocab
     if args.layers:
         models.MODELS[args.model]["num_hidden_layers"] = args.layers
-    texts, counts = prompt_texts(tok, args.requests, args.prompt, vocab)
-    max_model_len = max(counts) + args.new_tokens
+    lengths = [len(p) for p in prompts_for(args.requests, args.prompt, args.mixed, vocab)]  # bench_serving's draws
+    texts, counts = prompt_texts(tok, lengths, vocab)
+    output_lengths = output_lengths_for(args.requests, args.new_tokens, args.mixed)
+    max_model_len = max(counts) + max(output_lengths)
 
     import transformers
 
     results = {"model": args.model, "layers": args.layers or None, "requests": args.requests, "prompt": args.prompt,
                "prompt_tokens_min": min(counts), "prompt_tokens_mean": sum(counts) / len(counts),
-               "prompt_tokens_max": max(counts), "new_tokens": args.new_tokens, "block_size": args.block_size,
+               "prompt_tokens_max": max(counts), "new_tokens": args.new_tokens, "mixed": args.mixed,
+               "output_lengths": output_lengths, "block_size": args.block_size,
                "num_blocks": args.num_blocks or None, "max_model_len": max_model_len, "server_args": args.server_args,
                "commit": commit(), "device": torch.cuda.get_device_name() if build_device == "cuda" else "cpu",
                "torch": torch.__version__, "transformers": transformers.__version__,
@@ -498,7 +509,8 @@ def main(argv=None) -> None:
                "eos_note": "no eos_token_id in the saved config or generation config: each request runs to max_tokens"}
     keep = args.model_dir is not None
     model_dir = os.path.abspath(args.model_dir) if keep else tempfile.mkdtemp(prefix="bench_serving_http_")
-    results.update(shape_facts(args, vocab, build_device == "cuda"))
+    mean_context = sum(counts) / len(counts) + sum(output_lengths) / len(output_lengths) / 2
+    results.update(shape_facts(args, vocab, build_device == "cuda", mean_context))
     path = os.path.join(args.out, "serving_http.json")
     merge = (args.merge or path) if args.merge is not None else None
     if merge and not os.path.exists(merge):
@@ -518,7 +530,7 @@ def main(argv=None) -> None:
     try:
         results["build_and_save_s"] = save_model(args, build_device, model_dir, tok)
         for variant in variants:
-            results[variant] = run_variant(variant, args, model_dir, texts, max_model_len)
+            results[variant] = run_variant(variant, args, model_dir, texts, output_lengths, max_model_len)
             row = {k: v for k, v in results[variant].items() if k not in ("command", "warmup")}
             print(variant, json.dumps(row, default=float), flush=True)
             write_json(path, results)  # after each variant: a later failure keeps the earlier ones
