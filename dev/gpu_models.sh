@@ -3,8 +3,11 @@
 # end-to-end generate benchmarks, the evals parity in bf16 and the main job on the GPU.
 # Everything lands in $OUT (default ./out); each stage has its own time limit so one slow stage
 # cannot hide the others. Usage: OUT=dir dev/gpu_models.sh [stages...]
-#   stages: build kernel kbench graph tests threshold generate parity demo
-#   (default: build tests threshold generate parity demo)
+#   stages: wheels build kernel kbench graph tests threshold generate parity demo serving mtp http
+#   (default: build tests threshold generate parity demo). `wheels` first puts transformers 5.25 and the
+#   server's wheels (.whl, carried; dev/fetch_serving_wheels.sh fetches them) in front for the stages after it:
+#   `dev/gpu_models.sh wheels build serving mtp http` is issue 23's GPU run (set MLA_PATCH_COMMIT to the
+#   local commit: the device's git HEAD is the landed main). HTTP_ARGS replaces the HTTP benchmark's workload.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -20,6 +23,10 @@ log() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 
 for stage in $stages; do
   case $stage in
+    wheels)
+      log wheels
+      eval "$(dev/install_serving_wheels.sh)" || echo "WHEELS FAILED"
+      python3 -c "import transformers; print('transformers', transformers.__version__)" | tee -a "$OUT/models.txt" ;;
     build)
       log build
       if ! ls mla_patch/_C*.so >/dev/null 2>&1; then
@@ -53,6 +60,18 @@ for stage in $stages; do
         python3 -m pip install -q --no-index --no-deps .carry/wheels/*.whl  # from dev/fetch_gpu_wheels.sh
       fi
       timeout 60 python3 -m mla_patch.evals.parity --device cuda --dtype bfloat16 --backend kernel --out "$OUT" 2>&1 | tail -25 ;;
+    serving)  # generate_batch, mixed prompt and output lengths, stock vs patched
+      log serving
+      timeout 420 python3 benchmarks/bench_serving.py --model v2-lite --requests 64 --prompt 4096 --new-tokens 256 \
+        --mixed --out "$OUT/serving" 2>&1 | grep -vE "^\[transformers\]" | tail -12 ;;
+    mtp)
+      log mtp
+      timeout 360 python3 benchmarks/bench_mtp.py --out "$OUT" --prompts 1024,8192 --new-tokens 64 --repeats 3 2>&1 \
+        | grep -vE "^\[transformers\]|Loading weights|Writing model" | tail -20 ;;
+    http)  # transformers serve against mla_patch.serve (V2-Lite's layers, fewer of them: the save and loads fit a call)
+      log http
+      timeout 480 python3 benchmarks/bench_serving_http.py --out "$OUT/http" \
+        ${HTTP_ARGS:---model v2-lite --layers 9 --requests 64 --prompt 4096 --new-tokens 128 --mixed} 2>&1 | tail -6 ;;
     demo)
       log demo
       timeout 40 python3 -m mla_patch.demo --device cuda 2>&1 | tail -14 ;;
