@@ -6,8 +6,9 @@
 #   stages: wheels build kernel kbench graph tests threshold generate parity demo serving mtp http
 #   (default: build tests threshold generate parity demo). `wheels` first puts transformers 5.25 and the
 #   server's wheels (.whl, carried; dev/fetch_serving_wheels.sh fetches them) in front for the stages after it:
-#   `dev/gpu_models.sh wheels build serving mtp http` is issue 23's GPU run (set MLA_PATCH_COMMIT to the
-#   local commit: the device's git HEAD is the landed main). HTTP_ARGS replaces the HTTP benchmark's workload.
+#   `dev/gpu_models.sh wheels build mtp http` is what issue 23 still needs measured, about one 10-minute call
+#   (`serving` in a call of its own; set MLA_PATCH_COMMIT to the local commit: the device's git HEAD is the
+#   landed main). HTTP_ARGS replaces the HTTP benchmark's workload.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
